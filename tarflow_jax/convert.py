@@ -1,0 +1,238 @@
+"""Official PyTorch TarFlow state dicts (apple/ml-tarflow) to our variables, and back.
+
+Command line: convert a released `.pth` into a checkpoint directory that the
+sampling and evaluation tools read (Orbax checkpoint plus its config):
+
+  python -m tarflow_jax.convert --config=configs/afhq256.py \
+      --checkpoint=afhq_model_8_768_8_8_0.07.pth --output=/tmp/afhq256
+"""
+
+import dataclasses
+import os
+import re
+from typing import Callable, Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tarflow_jax.model import TarFlow, abstract_variables
+
+# Prefixes that wrappers add to state-dict keys: our .npz fixtures, DDP, torch.compile.
+_PREFIXES = ('state/', 'module.', '_orig_mod.')
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rule:
+  """How one reference tensor maps onto one of our variables."""
+  ref_key: str
+  path: tuple  # path into our variables, e.g. ('params', 'block_0', 'proj_in', 'kernel')
+  to_ours: Callable[[np.ndarray], np.ndarray]
+  to_ref: Callable[[np.ndarray], np.ndarray]
+
+
+_same = lambda a: a
+_transpose = lambda a: np.ascontiguousarray(a.T)  # torch Linear (out, in) <-> Flax Dense (in, out)
+
+
+def _rules(model: TarFlow) -> Iterator[_Rule]:
+  """Every variable of `model` with its reference key, in the reference's order."""
+
+  def linear(ref, path):
+    yield _Rule(ref + '.weight', path + ('kernel',), _transpose, _transpose)
+    yield _Rule(ref + '.bias', path + ('bias',), _same, _same)
+
+  def norm(ref, path):
+    yield _Rule(ref + '.weight', path + ('scale',), _same, _same)
+    yield _Rule(ref + '.bias', path + ('bias',), _same, _same)
+
+  yield _Rule('var', ('prior', 'var'), _same, _same)
+  for i in range(model.num_blocks):
+    ref, ours = f'blocks.{i}', ('params', f'block_{i}')
+    yield _Rule(f'{ref}.pos_embed', ours + ('pos_embed',), _same, _same)
+    if model.num_classes:  # reference: (classes, 1, channels); ours: (classes, channels)
+      yield _Rule(f'{ref}.class_embed', ours + ('class_embed',), lambda a: a[:, 0], lambda a: a[:, None])
+    yield from linear(f'{ref}.proj_in', ours + ('proj_in',))
+    for l in range(model.layers_per_block):
+      lref, lours = f'{ref}.attn_blocks.{l}', ours + (f'layer_{l}',)
+      yield from norm(f'{lref}.attention.norm', lours + ('attention', 'norm'))
+      yield from linear(f'{lref}.attention.qkv', lours + ('attention', 'qkv'))
+      yield from linear(f'{lref}.attention.proj', lours + ('attention', 'proj'))
+      yield from norm(f'{lref}.mlp.norm', lours + ('mlp', 'norm'))
+      yield from linear(f'{lref}.mlp.main.0', lours + ('mlp', 'fc1'))
+      yield from linear(f'{lref}.mlp.main.2', lours + ('mlp', 'fc2'))
+    yield from linear(f'{ref}.proj_out', ours + ('proj_out',))
+
+
+def _buffers(model: TarFlow) -> dict:
+  """Reference buffers that carry no weights of ours: the causal masks."""
+  t = model.num_tokens
+  return {f'blocks.{i}.attn_mask': np.tril(np.ones((t, t), np.float32)) for i in range(model.num_blocks)}
+
+
+def describe_state_dict(state: Mapping[str, np.ndarray]) -> dict:
+  """The architecture a reference state dict implies (what can be read off its shapes)."""
+  blocks = sorted({int(m.group(1)) for k in state if (m := re.match(r'blocks\.(\d+)\.', k))})
+  layers = {int(m.group(1)) for k in state if (m := re.match(r'blocks\.0\.attn_blocks\.(\d+)\.', k))}
+  arch = {'num_blocks': len(blocks), 'layers_per_block': len(layers)}
+  if 'blocks.0.pos_embed' in state:
+    arch['num_tokens'], arch['channels'] = tuple(state['blocks.0.pos_embed'].shape)
+  if 'blocks.0.proj_in.weight' in state:
+    arch['token_dim'] = state['blocks.0.proj_in.weight'].shape[1]
+  if 'blocks.0.proj_out.weight' in state and 'token_dim' in arch:
+    arch['nvp'] = state['blocks.0.proj_out.weight'].shape[0] == 2 * arch['token_dim']
+  arch['num_classes'] = state['blocks.0.class_embed'].shape[0] if 'blocks.0.class_embed' in state else 0
+  if 'blocks.0.attn_blocks.0.mlp.main.0.weight' in state and arch.get('channels'):
+    arch['expansion'] = state['blocks.0.attn_blocks.0.mlp.main.0.weight'].shape[0] // arch['channels']
+  return arch
+
+
+def _describe_model(model: TarFlow) -> dict:
+  return {'num_blocks': model.num_blocks, 'layers_per_block': model.layers_per_block,
+          'num_tokens': model.num_tokens, 'channels': model.channels, 'token_dim': model.token_dim,
+          'nvp': model.nvp, 'num_classes': model.num_classes, 'expansion': model.expansion}
+
+
+_FIELD_HINTS = {
+    'num_tokens': '(img_size / patch_size)**2: check img_size and patch_size',
+    'token_dim': 'in_channels * patch_size**2: check in_channels and patch_size',
+    'channels': 'the Transformer width',
+    'num_classes': 'the number of classes (0 for an unconditional model)',
+}
+
+
+class ArchitectureMismatch(ValueError):
+  """A checkpoint whose weights do not fit the model's architecture."""
+
+
+def _check_architecture(model: TarFlow, state: Mapping[str, np.ndarray]) -> None:
+  ours, theirs = _describe_model(model), describe_state_dict(state)
+  for field, want in ours.items():
+    got = theirs.get(field)
+    if got is not None and got != want:
+      hint = _FIELD_HINTS.get(field, '')
+      raise ArchitectureMismatch(
+          f'Checkpoint does not match the model: the checkpoint has {field}={got}, the model has '
+          f'{field}={want}{" (" + hint + ")" if hint else ""}.\n  checkpoint: {theirs}\n  model:      {ours}\n'
+          'Set the config\'s model fields to the checkpoint\'s architecture.')
+
+
+def strip_prefixes(state: Mapping[str, np.ndarray]) -> dict:
+  """Drops the key prefixes that .npz recordings, DDP and torch.compile add."""
+  out = {}
+  for k, v in state.items():
+    for p in _PREFIXES:
+      if k.startswith(p):
+        k = k[len(p):]
+    out[k] = v
+  return out
+
+
+def from_reference(model: TarFlow, state: Mapping[str, np.ndarray]) -> dict:
+  """Converts a reference state dict to our variables {'params', 'prior'}.
+
+  Checks every key and shape against `model` and raises `ArchitectureMismatch`
+  naming the first difference.
+  """
+  state = {k: np.asarray(v, np.float32) for k, v in strip_prefixes(state).items()}
+  _check_architecture(model, state)
+  rules = list(_rules(model))
+  expected = {r.ref_key for r in rules} | set(_buffers(model))
+  missing = [r.ref_key for r in rules if r.ref_key not in state]
+  if missing:
+    raise ArchitectureMismatch(f'Checkpoint lacks {len(missing)} weights the model needs, first {missing[0]!r}. '
+                               f'Checkpoint architecture: {describe_state_dict(state)}.')
+  unexpected = [k for k in state if k not in expected]
+  if unexpected:
+    raise ArchitectureMismatch(f'Checkpoint has {len(unexpected)} weights the model does not, first {unexpected[0]!r}. '
+                               f'Checkpoint architecture: {describe_state_dict(state)}.')
+  shapes = _variable_shapes(model)
+  variables: dict = {}
+  for r in rules:
+    value = r.to_ours(state[r.ref_key])
+    want = shapes[r.path]
+    if value.shape != want:
+      raise ArchitectureMismatch(f'{r.ref_key}: checkpoint shape {state[r.ref_key].shape} does not fit the model '
+                                 f'(expects {r.to_ref(np.zeros(want)).shape}).')
+    _set(variables, r.path, jnp.asarray(value))
+  for k, mask in _buffers(model).items():
+    if state[k].shape != mask.shape:
+      raise ArchitectureMismatch(f'{k}: checkpoint shape {state[k].shape}, the model expects {mask.shape}.')
+  return variables
+
+
+def to_reference(model: TarFlow, variables) -> dict:
+  """Our variables to a reference state dict of numpy arrays (loadable with `strict=True`)."""
+  state = {r.ref_key: r.to_ref(np.asarray(_get(variables, r.path), np.float32)) for r in _rules(model)}
+  state.update(_buffers(model))
+  return state
+
+
+def read_state_dict(path: str) -> dict:
+  """Reads a reference state dict from a `.pth` (needs torch) or an `.npz` with the same keys."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'No checkpoint at {path!r}.')
+  if path.endswith('.npz'):
+    with np.load(path) as f:
+      return {k: f[k] for k in f.files if k.startswith('state/') or not '/' in k}
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(f'Reading {path!r} needs PyTorch: pip install "tarflow_jax[torch]" '
+                      '(or save the state dict as .npz).') from e
+  state = torch.load(path, map_location='cpu', weights_only=True)
+  if not isinstance(state, Mapping):
+    raise ValueError(f'{path!r} does not hold a state dict (a mapping of names to tensors).')
+  return {k: v.detach().float().numpy() for k, v in state.items()}
+
+
+def load_reference_checkpoint(model: TarFlow, path: str) -> dict:
+  """Reads a reference `.pth` / `.npz` file into variables for `model`."""
+  return from_reference(model, read_state_dict(path))
+
+
+def _variable_shapes(model: TarFlow) -> dict:
+  return {path: s.shape for path, s in _flatten(abstract_variables(model))}
+
+
+def _flatten(tree, prefix=()):
+  for k, v in tree.items():
+    if isinstance(v, Mapping):
+      yield from _flatten(v, prefix + (k,))
+    else:
+      yield prefix + (k,), v
+
+
+def _get(tree, path):
+  for k in path:
+    tree = tree[k]
+  return tree
+
+
+def _set(tree, path, value):
+  for k in path[:-1]:
+    tree = tree.setdefault(k, {})
+  tree[path[-1]] = value
+
+
+def main(argv):
+  del argv
+  from tarflow_jax import checkpoint, model as model_lib  # pylint: disable=g-import-not-at-top
+  config = _FLAGS.config
+  model = model_lib.from_config(config.model)
+  variables = load_reference_checkpoint(model, _FLAGS.checkpoint)
+  checkpoint.save_model(_FLAGS.output, variables, config)
+  print(f'Wrote {_FLAGS.output}: {sum(np.size(v) for v in jax.tree.leaves(variables["params"])):,} parameters.')
+
+
+if __name__ == '__main__':
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
+  _FLAGS = flags.FLAGS
+  config_flags.DEFINE_config_file('config', None, 'Config file whose `model` fields match the checkpoint.',
+                                  lock_config=True)
+  flags.DEFINE_string('checkpoint', None, 'Reference state dict (.pth or .npz).')
+  flags.DEFINE_string('output', None, 'Directory to write the converted checkpoint to.')
+  flags.mark_flags_as_required(['config', 'checkpoint', 'output'])
+  app.run(main)

@@ -1,0 +1,381 @@
+"""TarFlow in Flax Linen: causal Transformer blocks as autoregressive affine flows over patches."""
+
+import functools
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+Dtype = Any
+
+LN_EPS = 1e-5  # as torch.nn.LayerNorm, which the reference uses.
+
+
+def patchify(x: Array, patch_size: int) -> Array:
+  """Images (B, H, W, C) to patch tokens (B, T, C*p*p).
+
+  Tokens are row-major over the patch grid and each token is (channel,
+  row-in-patch, col-in-patch) with channel slowest, as torch's `unfold` in the
+  reference, so that latents and converted weights line up with it.
+  """
+  b, h, w, c = x.shape
+  p = patch_size
+  x = x.reshape(b, h // p, p, w // p, p, c)
+  x = x.transpose(0, 1, 3, 5, 2, 4)  # (B, h, w, C, p, p)
+  return x.reshape(b, (h // p) * (w // p), c * p * p)
+
+
+def unpatchify(x: Array, patch_size: int, img_size: int) -> Array:
+  """Patch tokens (B, T, C*p*p) to images (B, H, W, C); inverse of `patchify`."""
+  b, _, d = x.shape
+  p = patch_size
+  g = img_size // p
+  c = d // (p * p)
+  x = x.reshape(b, g, g, c, p, p)
+  x = x.transpose(0, 1, 4, 2, 5, 3)  # (B, h, p, w, p, C)
+  return x.reshape(b, img_size, img_size, c)
+
+
+def flow_dtype(dtype: Dtype) -> Dtype:
+  """Dtype of norms, softmax, exp and log-determinants: float32 even for bfloat16 matmuls."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def _layer_norm(dtype: Dtype, name: str) -> nn.LayerNorm:
+  # At least float32, as the reference's `norm(x.float())`.
+  return nn.LayerNorm(epsilon=LN_EPS, dtype=flow_dtype(dtype), use_fast_variance=False, name=name)
+
+
+def dot_product_attention(q, k, v, *, scale: float, mask=None, is_causal: bool = False):
+  """Softmax attention over (B, T, H, hd) arrays.
+
+  `jax.nn.dot_product_attention` (XLA, or cuDNN on GPU) for float32 and
+  bfloat16; it always takes the softmax in float32, so float64 models (exact
+  Jacobian checks) use the same computation written out in float64.
+  """
+  if q.dtype != jnp.float64:
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, scale=scale)
+  logits = jnp.einsum('btnh,bsnh->bnts', q, k) * scale  # (B, H, T, S)
+  if is_causal:
+    mask = jnp.tril(jnp.ones(logits.shape[-2:], bool))
+  if mask is not None:
+    logits = jnp.where(mask, logits, -jnp.inf)
+  return jnp.einsum('bnts,bsnh->btnh', jax.nn.softmax(logits, axis=-1), v)
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention, causal over a full sequence or one token over a cache."""
+
+  channels: int
+  head_dim: int = 64
+  dtype: Dtype = jnp.float32
+  precision: Any = None
+
+  def setup(self):
+    self.num_heads = self.channels // self.head_dim
+    dense = lambda n, name: nn.Dense(n, dtype=self.dtype, precision=self.precision, name=name)
+    self.norm = _layer_norm(self.dtype, 'norm')
+    self.qkv = dense(3 * self.channels, 'qkv')
+    self.proj = dense(self.channels, 'proj')
+
+  def _qkv(self, x: Array):
+    h = self.norm(x).astype(self.dtype)
+    qkv = self.qkv(h)  # (B, T, 3C): all query heads, then all keys, then all values.
+    qkv = qkv.reshape(*x.shape[:-1], 3, self.num_heads, self.head_dim)
+    return qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]  # each (B, T, H, hd)
+
+  def _attend(self, q, k, v, temperature, mask=None, is_causal=False):
+    if temperature is not None:  # (B,) per-example attention temperature.
+      q = q / temperature.astype(q.dtype)[:, None, None, None]
+    out = dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, scale=self.head_dim**-0.5)
+    return self.proj(out.reshape(*out.shape[:-2], self.channels))
+
+  def __call__(self, x: Array, temperature: Optional[Array] = None) -> Array:
+    """Causal attention over x (B, T, C); returns (B, T, C)."""
+    q, k, v = self._qkv(x)
+    return self._attend(q, k, v, temperature, is_causal=True)
+
+  def step(self, x: Array, t: Array, cache: dict, temperature: Optional[Array] = None):
+    """Attention of token t, x (B, 1, C), over the cached tokens 0..t.
+
+    `cache` holds preallocated 'k' and 'v' of shape (B, T, H, hd); token t's
+    key and value are written in place at index t.
+    """
+    q, k, v = self._qkv(x)
+    k_cache = jax.lax.dynamic_update_slice_in_dim(cache['k'], k.astype(cache['k'].dtype), t, axis=1)
+    v_cache = jax.lax.dynamic_update_slice_in_dim(cache['v'], v.astype(cache['v'].dtype), t, axis=1)
+    mask = (jnp.arange(k_cache.shape[1]) <= t)[None, None, None, :]  # (1, 1, 1, T)
+    out = self._attend(q, k_cache, v_cache, temperature, mask=mask)
+    return out, {'k': k_cache, 'v': v_cache}
+
+
+class MLP(nn.Module):
+  """Pre-norm two-layer MLP with exact (erf) GELU."""
+
+  channels: int
+  expansion: int = 4
+  dtype: Dtype = jnp.float32
+  precision: Any = None
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    h = _layer_norm(self.dtype, 'norm')(x).astype(self.dtype)
+    h = nn.Dense(self.channels * self.expansion, dtype=self.dtype, precision=self.precision, name='fc1')(h)
+    h = nn.gelu(h, approximate=False)
+    return nn.Dense(self.channels, dtype=self.dtype, precision=self.precision, name='fc2')(h)
+
+
+class TransformerLayer(nn.Module):
+  """Pre-norm Transformer layer: x + attn(x), then + mlp(x)."""
+
+  channels: int
+  head_dim: int = 64
+  expansion: int = 4
+  dtype: Dtype = jnp.float32
+  precision: Any = None
+
+  def setup(self):
+    self.attention = Attention(self.channels, self.head_dim, self.dtype, self.precision)
+    self.mlp = MLP(self.channels, self.expansion, self.dtype, self.precision)
+
+  def __call__(self, x: Array, temperature: Optional[Array] = None) -> Array:
+    x = x + self.attention(x, temperature)
+    return x + self.mlp(x)
+
+  def step(self, x: Array, t: Array, cache: dict, temperature: Optional[Array] = None):
+    h, cache = self.attention.step(x, t, cache, temperature)
+    x = x + h
+    return x + self.mlp(x), cache
+
+
+class FlowBlock(nn.Module):
+  """One autoregressive affine flow over patch tokens.
+
+  Reads the tokens in their order (`flip=False`) or reversed (`flip=True`).
+  In that order, token t is mapped by `z_t = (x_t - b_t) * exp(-a_t)`, where
+  `(a_t, b_t)` come from a causal Transformer over tokens `< t` (token 0 gets
+  `a = b = 0`). Parameters (`pos_embed`, ...) are stored in the original token
+  order and flipped with the tokens.
+  """
+
+  num_tokens: int
+  token_dim: int
+  channels: int
+  num_layers: int
+  head_dim: int = 64
+  expansion: int = 4
+  nvp: bool = True
+  num_classes: int = 0
+  flip: bool = False
+  dtype: Dtype = jnp.float32
+  precision: Any = None
+
+  def setup(self):
+    self.proj_in = nn.Dense(self.channels, dtype=self.dtype, precision=self.precision, name='proj_in')
+    self.pos_embed = self.param('pos_embed', nn.initializers.normal(1e-2), (self.num_tokens, self.channels))
+    if self.num_classes:
+      self.class_embed = self.param('class_embed', nn.initializers.normal(1e-2), (self.num_classes, self.channels))
+    self.layers = [
+        TransformerLayer(self.channels, self.head_dim, self.expansion, self.dtype, self.precision, name=f'layer_{i}')
+        for i in range(self.num_layers)
+    ]
+    out_dim = 2 * self.token_dim if self.nvp else self.token_dim
+    # Zero weights: a fresh block is the identity map (bias stays at its init).
+    self.proj_out = nn.Dense(out_dim, dtype=self.dtype, precision=self.precision,
+                             kernel_init=nn.initializers.zeros, name='proj_out')
+
+  def _order(self, x: Array, axis: int = 1) -> Array:
+    """Puts x into the block's reading order (an involution)."""
+    return jnp.flip(x, axis) if self.flip else x
+
+  def _class_embedding(self, y: Optional[Array]) -> Array:
+    """(B, C) class embedding; label -1 or no labels means the mean embedding."""
+    table = self.class_embed
+    mean = table.mean(axis=0)
+    if y is None:
+      return mean[None]
+    return jnp.where((y < 0)[:, None], mean[None], table[jnp.maximum(y, 0)])
+
+  def _affine(self, out: Array):
+    """Splits the output projection (..., 2D | D) into log-scale a and shift b."""
+    out = out.astype(flow_dtype(self.dtype))
+    if self.nvp:
+      return out[..., :self.token_dim], out[..., self.token_dim:]
+    return jnp.zeros_like(out), out
+
+  def affine_params(self, x: Array, y: Optional[Array] = None, temperature: Optional[Array] = None):
+    """Log-scales and shifts for all tokens of x (B, T, D), in reading order.
+
+    Returns (a, b) in `flow_dtype`, each (B, T, D); row t depends only on rows < t.
+    """
+    h = self.proj_in(x.astype(self.dtype)) + self._order(self.pos_embed, 0)  # (B, T, C)
+    if self.num_classes:
+      h = h + self._class_embedding(y)[:, None]
+    for layer in self.layers:
+      h = layer(h, temperature)
+    out = self.proj_out(h)  # (B, T, 2D | D)
+    out = jnp.concatenate([jnp.zeros_like(out[:, :1]), out[:, :-1]], axis=1)  # shift one token later
+    return self._affine(out)
+
+  def __call__(self, x: Array, y: Optional[Array] = None):
+    """Forward: x (B, T, D) in the original order -> (z (B, T, D), logdet (B,)).
+
+    logdet is the mean of -a over tokens and dims, as in the reference; the
+    log-determinant of the block is `T * D * logdet`.
+    """
+    x = self._order(x).astype(flow_dtype(self.dtype))
+    a, b = self.affine_params(x, y)
+    z = (x - b) * jnp.exp(-a)
+    return self._order(z), -a.mean(axis=(1, 2))
+
+  def step(self, x_t: Array, t: Array, y: Optional[Array], cache: Sequence[dict],
+           temperature: Optional[Array] = None):
+    """Decodes one token: (a, b) for token t+1 from token t (B, D) of the reading order.
+
+    Args:
+      x_t: (B, D) token t, already inverted.
+      t: scalar int, position in reading order.
+      y: (B,) labels or None.
+      cache: per layer {'k', 'v'} of shape (B, T, H, hd).
+      temperature: (B,) attention temperature or None.
+    Returns:
+      (a, b) each (B, D) in `flow_dtype`, and the updated cache.
+    """
+    pos = jax.lax.dynamic_index_in_dim(self._order(self.pos_embed, 0), t, axis=0, keepdims=True)
+    h = self.proj_in(x_t[:, None].astype(self.dtype)) + pos  # (B, 1, C)
+    if self.num_classes:
+      h = h + self._class_embedding(y)[:, None]
+    new_cache = []
+    for layer, layer_cache in zip(self.layers, cache):
+      h, layer_cache = layer.step(h, t, layer_cache, temperature)
+      new_cache.append(layer_cache)
+    a, b = self._affine(self.proj_out(h)[:, 0])
+    return (a, b), new_cache
+
+  def init_cache(self, batch: int) -> list:
+    """Zeroed key/value cache for decoding a batch of `batch` sequences."""
+    shape = (batch, self.num_tokens, self.channels // self.head_dim, self.head_dim)
+    return [{'k': jnp.zeros(shape, self.dtype), 'v': jnp.zeros(shape, self.dtype)}
+            for _ in range(self.num_layers)]
+
+
+class TarFlow(nn.Module):
+  """The TarFlow stack: `num_blocks` flow blocks alternating token order.
+
+  Variables: 'params' (trainable) and 'prior' {'var': (T, D)}, the prior
+  variance that the volume-preserving variant (`nvp=False`) learns as a
+  running average outside the optimiser (all ones otherwise).
+  """
+
+  in_channels: int
+  img_size: int
+  patch_size: int
+  channels: int
+  num_blocks: int
+  layers_per_block: int
+  head_dim: int = 64
+  expansion: int = 4
+  nvp: bool = True
+  num_classes: int = 0
+  dtype: Dtype = jnp.float32
+  precision: Any = None
+
+  @property
+  def num_tokens(self) -> int:
+    return (self.img_size // self.patch_size) ** 2
+
+  @property
+  def token_dim(self) -> int:
+    return self.in_channels * self.patch_size**2
+
+  def setup(self):
+    if self.img_size % self.patch_size:
+      raise ValueError(f'img_size={self.img_size} is not a multiple of patch_size={self.patch_size}.')
+    if self.channels % self.head_dim:
+      raise ValueError(f'channels={self.channels} is not a multiple of head_dim={self.head_dim}.')
+    self.blocks = [
+        FlowBlock(self.num_tokens, self.token_dim, self.channels, self.layers_per_block,
+                  self.head_dim, self.expansion, self.nvp, self.num_classes, flip=bool(i % 2),
+                  dtype=self.dtype, precision=self.precision, name=f'block_{i}')
+        for i in range(self.num_blocks)
+    ]
+    self.prior_var = self.variable('prior', 'var', jnp.ones, (self.num_tokens, self.token_dim))
+
+  def __call__(self, x: Array, y: Optional[Array] = None):
+    """Images (B, H, W, C) in [-1, 1] (and labels (B,)) to the latent.
+
+    Returns:
+      z: (B, T, D) latent in patch layout.
+      logdets: (B,) sum over blocks of each block's mean of -a.
+      outputs: list of (B, T, D), the output of every block.
+    """
+    check_images(x, self.img_size, self.in_channels)
+    check_labels(y, self.num_classes)
+    h = patchify(x.astype(flow_dtype(self.dtype)), self.patch_size)
+    logdets = jnp.zeros(h.shape[0], h.dtype)
+    outputs = []
+    for block in self.blocks:
+      h, logdet = block(h, y)
+      logdets = logdets + logdet
+      outputs.append(h)
+    return h, logdets, outputs
+
+  def prior(self) -> Array:
+    """Prior variance (T, D)."""
+    return self.prior_var.value
+
+  def block_affine_params(self, i: int, x: Array, y=None, temperature=None):
+    return self.blocks[i].affine_params(x, y, temperature)
+
+  def block_step(self, i: int, x_t, t, y, cache, temperature=None):
+    return self.blocks[i].step(x_t, t, y, cache, temperature)
+
+  def block_init_cache(self, i: int, batch: int):
+    return self.blocks[i].init_cache(batch)
+
+
+def check_images(x, img_size: int, in_channels: int) -> None:
+  """Raises a clear error unless x is a batch of (H, W, C) images of the model's size."""
+  want = (img_size, img_size, in_channels)
+  if x.ndim != 4 or tuple(x.shape[1:]) != want:
+    raise ValueError(
+        f'Expected images of shape (batch, {img_size}, {img_size}, {in_channels}) (NHWC), got {tuple(x.shape)}. '
+        'Images are NHWC in [-1, 1]; convert NCHW arrays with x.transpose(0, 2, 3, 1).')
+
+
+def check_labels(y, num_classes: int) -> None:
+  """Raises a clear error for labels the model cannot take (checked only on concrete values)."""
+  if y is None:
+    return
+  if not num_classes:
+    raise ValueError('Labels were given, but the model is unconditional (num_classes=0); pass y=None.')
+  if jnp.ndim(y) != 1:
+    raise ValueError(f'Labels must have shape (batch,), got {tuple(jnp.shape(y))}.')
+  if isinstance(y, jax.core.Tracer) or not jnp.size(y):
+    return
+  y = np.asarray(y)
+  lo, hi = int(y.min()), int(y.max())
+  if lo < -1 or hi >= num_classes:
+    raise ValueError(f'Labels must lie in [0, {num_classes - 1}] (or -1 for "no label"), got values in [{lo}, {hi}].')
+
+
+def init_variables(model: TarFlow, rng: Array) -> dict:
+  """Fresh variables {'params', 'prior'} for `model`."""
+  return model.init(rng, jnp.zeros((1, model.img_size, model.img_size, model.in_channels)))
+
+
+def abstract_variables(model: TarFlow) -> dict:
+  """Shapes and dtypes of the variables, without allocating them."""
+  return jax.eval_shape(functools.partial(init_variables, model), jax.random.key(0))
+
+
+def from_config(config, **overrides) -> TarFlow:
+  """Builds `TarFlow` from a config's `model` fields (an ml_collections ConfigDict or dict)."""
+  fields = dict(config)
+  fields.update(overrides)
+  dtype = fields.pop('dtype', 'float32')
+  precision = fields.pop('precision', None)
+  return TarFlow(dtype=jnp.dtype(dtype), precision=precision, **fields)

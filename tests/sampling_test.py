@@ -1,0 +1,130 @@
+"""The compiled sampler against a plain Python-loop inverse, invertibility, and denoising."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tarflow_jax import likelihood, sampling
+from tarflow_jax.model import TarFlow, patchify, unpatchify
+import toy
+
+
+def loop_inverse(model, variables, noise, y, guidance=0.0, guide_what='ab', attn_temp=1.0, annealed=False):
+  """Reference inverse: one full causal pass per token, no cache, guidance as two separate passes."""
+  x = np.array(noise * np.sqrt(variables['prior']['var']), np.float64)
+  batch, num_tokens, _ = x.shape
+  y_uncond = None if not model.num_classes else jnp.full((batch,), -1)
+  affine = jax.jit(lambda i, h, y, temp: model.apply(variables, i, jnp.asarray(h, jnp.float32), y, temp,
+                                                     method=TarFlow.block_affine_params), static_argnums=0)
+  for i in reversed(range(model.num_blocks)):
+    h = x[:, ::-1].copy() if i % 2 else x.copy()  # reading order of block i
+    for t in range(num_tokens - 1):
+      a, b = affine(i, h, y, None)
+      a, b = np.asarray(a[:, t + 1], np.float64), np.asarray(b[:, t + 1], np.float64)
+      if guidance > 0:
+        temp = jnp.full((batch,), attn_temp)
+        a_u, b_u = affine(i, h, y_uncond, temp)
+        a_u, b_u = np.asarray(a_u[:, t + 1]), np.asarray(b_u[:, t + 1])
+        g = guidance * (t + 1) / (num_tokens - 1) if annealed else guidance
+        if 'a' in guide_what:
+          a = a + g * (a - a_u)
+        if 'b' in guide_what:
+          b = b + g * (b - b_u)
+      h[:, t + 1] = h[:, t + 1] * np.exp(a) + b
+    x = h[:, ::-1] if i % 2 else h
+  return unpatchify(jnp.asarray(x, jnp.float32), model.patch_size, model.img_size)
+
+
+SETTINGS = [
+    dict(num_classes=3, guidance=0.0),
+    dict(num_classes=3, guidance=1.5, guide_what='ab'),
+    dict(num_classes=3, guidance=2.0, guide_what='a', attn_temp=0.7, annealed=True),
+    dict(num_classes=3, guidance=1.0, guide_what='b', attn_temp=0.8, labels=False),  # no labels given
+    dict(num_classes=0, guidance=0.0, nvp=False),
+    dict(num_classes=0, guidance=1.0, attn_temp=0.6),  # attention-temperature guidance
+]
+
+
+@pytest.mark.parametrize('setting', SETTINGS, ids=lambda s: '-'.join(f'{k}={v}' for k, v in s.items()))
+def test_sampler_equals_loop_inverse(setting):
+  setting = dict(setting)
+  model = toy.tiny_model(num_classes=setting.pop('num_classes'), nvp=setting.pop('nvp', True), img_size=6)
+  variables = toy.random_variables(model)
+  noise = jax.random.normal(jax.random.key(5), (3, model.num_tokens, model.token_dim))
+  y = jnp.array([0, 2, -1]) if model.num_classes and setting.pop('labels', True) else None
+  setting.pop('labels', None)
+  annealed = setting.pop('annealed', False)
+  got = sampling.sample(model, variables, noise, y, annealed_guidance=annealed, **setting)
+  want = loop_inverse(model, variables, noise, y, annealed=annealed, **setting)
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
+  # A check that can fail: guidance changes the result.
+  if setting['guidance'] > 0:
+    plain = sampling.sample(model, variables, noise, y)
+    assert float(jnp.abs(plain - got).max()) > 1e-3
+
+
+@pytest.mark.parametrize('nvp, num_classes', [(True, 0), (False, 0), (True, 4)])
+def test_sample_inverts_forward(nvp, num_classes):
+  model = toy.tiny_model(nvp=nvp, num_classes=num_classes, num_blocks=3)
+  variables = toy.random_variables(model)
+  x = toy.images(model)
+  y = jnp.array([1, 3, -1]) if num_classes else None
+  z, _, _ = model.apply(variables, x, y)
+  noise = z / jnp.sqrt(variables['prior']['var'])
+  np.testing.assert_allclose(sampling.sample(model, variables, noise, y), x, atol=1e-5)
+  assert float(jnp.abs(z - patchify(x, model.patch_size)).max()) > 1e-2  # the flow is not the identity
+
+
+def test_second_call_does_not_recompile():
+  model = toy.tiny_model(num_classes=2)
+  variables = toy.random_variables(model)
+  noise = jax.random.normal(jax.random.key(0), (2, model.num_tokens, model.token_dim))
+  y = jnp.array([0, 1])
+  sampling.sample(model, variables, noise, y, guidance=1.0)
+  compiled = sampling._sample._cache_size()  # pylint: disable=protected-access
+  sampling.sample(model, variables, noise + 1.0, y + 0, guidance=2.5, attn_temp=0.8)
+  assert sampling._sample._cache_size() == compiled  # pylint: disable=protected-access
+
+
+def test_score_matches_finite_differences():
+  with jax.enable_x64(True):
+    model = toy.tiny_model(num_classes=2, dtype=jnp.float64)
+    variables = jax.tree.map(lambda a: a.astype(jnp.float64), toy.random_variables(model))
+    x = toy.images(model, batch=2).astype(jnp.float64)
+    y = jnp.array([1, 0])
+    grad = np.asarray(sampling.score(model, variables, x, y))
+    eps = 1e-6
+    rng = np.random.default_rng(0)
+    log_prob = jax.jit(lambda x: likelihood.log_prob(model, variables, x, y))
+    for _ in range(5):
+      idx = tuple(rng.integers(0, s) for s in x.shape)
+      e = jnp.zeros_like(x).at[idx].set(eps)
+      fd = (log_prob(x + e) - log_prob(x - e)) / (2 * eps)
+      np.testing.assert_allclose(grad[idx], fd[idx[0]], rtol=1e-6, atol=1e-8)
+      other = 1 - idx[0]  # images are independent: no gradient across the batch
+      np.testing.assert_allclose(fd[other], 0.0, atol=1e-8)
+
+
+def test_denoise_step_size():
+  model = toy.tiny_model()
+  variables = toy.random_variables(model)
+  x = toy.images(model)
+  score = sampling.score(model, variables, x)
+  np.testing.assert_allclose(sampling.denoise(model, variables, x, sigma=0.1, step_scale=1.2),
+                             x + 1.2 * 0.01 * score, rtol=1e-6, atol=1e-7)
+
+
+def test_bad_sampler_input_is_refused():
+  model = toy.tiny_model(num_classes=2)
+  variables = toy.random_variables(model)
+  noise = jnp.zeros((2, model.num_tokens, model.token_dim))
+  with pytest.raises(ValueError, match=r'Expected noise of shape \(batch, 4, 8\)'):
+    sampling.sample(model, variables, jnp.zeros((2, 4, 4)))
+  with pytest.raises(ValueError, match='guide_what'):
+    sampling.sample(model, variables, noise, guidance=1.0, guide_what='c')
+  with pytest.raises(ValueError, match=r'Labels must lie in \[0, 1\]'):
+    sampling.sample(model, variables, noise, jnp.array([0, 2]))
+  uncond = toy.tiny_model()
+  with pytest.raises(ValueError, match='attn_temp'):
+    sampling.sample(uncond, toy.random_variables(uncond), noise, guidance=1.0)
