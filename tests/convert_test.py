@@ -1,0 +1,109 @@
+"""Reference state dicts to our variables and back, architecture checks, and the conversion CLI."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tarflow_jax import checkpoint, convert
+from tarflow_jax.model import TarFlow
+import toy
+
+FIXTURE = os.path.join(os.path.dirname(__file__), 'fixtures', 'cond_small')
+COND_SMALL = dict(in_channels=1, img_size=8, patch_size=2, channels=128, num_blocks=2, layers_per_block=2,
+                  nvp=True, num_classes=3)
+
+
+@pytest.fixture(scope='module')
+def state():
+  return convert.read_state_dict(FIXTURE + '.npz')
+
+
+def test_round_trip_reproduces_the_reference_state_dict(state):
+  model = TarFlow(**COND_SMALL)
+  back = convert.to_reference(model, convert.from_reference(model, state))
+  want = convert.strip_prefixes(state)
+  assert sorted(back) == sorted(want)
+  for k in want:
+    np.testing.assert_array_equal(back[k], want[k], err_msg=k)
+
+
+@pytest.mark.parametrize('nvp, num_classes', [(True, 0), (False, 5)])
+def test_round_trip_from_our_variables(nvp, num_classes):
+  model = toy.tiny_model(nvp=nvp, num_classes=num_classes)
+  variables = toy.random_variables(model)
+  again = convert.from_reference(model, convert.to_reference(model, variables))
+  jax.tree.map(np.testing.assert_array_equal, again, variables)
+
+
+def test_prefixes_of_wrappers_are_stripped(state):
+  model = TarFlow(**COND_SMALL)
+  wrapped = {'module._orig_mod.' + k[len('state/'):]: v for k, v in state.items()}
+  jax.tree.map(np.testing.assert_array_equal, convert.from_reference(model, wrapped),
+               convert.from_reference(model, state))
+
+
+@pytest.mark.parametrize('change, match', [
+    (dict(channels=64), r'checkpoint has channels=128, the model has channels=64'),
+    (dict(patch_size=4), r'num_tokens=16, the model has num_tokens=4 \(\(img_size / patch_size\)\*\*2'),
+    (dict(in_channels=3), r'token_dim=4, the model has token_dim=12'),
+    (dict(num_classes=0), r'num_classes=3, the model has num_classes=0'),
+    (dict(num_classes=10), r'num_classes=3, the model has num_classes=10'),
+    (dict(num_blocks=4), r'num_blocks=2, the model has num_blocks=4'),
+    (dict(layers_per_block=1), r'layers_per_block=2, the model has layers_per_block=1'),
+    (dict(nvp=False), r'nvp=True, the model has nvp=False'),
+])
+def test_checkpoint_of_another_architecture_is_refused(state, change, match):
+  model = TarFlow(**{**COND_SMALL, **change})
+  with pytest.raises(convert.ArchitectureMismatch, match=match):
+    convert.from_reference(model, state)
+
+
+def test_missing_and_unexpected_keys_are_named(state):
+  model = TarFlow(**COND_SMALL)
+  missing = dict(state)
+  del missing['state/blocks.1.attn_blocks.0.mlp.norm.bias']
+  with pytest.raises(convert.ArchitectureMismatch, match=r"first 'blocks.1.attn_blocks.0.mlp.norm.bias'"):
+    convert.from_reference(model, missing)
+  extra = dict(state, **{'state/blocks.0.extra.weight': np.zeros(3)})
+  with pytest.raises(convert.ArchitectureMismatch, match=r"does not, first 'blocks.0.extra.weight'"):
+    convert.from_reference(model, extra)
+  bad_shape = dict(state, **{'state/blocks.0.attn_blocks.1.attention.qkv.bias': np.zeros(383)})
+  with pytest.raises(convert.ArchitectureMismatch, match=r'attention.qkv.bias: checkpoint shape \(383,\)'):
+    convert.from_reference(model, bad_shape)
+
+
+def test_missing_file_is_a_clear_error():
+  with pytest.raises(FileNotFoundError, match='No checkpoint at'):
+    convert.read_state_dict('/nonexistent/model.pth')
+
+
+def test_cli_writes_a_checkpoint_the_tools_can_load(tmp_path):
+  config = tmp_path / 'cond_small.py'
+  config.write_text(textwrap.dedent(f'''
+      import ml_collections
+      def get_config():
+        return ml_collections.ConfigDict({{'model': {COND_SMALL!r}}})
+  '''))
+  out = tmp_path / 'converted'
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd()] + sys.path))
+  result = subprocess.run([sys.executable, '-m', 'tarflow_jax.convert', f'--config={config}',
+                           f'--checkpoint={FIXTURE}.npz', f'--output={out}'], capture_output=True, text=True, env=env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'parameters' in result.stdout
+  model, variables, restored_config = checkpoint.load_model(str(out))
+  assert restored_config.model.channels == 128 and model.num_classes == 3
+  with np.load(FIXTURE + '.npz') as data:
+    x = jnp.asarray(data['inputs/x']).transpose(0, 2, 3, 1)
+    z, _, _ = model.apply(variables, x, jnp.asarray(data['inputs/y']))
+    np.testing.assert_allclose(z, data['forward/y/z'], atol=1e-5)
+
+
+def test_load_model_from_an_empty_directory_is_a_clear_error(tmp_path):
+  with pytest.raises(FileNotFoundError, match='No checkpoint in'):
+    checkpoint.load_model(str(tmp_path / 'nothing_here'))
