@@ -6,4 +6,12 @@ from tarflow_jax.model import TarFlow, init_variables
 from tarflow_jax.sampling import denoise, sample
 
 __all__ = ['TarFlow', 'bits_per_dim', 'denoise', 'init_variables', 'load_reference_checkpoint', 'log_prob',
-           'loss', 'sample']
+           'loss', 'sample', 'train_and_evaluate']
+
+
+def __getattr__(name):
+  # Training pulls in TensorFlow (tf.data, TensorBoard writers): imported only when asked for.
+  if name == 'train_and_evaluate':
+    from tarflow_jax.train import train_and_evaluate  # pylint: disable=g-import-not-at-top
+    return train_and_evaluate
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

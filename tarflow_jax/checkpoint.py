@@ -10,6 +10,7 @@ Tools that only sample or evaluate restore 'model' and 'config'.
 
 import json
 import os
+import shutil
 from typing import Optional
 
 import jax
@@ -63,3 +64,74 @@ def _existing(directory: str) -> ocp.CheckpointManager:
         f'No checkpoint in {directory!r}: expected a training workdir\'s checkpoints/ or the output of '
         '`python -m tarflow_jax.convert`.')
   return mngr
+
+
+# Fields of config.model that change the variables' shapes (dtype does not).
+ARCHITECTURE_FIELDS = ('in_channels', 'img_size', 'patch_size', 'channels', 'num_blocks', 'layers_per_block',
+                       'head_dim', 'expansion', 'nvp', 'num_classes')
+
+
+def check_same_architecture(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
+                            directory: str) -> None:
+  """Raises unless the checkpoint's model has the architecture of `config.model`."""
+  diffs = [f'{k}: checkpoint {saved.model.get(k)!r}, config {config.model.get(k)!r}'
+           for k in ARCHITECTURE_FIELDS if saved.model.get(k) != config.model.get(k)]
+  if diffs:
+    raise ValueError(f'The checkpoint in {directory!r} is of another architecture ({"; ".join(diffs)}). '
+                     'Use a new --workdir for this config, or the config the checkpoint was trained with.')
+
+
+class TrainCheckpointer:
+  """Checkpoints of a training run in `{workdir}/checkpoints`, with the data iterators' positions."""
+
+  def __init__(self, workdir: str, keep: int):
+    self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    self._data_dir = os.path.join(os.path.abspath(workdir), 'data_state')
+    self.mngr = manager(self.directory, max_to_keep=keep)
+
+  def latest_step(self) -> Optional[int]:
+    return self.mngr.latest_step()
+
+  def saved_config(self, step: int) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
+        self.mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config)
+
+  def save(self, step: int, state: dict, config: ml_collections.ConfigDict, batches=None) -> None:
+    """Saves the state {'params', 'prior', 'opt', 'step', 'rng'} (asynchronously) and the data position."""
+    model_item = {'params': state['params'], 'prior': state['prior']}
+    train_item = {'opt': state['opt'], 'step': state['step'], 'rng': state['rng']}
+    self.mngr.save(step, args=ocp.args.Composite(
+        model=ocp.args.StandardSave(model_item), train=ocp.args.StandardSave(train_item),
+        config=ocp.args.JsonSave(json.loads(config.to_json()))), force=True)
+    if batches is not None:
+      batches.save(self._data_path(step))
+    self._prune_data_states(keep=step)
+
+  def restore(self, step: int, abstract_state: dict, batches=None) -> dict:
+    """Restores the state onto the shardings of `abstract_state` (ShapeDtypeStructs with shardings)."""
+    a = abstract_state
+    restored = self.mngr.restore(step, args=ocp.args.Composite(
+        model=ocp.args.StandardRestore({'params': a['params'], 'prior': a['prior']}),
+        train=ocp.args.StandardRestore({'opt': a['opt'], 'step': a['step'], 'rng': a['rng']})))
+    if batches is not None and os.path.exists(self._data_path(step) + '.index'):
+      batches.restore(self._data_path(step))
+    return {**restored.model, **restored.train}
+
+  def wait(self) -> None:
+    self.mngr.wait_until_finished()
+
+  def close(self) -> None:
+    self.mngr.wait_until_finished()
+    self.mngr.close()
+
+  def _data_path(self, step: int) -> str:
+    return os.path.join(self._data_dir, str(step), f'process_{jax.process_index()}')
+
+  def _prune_data_states(self, keep: int) -> None:
+    """Drops the data positions of checkpoints that Orbax no longer keeps."""
+    if not os.path.isdir(self._data_dir):
+      return
+    kept = {str(s) for s in self.mngr.all_steps()} | {str(keep)}
+    for name in os.listdir(self._data_dir):
+      if name not in kept:
+        shutil.rmtree(os.path.join(self._data_dir, name), ignore_errors=True)

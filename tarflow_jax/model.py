@@ -99,15 +99,17 @@ class Attention(nn.Module):
     return self._attend(q, k, v, temperature, is_causal=True)
 
   def step(self, x: Array, t: Array, cache: dict, temperature: Optional[Array] = None):
-    """Attention of token t, x (B, 1, C), over the cached tokens 0..t.
+    """Attention of the S tokens at positions t..t+S-1, x (B, S, C), over the cache and themselves.
 
-    `cache` holds preallocated 'k' and 'v' of shape (B, T, H, hd); token t's
-    key and value are written in place at index t.
+    `cache` holds preallocated 'k' and 'v' of shape (B, T, H, hd) with the
+    tokens before t; these tokens' keys and values are written in place at
+    [t, t+S). S is 1 for sequential decoding, more for Jacobi segments.
     """
     q, k, v = self._qkv(x)
     k_cache = jax.lax.dynamic_update_slice_in_dim(cache['k'], k.astype(cache['k'].dtype), t, axis=1)
     v_cache = jax.lax.dynamic_update_slice_in_dim(cache['v'], v.astype(cache['v'].dtype), t, axis=1)
-    mask = (jnp.arange(k_cache.shape[1]) <= t)[None, None, None, :]  # (1, 1, 1, T)
+    positions = t + jnp.arange(x.shape[1])
+    mask = (jnp.arange(k_cache.shape[1])[None, :] <= positions[:, None])[None, None]  # (1, 1, S, T)
     out = self._attend(q, k_cache, v_cache, temperature, mask=mask)
     return out, {'k': k_cache, 'v': v_cache}
 
@@ -231,29 +233,29 @@ class FlowBlock(nn.Module):
     z = (x - b) * jnp.exp(-a)
     return self._order(z), -a.mean(axis=(1, 2))
 
-  def step(self, x_t: Array, t: Array, y: Optional[Array], cache: Sequence[dict],
+  def step(self, x: Array, t: Array, y: Optional[Array], cache: Sequence[dict],
            temperature: Optional[Array] = None):
-    """Decodes one token: (a, b) for token t+1 from token t (B, D) of the reading order.
+    """(a, b) for tokens t+1..t+S from tokens t..t+S-1, x (B, S, D), of the reading order.
 
     Args:
-      x_t: (B, D) token t, already inverted.
+      x: (B, S, D) tokens at positions t..t+S-1, already inverted (or an
+        iterate of them, for Jacobi decoding).
       t: scalar int, position in reading order.
       y: (B,) labels or None.
-      cache: per layer {'k', 'v'} of shape (B, T, H, hd).
+      cache: per layer {'k', 'v'} of shape (B, T, H, hd), holding tokens < t.
       temperature: (B,) attention temperature or None.
     Returns:
-      (a, b) each (B, D) in `flow_dtype`, and the updated cache.
+      (a, b) each (B, S, D) in `flow_dtype`, and the cache with tokens < t+S.
     """
-    pos = jax.lax.dynamic_index_in_dim(self._order(self.pos_embed, 0), t, axis=0, keepdims=True)
-    h = self.proj_in(x_t[:, None].astype(self.dtype)) + pos  # (B, 1, C)
+    pos = jax.lax.dynamic_slice_in_dim(self._order(self.pos_embed, 0), t, x.shape[1], axis=0)
+    h = self.proj_in(x.astype(self.dtype)) + pos  # (B, S, C)
     if self.num_classes:
       h = h + self._class_embedding(y)[:, None]
     new_cache = []
     for layer, layer_cache in zip(self.layers, cache):
       h, layer_cache = layer.step(h, t, layer_cache, temperature)
       new_cache.append(layer_cache)
-    a, b = self._affine(self.proj_out(h)[:, 0])
-    return (a, b), new_cache
+    return self._affine(self.proj_out(h)), new_cache
 
   def init_cache(self, batch: int) -> list:
     """Zeroed key/value cache for decoding a batch of `batch` sequences."""

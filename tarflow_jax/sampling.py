@@ -1,7 +1,8 @@
 """Inverse of the TarFlow stack: compiled sequential decoding with guidance, and denoising."""
 
+import dataclasses
 import functools
-from typing import Optional
+from typing import Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +13,30 @@ from tarflow_jax.model import TarFlow, check_labels, flow_dtype, unpatchify
 Array = jax.Array
 
 GUIDE_WHAT = ('a', 'b', 'ab')
+
+
+@dataclasses.dataclass(frozen=True)
+class Jacobi:
+  """Parallel (Jacobi / Gauss-Seidel-Jacobi) decoding of each block's inverse.
+
+  A block's tokens 1..T-1 are cut into segments of `segment` tokens, solved in
+  order; inside a segment all tokens are updated at once, `x <- z * exp(a(x)) + b(x)`,
+  starting from the latent, until the largest change is at most `tol` or
+  `max_iters` iterations have run; the key/value cache carries the earlier
+  segments. `segment=0` is one segment for the whole block (plain Jacobi). With
+  `max_iters` equal to the segment length (0 means that) and `tol=0` the result
+  is exact. `segment` and `max_iters` may be tuples, one entry per block
+  (indexed like the blocks, 0 first).
+  """
+  segment: Union[int, tuple] = 0
+  max_iters: Union[int, tuple] = 0
+  tol: float = 1e-4
+
+  def for_block(self, i: int, num_tokens: int) -> tuple[int, int]:
+    """(segment length, iteration cap) of block i."""
+    pick = lambda v: v[i] if isinstance(v, tuple) else v
+    segment = pick(self.segment) or num_tokens - 1
+    return min(segment, num_tokens - 1), pick(self.max_iters) or segment
 
 
 def sample(model: TarFlow, variables, noise: Array, y: Optional[Array] = None, *,
@@ -41,6 +66,27 @@ def sample(model: TarFlow, variables, noise: Array, y: Optional[Array] = None, *
   Changing `guidance` or `attn_temp` does not recompile; changing whether
   guidance is on, `guide_what`, `annealed_guidance` or shapes does.
   """
+  _check_sample_args(model, noise, y, guidance, guide_what, attn_temp)
+  x, _ = _sample(model, variables, noise, y, jnp.float32(guidance), jnp.float32(attn_temp),
+                 guided=bool(guidance > 0), guide_what=guide_what, annealed=annealed_guidance, jacobi=None)
+  return x
+
+
+def sample_jacobi(model: TarFlow, variables, noise: Array, y: Optional[Array] = None, *,
+                  jacobi: Jacobi = Jacobi(), guidance: float = 0.0, guide_what: str = 'ab',
+                  attn_temp: float = 1.0, annealed_guidance: bool = False):
+  """`sample` with each block inverted by Jacobi iterations (see `Jacobi`).
+
+  Returns:
+    images (B, H, W, C), and the iterations used: a list over blocks (block 0
+    first) of int arrays with one entry per segment.
+  """
+  _check_sample_args(model, noise, y, guidance, guide_what, attn_temp)
+  return _sample(model, variables, noise, y, jnp.float32(guidance), jnp.float32(attn_temp),
+                 guided=bool(guidance > 0), guide_what=guide_what, annealed=annealed_guidance, jacobi=jacobi)
+
+
+def _check_sample_args(model, noise, y, guidance, guide_what, attn_temp):
   want = (model.num_tokens, model.token_dim)
   if noise.ndim != 3 or tuple(noise.shape[1:]) != want:
     raise ValueError(f'Expected noise of shape (batch, {want[0]}, {want[1]}) (tokens, patch dim), '
@@ -54,12 +100,10 @@ def sample(model: TarFlow, variables, noise: Array, y: Optional[Array] = None, *
     raise ValueError('Guidance on an unconditional model compares the model with itself at attention '
                      'temperature attn_temp; with attn_temp=1.0 it does nothing. Set attn_temp (e.g. 0.5 to 0.9) '
                      'or guidance=0.')
-  return _sample(model, variables, noise, y, jnp.float32(guidance), jnp.float32(attn_temp),
-                 guided=bool(guidance > 0), guide_what=guide_what, annealed=annealed_guidance)
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'guided', 'guide_what', 'annealed'))
-def _sample(model, variables, noise, y, guidance, attn_temp, *, guided, guide_what, annealed):
+@functools.partial(jax.jit, static_argnames=('model', 'guided', 'guide_what', 'annealed', 'jacobi'))
+def _sample(model, variables, noise, y, guidance, attn_temp, *, guided, guide_what, annealed, jacobi):
   batch, num_tokens, _ = noise.shape
   x = noise.astype(flow_dtype(model.dtype)) * jnp.sqrt(variables['prior']['var'])
   labels, temperature = y, None
@@ -70,9 +114,32 @@ def _sample(model, variables, noise, y, guidance, attn_temp, *, guided, guide_wh
     temperature = jnp.concatenate([jnp.ones((batch,)), jnp.full((batch,), attn_temp)])
   steps = jnp.arange(num_tokens - 1)
   weights = guidance * (steps + 1) / (num_tokens - 1) if annealed else jnp.full(steps.shape, guidance)
+  iterations = [None] * model.num_blocks
   for i in reversed(range(model.num_blocks)):
-    x = _invert_block(model, variables, i, x, labels, temperature, weights, guided, guide_what)
-  return unpatchify(x, model.patch_size, model.img_size)
+    args = (model, variables, i, x, labels, temperature, weights, guided, guide_what)
+    if jacobi is None:
+      x = _invert_block(*args)
+    else:
+      x, iterations[i] = _jacobi_invert_block(*args, *jacobi.for_block(i, num_tokens), jacobi.tol)
+  return unpatchify(x, model.patch_size, model.img_size), iterations
+
+
+def _guided_affine(model, variables, i, x, t, labels, cache, temperature, g, guided, guide_what):
+  """(a, b) (B, S, D) for tokens t+1..t+S of block i from tokens t..t+S-1, x (B, S, D).
+
+  With guidance the conditional and unconditional branches run as one batch of
+  2B; g (S,) is the guidance weight of each token.
+  """
+  x_in = jnp.concatenate([x, x]) if guided else x
+  (a, b), cache = model.apply(variables, i, x_in, t, labels, cache, temperature, method=TarFlow.block_step)
+  if guided:
+    g = g[None, :, None]
+    (a, a_u), (b, b_u) = jnp.split(a, 2), jnp.split(b, 2)
+    if 'a' in guide_what:
+      a = a + g * (a - a_u)
+    if 'b' in guide_what:
+      b = b + g * (b - b_u)
+  return (a, b), cache
 
 
 def _invert_block(model, variables, i, x, labels, temperature, weights, guided, guide_what):
@@ -85,21 +152,49 @@ def _invert_block(model, variables, i, x, labels, temperature, weights, guided, 
   def decode(carry, inputs):
     x_t, cache = carry  # (B, D): token t, already inverted.
     t, z_next, g = inputs
-    x_in = jnp.concatenate([x_t, x_t]) if guided else x_t
-    (a, b), cache = model.apply(variables, i, x_in, t, labels, cache, temperature, method=TarFlow.block_step)
-    if guided:
-      (a, a_u), (b, b_u) = jnp.split(a, 2), jnp.split(b, 2)
-      if 'a' in guide_what:
-        a = a + g * (a - a_u)
-      if 'b' in guide_what:
-        b = b + g * (b - b_u)
-    x_next = z_next * jnp.exp(a) + b
+    (a, b), cache = _guided_affine(model, variables, i, x_t[:, None], t, labels, cache, temperature, g[None],
+                                   guided, guide_what)
+    x_next = z_next * jnp.exp(a[:, 0]) + b[:, 0]
     return (x_next, cache), x_next
 
   inputs = (jnp.arange(x.shape[1] - 1), jnp.swapaxes(x[:, 1:], 0, 1), weights)
   _, rest = jax.lax.scan(decode, (x[:, 0], cache), inputs)  # rest: (T-1, B, D)
   x = jnp.concatenate([x[:, :1], jnp.swapaxes(rest, 0, 1)], axis=1)
   return jnp.flip(x, 1) if flip else x
+
+
+def _jacobi_invert_block(model, variables, i, x, labels, temperature, weights, guided, guide_what,
+                         segment, max_iters, tol):
+  """Inverts block i by Jacobi iterations over segments of tokens; returns (x, iterations per segment)."""
+  flip = i % 2 == 1
+  z = jnp.flip(x, 1) if flip else x  # (B, T, D) latent of this block in its reading order
+  batch, num_tokens, _ = z.shape
+  cache = model.apply(variables, i, 2 * batch if guided else batch, method=TarFlow.block_init_cache)
+  out, iterations = z, []
+  for start in range(0, num_tokens - 1, segment):  # inputs start..start+s-1 give tokens start+1..start+s
+    s = min(segment, num_tokens - 1 - start)
+    z_seg, g = z[:, start + 1:start + 1 + s], weights[start:start + s]
+
+    def update(x_seg, cache, start=start, z_seg=z_seg, g=g):
+      inputs = jnp.concatenate([out[:, start:start + 1], x_seg[:, :-1]], axis=1)  # tokens start..start+s-1
+      (a, b), cache = _guided_affine(model, variables, i, inputs, start, labels, cache, temperature, g,
+                                     guided, guide_what)
+      return z_seg * jnp.exp(a) + b, cache
+
+    def not_done(carry, max_iters=min(max_iters, s)):
+      k, _, delta, _ = carry
+      return (k < max_iters) & (delta > tol)
+
+    def iterate(carry, update=update):
+      k, x_seg, _, cache = carry
+      new, cache = update(x_seg, cache)
+      return k + 1, new, jnp.max(jnp.abs(new - x_seg)), cache
+
+    k, x_seg, _, cache = jax.lax.while_loop(not_done, iterate, (0, z_seg, jnp.inf, cache))
+    out = jax.lax.dynamic_update_slice_in_dim(out, x_seg, start + 1, axis=1)
+    iterations.append(k)
+  x = jnp.flip(out, 1) if flip else out
+  return x, jnp.stack(iterations)
 
 
 def score(model: TarFlow, variables, x: Array, y: Optional[Array] = None) -> Array:

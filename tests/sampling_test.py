@@ -128,3 +128,36 @@ def test_bad_sampler_input_is_refused():
   uncond = toy.tiny_model()
   with pytest.raises(ValueError, match='attn_temp'):
     sampling.sample(uncond, toy.random_variables(uncond), noise, guidance=1.0)
+
+
+@pytest.mark.parametrize('jacobi, guidance', [
+    (sampling.Jacobi(segment=0, tol=0.0), 0.0),  # plain Jacobi over the whole block
+    (sampling.Jacobi(segment=3, tol=0.0), 1.5),  # Gauss-Seidel-Jacobi, last segment shorter
+    (sampling.Jacobi(segment=(2, 8), max_iters=(2, 0), tol=0.0), 1.0),  # per-block settings
+])
+def test_exact_jacobi_equals_the_sequential_sampler(jacobi, guidance):
+  model = toy.tiny_model(num_classes=3, img_size=6)  # 9 tokens
+  variables = toy.random_variables(model)
+  noise = jax.random.normal(jax.random.key(7), (3, model.num_tokens, model.token_dim))
+  y = jnp.array([0, 1, 2])
+  want = sampling.sample(model, variables, noise, y, guidance=guidance, annealed_guidance=True)
+  got, iterations = sampling.sample_jacobi(model, variables, noise, y, jacobi=jacobi, guidance=guidance,
+                                           annealed_guidance=True)
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
+  for i, its in enumerate(iterations):
+    segment, _ = jacobi.for_block(i, model.num_tokens)
+    assert len(its) == -(-(model.num_tokens - 1) // segment)
+    assert int(its.max()) <= segment
+
+
+def test_jacobi_with_a_tolerance_stops_early():
+  model = toy.tiny_model(img_size=8)  # 16 tokens
+  variables = toy.random_variables(model, scale=0.01)
+  noise = jax.random.normal(jax.random.key(8), (2, model.num_tokens, model.token_dim))
+  exact = sampling.sample(model, variables, noise)
+  got, iterations = sampling.sample_jacobi(model, variables, noise, jacobi=sampling.Jacobi(tol=1e-5))
+  assert all(int(its[0]) < model.num_tokens - 1 for its in iterations), iterations
+  np.testing.assert_allclose(got, exact, atol=1e-4)
+  # A cap of one iteration is not exact: the iterations matter.
+  capped, _ = sampling.sample_jacobi(model, variables, noise, jacobi=sampling.Jacobi(max_iters=1, tol=0.0))
+  assert float(jnp.abs(capped - exact).max()) > 1e-2

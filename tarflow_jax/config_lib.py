@@ -1,0 +1,74 @@
+"""Every config field with its default, and the `smoke` shrink that any experiment accepts."""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def default() -> ml_collections.ConfigDict:
+  """The fields every experiment config has; experiments override some of them."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  # The flow (see tarflow_jax.model.TarFlow). dtype is the matmul dtype; parameters,
+  # norms, softmax, exp and log-determinants stay float32.
+  c.model = ml_collections.ConfigDict(dict(
+      in_channels=3, img_size=64, patch_size=2, channels=768, num_blocks=8, layers_per_block=8,
+      head_dim=64, expansion=4, nvp=True, num_classes=0, dtype='bfloat16'))
+
+  # Input pipeline (see tarflow_jax.data). source: 'tfds', 'folder' or 'embedded_mnist'.
+  c.data = ml_collections.ConfigDict(dict(
+      source='tfds', name='imagenet_resized/64x64', data_dir=config_dict.placeholder(str),
+      train_split='train', eval_split='validation', flip=True, shuffle_buffer=10_000,
+      num_eval_examples=10_000))
+
+  # Training-time input noise: 'gaussian' (std) for sample quality, 'uniform' dequantisation for BPD.
+  c.noise = ml_collections.ConfigDict(dict(type='gaussian', std=0.05))
+  c.label_drop = 0.0  # fraction of labels replaced by "no label" (-1), for guidance
+
+  # AdamW with one epoch of linear warm-up from min_lr, then cosine decay to min_lr.
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=1e-4, min_lr=1e-6, warmup_epochs=1.0, b1=0.9, b2=0.95, weight_decay=1e-4, grad_clip=0.0))
+  c.batch_size = 256  # global, over all devices and processes
+  c.num_epochs = 200.0
+  c.num_train_steps = -1  # > 0 overrides num_epochs
+  c.prior_var_lr = 0.1  # running-average rate of the prior variance (nvp=False)
+
+  # Sample grids written while training (fixed noise) and sampling defaults.
+  c.sample = ml_collections.ConfigDict(dict(
+      num=64, batch_size=64, guidance=0.0, guide_what='ab', attn_temp=1.0, annealed_guidance=False,
+      denoise=True, denoise_scale=1.0))
+
+  c.eval_batch_size = 256
+  c.log_every = 100
+  c.eval_every = 5_000
+  c.sample_every = 5_000
+  c.checkpoint_every = 5_000
+  c.keep_checkpoints = 3
+
+  # Device mesh: sizes of the 'data' and 'fsdp' axes; -1 means the remaining devices.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  return c
+
+
+def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Shrinks any experiment to a CPU-sized run of a few steps on the embedded digits."""
+  c.model.update(in_channels=1, img_size=16, patch_size=4, channels=64, num_blocks=2, layers_per_block=1,
+                 dtype='float32', num_classes=min(c.model.num_classes, 10))
+  c.data.update(source='embedded_mnist', name='mnist_5k', num_eval_examples=64, shuffle_buffer=512)
+  c.batch_size = 16
+  c.eval_batch_size = 32
+  c.num_train_steps = 6
+  c.optim.update(warmup_epochs=0.0)
+  c.optim.lr = 1e-3
+  c.sample.update(num=8, batch_size=8)
+  c.log_every = c.eval_every = c.sample_every = c.checkpoint_every = 3
+  return c
+
+
+def finalize(c: ml_collections.ConfigDict, arg=None) -> ml_collections.ConfigDict:
+  """Applies the config-file argument: `configs/x.py:smoke` shrinks the run."""
+  if arg in (None, ''):
+    return c
+  if arg == 'smoke':
+    return smoke(c)
+  raise ValueError(f'Unknown config argument {arg!r}; the only one is "smoke" (configs/<name>.py:smoke).')

