@@ -17,6 +17,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from tarflow_jax import config_lib
 from tarflow_jax import model as model_lib
 
 
@@ -37,24 +38,34 @@ def save_model(directory: str, variables, config: ml_collections.ConfigDict, ste
   mngr.close()
 
 
-def load_config(directory: str, step: Optional[int] = None) -> ml_collections.ConfigDict:
-  """The config stored with checkpoint `step` (the latest by default)."""
-  mngr = _existing(directory)
-  step = mngr.latest_step() if step is None else step
-  config = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
-  return ml_collections.ConfigDict(config)
-
-
 def load_model(directory: str, step: Optional[int] = None):
-  """Restores (model, variables, config) from a checkpoint directory (latest step by default)."""
+  """Restores (model, variables, config) from a checkpoint directory (latest step by default).
+
+  `directory` is a training workdir, its `checkpoints/`, or the output of
+  `python -m tarflow_jax.convert`.
+  """
+  if os.path.isdir(os.path.join(directory, 'checkpoints')):
+    directory = os.path.join(directory, 'checkpoints')
   mngr = _existing(directory)
   step = mngr.latest_step() if step is None else step
-  config = ml_collections.ConfigDict(
-      mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config)
+  saved = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+  config = _merged(config_lib.default(), {k: v for k, v in saved.items() if k != 'model'})
+  config.model = ml_collections.ConfigDict(saved['model'])  # as saved: the model's own defaults fill the rest
   model = model_lib.from_config(config.model)
   abstract = model_lib.abstract_variables(model)
   restored = mngr.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(abstract)))
   return model, restored.model, config
+
+
+def _merged(config: ml_collections.ConfigDict, saved: dict) -> ml_collections.ConfigDict:
+  """The defaults overridden by a saved config (a converted checkpoint may hold little but `model`)."""
+  for k, v in saved.items():
+    if isinstance(v, dict) and isinstance(config.get(k), ml_collections.ConfigDict):
+      _merged(config[k], v)
+    else:
+      with config.unlocked():
+        config[k] = v
+  return config
 
 
 def _existing(directory: str) -> ocp.CheckpointManager:

@@ -54,7 +54,8 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Shrinks any experiment to a CPU-sized run of a few steps on the embedded digits."""
   c.model.update(in_channels=1, img_size=16, patch_size=4, channels=64, num_blocks=2, layers_per_block=1,
                  dtype='float32', num_classes=min(c.model.num_classes, 10))
-  c.data.update(source='embedded_mnist', name='mnist_5k', num_eval_examples=64, shuffle_buffer=512)
+  c.data.update(source='embedded_mnist', name='mnist_5k', train_split='train', eval_split='test',
+                num_eval_examples=64, shuffle_buffer=512)
   c.batch_size = 16
   c.eval_batch_size = 32
   c.num_train_steps = 6

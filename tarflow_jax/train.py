@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from tarflow_jax import checkpoint, data, images, likelihood, sampling, sharding
+from tarflow_jax import checkpoint, data, evaluate, images, likelihood, sampling, sharding
 from tarflow_jax import model as model_lib
 
 # Per-dim constant of the standard normal's log-density, in nats.
@@ -100,15 +100,6 @@ def train_step(state: dict, batch: dict, *, model, tx, config, lr: optax.Schedul
   return new, metrics
 
 
-def eval_step(variables: dict, batch: dict, rng: jax.Array, *, model, config):
-  """Sum and count of held-out bits per dim under uniform dequantisation (log p(x | y) if conditional)."""
-  x_int = batch['image'].astype(jnp.float32)
-  y = batch['label'].astype(jnp.int32) if config.model.num_classes else None
-  bpd = likelihood.bits_per_dim(model, variables, x_int, jax.random.uniform(rng, x_int.shape), y)
-  mask = batch['mask'].astype(jnp.float32)
-  return {'bpd_sum': jnp.sum(bpd * mask), 'count': jnp.sum(mask)}
-
-
 class _Preemption:
   """Turns SIGTERM into a flag that the loop polls, so a checkpoint is written before exit."""
 
@@ -179,7 +170,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx, config=config, lr=lr),
                     in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
                     out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
-  eval_fn = jax.jit(functools.partial(eval_step, model=model, config=config))
 
   is_main = jax.process_index() == 0
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
@@ -194,9 +184,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   evals = {}
 
-  def evaluate(step):
+  def run_eval(step):
     with progress.timed('eval'):
-      evals[step] = _evaluate_bpd(config, mesh, state, eval_fn)
+      variables = {'params': state['params'], 'prior': state['prior']}
+      evals[step] = float(np.mean(evaluate.split_bits_per_dim(
+          model, variables, config, mesh, config.data.eval_split, num_examples=config.data.num_eval_examples,
+          batch_size=config.eval_batch_size, seed=config.seed + 2)))
       writer.write_scalars(step, {'eval/bits_per_dim': evals[step]})
 
   def write_samples(step):
@@ -207,7 +200,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       writer.write_images(step, {'samples': grid[None]})
 
   if start == 0 and config.eval_every > 0:
-    evaluate(0)
+    run_eval(0)
   preemption = _Preemption()
   history, last = [], {}
   step = start
@@ -235,7 +228,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if config.sample_every > 0 and (step % config.sample_every == 0 or step == total_steps):
         write_samples(step)
       if config.eval_every > 0 and (step % config.eval_every == 0 or step == total_steps):
-        evaluate(step)
+        run_eval(step)
   finally:
     preemption.restore()
     ckpt.close()
@@ -258,18 +251,6 @@ def generate(model, state, config, noise, mesh) -> np.ndarray:
   if s.denoise and config.noise.type == 'gaussian' and config.noise.std > 0:
     x = sampling.denoise(model, variables, x, y, sigma=config.noise.std, step_scale=s.denoise_scale)
   return np.asarray(jax.device_get(x))
-
-
-def _evaluate_bpd(config, mesh, state, eval_fn) -> float:
-  split = data.get_split(config, config.data.eval_split, config.eval_batch_size, train=False,
-                         limit=config.data.num_eval_examples)
-  variables = {'params': state['params'], 'prior': state['prior']}
-  total, count = 0.0, 0.0
-  rng = jax.random.PRNGKey(config.seed + 2)  # the same dequantisation noise at every evaluation
-  for i, batch in enumerate(split.batches):
-    out = jax.device_get(eval_fn(variables, sharding.global_batch(mesh, batch), jax.random.fold_in(rng, i)))
-    total, count = total + float(out['bpd_sum']), count + float(out['count'])
-  return total / max(count, 1.0)
 
 
 def _check_workdir(workdir: str) -> None:
