@@ -21,5 +21,5 @@ def get_config(arg=None):
   c.label_drop = 0.1
   c.batch_size = 256
   c.num_epochs = 4000.0
-  c.sample.update(guidance=1.0, guide_what='ab', num=16, batch_size=16)
+  c.sample.update(guidance=1.0, guide_what='ab', num=16)
   return config_lib.finalize(c, arg)

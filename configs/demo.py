@@ -23,7 +23,7 @@ def get_config(arg=None):
   c.batch_size = 64
   c.num_train_steps = 2400
   c.optim.update(lr=2e-3, warmup_epochs=1.0)
-  c.sample.update(num=100, batch_size=100, guidance=1.0, guide_what='ab')
+  c.sample.update(num=100, guidance=1.0, guide_what='ab')
   c.eval_batch_size = 250
   c.log_every = 50
   c.eval_every = c.sample_every = 600

@@ -20,7 +20,7 @@ def get_config(arg=None):
   c.batch_size = 256
   c.num_epochs = 20.0
   c.optim.lr = 2e-3
-  c.sample.update(num=100, batch_size=100, guidance=1.0)
+  c.sample.update(num=100, guidance=1.0)
   c.log_every = 50
   c.eval_every = c.sample_every = c.checkpoint_every = 1000
   return config_lib.finalize(c, arg)

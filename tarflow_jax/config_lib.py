@@ -35,7 +35,7 @@ def default() -> ml_collections.ConfigDict:
 
   # Sample grids written while training (fixed noise) and sampling defaults.
   c.sample = ml_collections.ConfigDict(dict(
-      num=64, batch_size=64, guidance=0.0, guide_what='ab', attn_temp=1.0, annealed_guidance=False,
+      num=64, guidance=0.0, guide_what='ab', attn_temp=1.0, annealed_guidance=False,
       denoise=True, denoise_scale=1.0))
 
   c.eval_batch_size = 256
@@ -61,7 +61,7 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.num_train_steps = 6
   c.optim.update(warmup_epochs=0.0)
   c.optim.lr = 1e-3
-  c.sample.update(num=8, batch_size=8)
+  c.sample.update(num=8)
   c.log_every = c.eval_every = c.sample_every = c.checkpoint_every = 3
   return c
 

@@ -26,6 +26,26 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> jax.shard
                        axis_types=(jax.sharding.AxisType.Auto,) * 2)
 
 
+# Arrays smaller than this stay replicated: sharding them saves little memory and costs collectives.
+MIN_FSDP_SIZE = 2**14
+
+
+def param_spec(shape: tuple, fsdp: int) -> P:
+  """FSDP rule: split the largest dimension divisible by the 'fsdp' axis size; small arrays replicated."""
+  if fsdp == 1 or int(np.prod(shape, dtype=np.int64)) < MIN_FSDP_SIZE:
+    return P()
+  for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+    if shape[dim] % fsdp == 0:
+      return P(*[('fsdp' if d == dim else None) for d in range(len(shape))])
+  return P()
+
+
+def state_shardings(abstract_state, mesh):
+  """Shardings of every leaf of a train state (params, optimiser moments, ...) by `param_spec`."""
+  fsdp = mesh.shape['fsdp']
+  return jax.tree.map(lambda a: NamedSharding(mesh, param_spec(a.shape, fsdp)), abstract_state)
+
+
 def replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

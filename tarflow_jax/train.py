@@ -155,7 +155,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   init = functools.partial(init_state, model, tx, config.seed)
   abstract = jax.eval_shape(init)
-  state_sharding = jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
+  state_sharding = sharding.state_shardings(abstract, mesh)
   ckpt = checkpoint.TrainCheckpointer(workdir, config.keep_checkpoints)
   start = ckpt.latest_step()
   if start is None:

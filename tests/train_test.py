@@ -94,35 +94,6 @@ def test_sigterm_writes_a_checkpoint_that_the_next_run_resumes(tmp_path):
   assert str(steps[0] + 2) in os.listdir(tmp_path / 'checkpoints')
 
 
-@pytest.mark.parametrize('mesh', [dict(data=8, fsdp=1), dict(data=-1, fsdp=1)])
-def test_data_parallel_step_equals_one_device(mesh):
-  assert jax.device_count() == 8, 'tests run with 8 fake CPU devices (tests/conftest.py)'
-  config = smoke_config()
-  model = model_lib.from_config(config.model)
-  lr = train.schedule(config, 10, 100)
-  tx = train.optimizer(config, lr)
-  state = train.init_state(model, tx, 0)
-  rng = np.random.default_rng(0)
-  batch = {'image': rng.integers(0, 256, (16, 16, 16, 1), dtype=np.uint8),
-           'label': rng.integers(0, 10, (16,), dtype=np.int32)}
-  step = functools.partial(train.train_step, model=model, tx=tx, config=config, lr=lr)
-
-  def run(m):
-    rep = sharding.replicated(m)
-    fn = jax.jit(step, in_shardings=(rep, sharding.batch_sharding(m)), out_shardings=(rep, rep))
-    return fn(jax.device_put(state, rep), sharding.global_batch(m, batch))
-
-  one_state, one_metrics = run(sharding.make_mesh(config_lib.default().mesh, jax.devices()[:1]))
-  mesh_config = config_lib.default().mesh
-  mesh_config.update(mesh)
-  m8 = sharding.make_mesh(mesh_config)
-  assert m8.size == 8
-  eight_state, eight_metrics = run(m8)
-  np.testing.assert_allclose(eight_metrics['loss'], one_metrics['loss'], rtol=1e-5)
-  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-6), eight_state, one_state)
-  assert len(sharding.global_batch(m8, batch)['image'].addressable_shards) == 8
-
-
 def test_every_config_builds_its_model():
   paths = sorted(glob.glob(os.path.join(REPO, 'configs', '*.py')))
   assert len(paths) >= 7
