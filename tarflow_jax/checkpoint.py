@@ -10,9 +10,9 @@ Tools that only sample or evaluate restore 'model' and 'config'.
 
 import json
 import os
-import shutil
 from typing import Optional
 
+from etils import epath
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
@@ -21,10 +21,15 @@ from tarflow_jax import config_lib
 from tarflow_jax import model as model_lib
 
 
+def absolute(path: str) -> str:
+  """An absolute local path; remote paths (gs://...) as they are."""
+  return path if '://' in path else os.path.abspath(path)
+
+
 def manager(directory: str, max_to_keep: Optional[int] = None, **options) -> ocp.CheckpointManager:
   """A CheckpointManager over `directory` with the items above."""
   return ocp.CheckpointManager(
-      os.path.abspath(directory),
+      absolute(directory),
       options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, **options),
       item_names=('model', 'train', 'config'))
 
@@ -44,7 +49,7 @@ def load_model(directory: str, step: Optional[int] = None):
   `directory` is a training workdir, its `checkpoints/`, or the output of
   `python -m tarflow_jax.convert`.
   """
-  if os.path.isdir(os.path.join(directory, 'checkpoints')):
+  if (epath.Path(directory) / 'checkpoints').is_dir():
     directory = os.path.join(directory, 'checkpoints')
   mngr = _existing(directory)
   step = mngr.latest_step() if step is None else step
@@ -69,7 +74,7 @@ def _merged(config: ml_collections.ConfigDict, saved: dict) -> ml_collections.Co
 
 
 def _existing(directory: str) -> ocp.CheckpointManager:
-  mngr = manager(directory) if os.path.isdir(directory) else None
+  mngr = manager(directory) if epath.Path(directory).is_dir() else None
   if mngr is None or mngr.latest_step() is None:
     raise FileNotFoundError(
         f'No checkpoint in {directory!r}: expected a training workdir\'s checkpoints/ or the output of '
@@ -96,8 +101,8 @@ class TrainCheckpointer:
   """Checkpoints of a training run in `{workdir}/checkpoints`, with the data iterators' positions."""
 
   def __init__(self, workdir: str, keep: int):
-    self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
-    self._data_dir = os.path.join(os.path.abspath(workdir), 'data_state')
+    self.directory = os.path.join(absolute(workdir), 'checkpoints')
+    self._data_dir = epath.Path(absolute(workdir)) / 'data_state'
     self.mngr = manager(self.directory, max_to_keep=keep)
 
   def latest_step(self) -> Optional[int]:
@@ -124,7 +129,7 @@ class TrainCheckpointer:
     restored = self.mngr.restore(step, args=ocp.args.Composite(
         model=ocp.args.StandardRestore({'params': a['params'], 'prior': a['prior']}),
         train=ocp.args.StandardRestore({'opt': a['opt'], 'step': a['step'], 'rng': a['rng']})))
-    if batches is not None and os.path.exists(self._data_path(step) + '.index'):
+    if batches is not None and epath.Path(self._data_path(step) + '.index').exists():
       batches.restore(self._data_path(step))
     return {**restored.model, **restored.train}
 
@@ -136,13 +141,13 @@ class TrainCheckpointer:
     self.mngr.close()
 
   def _data_path(self, step: int) -> str:
-    return os.path.join(self._data_dir, str(step), f'process_{jax.process_index()}')
+    return str(self._data_dir / str(step) / f'process_{jax.process_index()}')
 
   def _prune_data_states(self, keep: int) -> None:
     """Drops the data positions of checkpoints that Orbax no longer keeps."""
-    if not os.path.isdir(self._data_dir):
+    if not self._data_dir.is_dir():
       return
     kept = {str(s) for s in self.mngr.all_steps()} | {str(keep)}
-    for name in os.listdir(self._data_dir):
-      if name not in kept:
-        shutil.rmtree(os.path.join(self._data_dir, name), ignore_errors=True)
+    for path in self._data_dir.iterdir():
+      if path.name not in kept:
+        path.rmtree(missing_ok=True)

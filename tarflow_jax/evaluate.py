@@ -10,7 +10,6 @@ Bits per dim use uniform dequantisation exactly as the reference evaluates them:
 
 import functools
 import math
-from typing import Optional
 
 import jax
 import jax.numpy as jnp

@@ -1,8 +1,8 @@
 """Images on the [-1, 1] scale to uint8, grids and PNG files."""
 
 import math
-import os
 
+from etils import epath
 import numpy as np
 from PIL import Image
 
@@ -25,6 +25,8 @@ def grid(images: np.ndarray, columns: int = 0, pad: int = 2) -> np.ndarray:
 
 
 def save_png(path: str, image: np.ndarray) -> None:
-  """Writes one (H, W, C) uint8 image, making the folder if needed."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
+  """Writes one (H, W, C) uint8 image to a local or remote (gs://) path, making the folder if needed."""
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with path.open('wb') as f:
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(f, format='PNG')

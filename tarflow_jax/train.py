@@ -4,10 +4,10 @@ import functools
 import math
 import os
 import signal
-from typing import Optional
 
 from absl import logging
 from clu import metric_writers, periodic_actions
+from etils import epath
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -255,13 +255,13 @@ def generate(model, state, config, noise, mesh) -> np.ndarray:
 
 def _check_workdir(workdir: str) -> None:
   try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, '.write_test')
-    with open(probe, 'w') as f:
-      f.write('ok')
-    os.remove(probe)
+    path = epath.Path(workdir)
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / '.write_test'
+    probe.write_text('ok')
+    probe.unlink()
   except OSError as e:
-    raise PermissionError(f'Cannot write to --workdir={workdir!r} ({e.strerror}); choose a writable directory.') from e
+    raise PermissionError(f'Cannot write to --workdir={workdir!r} ({e}); choose a writable directory.') from e
 
 
 def _flat_hparams(config: ml_collections.ConfigDict) -> dict:

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tarflow_jax import checkpoint, config_lib, data, sharding, train
+from tarflow_jax import checkpoint, config_lib, data, train
 from tarflow_jax import model as model_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
