@@ -15,6 +15,7 @@ from typing import Optional
 from etils import epath
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 from tarflow_jax import config_lib
@@ -57,7 +58,11 @@ def load_model(directory: str, step: Optional[int] = None):
   config = _merged(config_lib.default(), {k: v for k, v in saved.items() if k != 'model'})
   config.model = ml_collections.ConfigDict(saved['model'])  # as saved: the model's own defaults fill the rest
   model = model_lib.from_config(config.model)
-  abstract = model_lib.abstract_variables(model)
+  # Replicated over all devices, whatever mesh the checkpoint was written from.
+  everywhere = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(jax.devices()), ('all',)),
+                                          jax.sharding.PartitionSpec())
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=everywhere),
+                          model_lib.abstract_variables(model))
   restored = mngr.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(abstract)))
   return model, restored.model, config
 

@@ -137,8 +137,9 @@ def _source(data: ml_collections.ConfigDict, split: str, n_proc: int, proc: int)
   if data.source == 'embedded_mnist':
     images, labels = embedded_mnist()
     held_out = np.arange(len(images)) % EMBEDDED_EVAL_EVERY == EMBEDDED_EVAL_EVERY - 1
-    if split == 'train':
-      images, labels = images[~held_out], labels[~held_out]
+    if split == 'train':  # the file is sorted by class: a fixed permutation lets small shuffle buffers mix
+      order = np.random.default_rng(0).permutation(int((~held_out).sum()))
+      images, labels = images[~held_out][order], labels[~held_out][order]
     elif split in ('test', 'validation', 'eval'):
       images, labels = images[held_out], labels[held_out]
     else:

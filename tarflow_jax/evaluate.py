@@ -20,15 +20,16 @@ from tarflow_jax import data, likelihood, sharding
 
 def split_bits_per_dim(model, variables, config, mesh, split: str, *, num_examples: int = -1,
                        batch_size: int = 256, seed: int = 0, conditional: bool = False) -> np.ndarray:
-  """Bits per dim of every image of a split (this process's share of it), in order."""
+  """Bits per dim of every image of a split (all processes' shares, gathered on every process)."""
   split_data = data.get_split(config, split, batch_size, train=False, limit=num_examples)
   variables = jax.device_put(variables, sharding.replicated(mesh))
   fn = _bpd_fn(model, conditional and bool(model.num_classes))
   rng = jax.random.PRNGKey(seed)
   out = []
   for i, batch in enumerate(split_data.batches):
-    bpd = fn(variables, sharding.global_batch(mesh, batch), jax.random.fold_in(rng, i))
-    out.append(np.asarray(jax.device_get(bpd))[batch['mask']])
+    g = sharding.global_batch(mesh, batch)
+    bpd = fn(variables, g, jax.random.fold_in(rng, i))
+    out.append(sharding.fetch(bpd)[sharding.fetch(g['mask'])])
   return np.concatenate(out)
 
 
@@ -57,11 +58,11 @@ def classify_split(model, variables, config, mesh, split: str, *, num_examples: 
     x = g['image'].astype(jnp.float32) / 127.5 - 1.0
     if noise_std > 0:
       x = x + noise_std * jax.random.normal(jax.random.fold_in(rng, i), x.shape)
-    s = np.stack([np.asarray(scores(variables, x, jnp.full((x.shape[0],), k, jnp.int32)))
+    s = np.stack([sharding.fetch(scores(variables, x, jnp.full((x.shape[0],), k, jnp.int32)))
                   for k in range(model.num_classes)], axis=1)  # (B, K)
-    mask = batch['mask']
+    mask = sharding.fetch(g['mask'])
     preds.append(s.argmax(1)[mask])
-    labels.append(batch['label'][mask])
+    labels.append(sharding.fetch(g['label'])[mask])
   return np.concatenate(preds), np.concatenate(labels)
 
 

@@ -109,7 +109,7 @@ def main(argv):
       x = sampling.denoise(model, variables, x, y, sigma=sigma, step_scale=pick(FLAGS.denoise_scale, s.denoise_scale))
     x = jax.block_until_ready(x)
     seconds.append(time.perf_counter() - t0)
-    out.append(images.to_uint8(jax.device_get(x)))
+    out.append(images.to_uint8(sharding.fetch(x)))
   samples = np.concatenate(out)
 
   timed = seconds[1:] or seconds  # the first batch includes compilation

@@ -59,3 +59,11 @@ def global_batch(mesh, local_batch: dict) -> dict:
   """This process's slice of a batch (numpy) to global arrays sharded over the batch axis."""
   sharding = batch_sharding(mesh)
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
+
+
+def fetch(x) -> np.ndarray:
+  """A global array (possibly spanning several processes) as numpy, the same on every process."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  if getattr(x, 'is_fully_addressable', True):
+    return np.asarray(jax.device_get(x))
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))

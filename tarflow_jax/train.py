@@ -250,7 +250,7 @@ def generate(model, state, config, noise, mesh) -> np.ndarray:
                       attn_temp=s.attn_temp, annealed_guidance=s.annealed_guidance)
   if s.denoise and config.noise.type == 'gaussian' and config.noise.std > 0:
     x = sampling.denoise(model, variables, x, y, sigma=config.noise.std, step_scale=s.denoise_scale)
-  return np.asarray(jax.device_get(x))
+  return sharding.fetch(x)
 
 
 def _check_workdir(workdir: str) -> None:
