@@ -20,21 +20,23 @@ config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and samples; a run resumes from it.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
-# Environment variables that say this process is one of several.
-_MULTI_PROCESS_ENV = ('JAX_COORDINATOR_ADDRESS', 'COORDINATOR_ADDRESS', 'MEGASCALE_COORDINATOR_ADDRESS')
-
 
 def initialize_distributed() -> None:
   """Starts multi-process JAX when the environment describes several processes; no-op otherwise.
 
   TPU pod slices (TPU_WORKER_HOSTNAMES with several hosts) and SLURM jobs with several tasks
-  are detected by `jax.distributed.initialize()` itself; other clusters set
-  JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID.
+  are detected by `jax.distributed.initialize()` itself; elsewhere set JAX_COORDINATOR_ADDRESS
+  (host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID on every process.
   """
   tpu_hosts = [h for h in os.environ.get('TPU_WORKER_HOSTNAMES', '').split(',') if h]
   slurm_tasks = int(os.environ.get('SLURM_NTASKS', '1'))
-  if len(tpu_hosts) > 1 or slurm_tasks > 1 or any(k in os.environ for k in _MULTI_PROCESS_ENV):
-    jax.distributed.initialize()
+  explicit = 'JAX_COORDINATOR_ADDRESS' in os.environ
+  if len(tpu_hosts) > 1 or slurm_tasks > 1 or explicit:
+    kwargs = {}
+    if explicit and 'JAX_NUM_PROCESSES' in os.environ:
+      kwargs = dict(num_processes=int(os.environ['JAX_NUM_PROCESSES']),
+                    process_id=int(os.environ['JAX_PROCESS_ID']))
+    jax.distributed.initialize(**kwargs)
     logging.info('Process %d of %d, %d local devices of %d.', jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.device_count())
 
