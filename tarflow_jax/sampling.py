@@ -1,4 +1,4 @@
-"""Inverse of the TarFlow stack: compiled sequential decoding with guidance, and denoising."""
+"""Inverse of the TarFlow stack: compiled sequential and Jacobi decoding with guidance, and denoising."""
 
 import dataclasses
 import functools

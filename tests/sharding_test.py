@@ -77,15 +77,16 @@ def test_sharded_step_equals_one_device(axes):
     assert qkv.sharding.is_fully_replicated
 
 
-def test_checkpoint_restores_onto_another_mesh(tmp_path):
+@pytest.mark.parametrize('written_on', ['data=8', 'one device'])
+def test_checkpoint_restores_onto_another_mesh(tmp_path, written_on):
   config, model, tx, lr, state, batch = _setup()
-  state, _ = _run_step(mesh_of(data=8, fsdp=1), config, model, tx, lr, state, batch)
+  one = sharding.make_mesh(config_lib.default().mesh, jax.devices()[:1])
+  state, _ = _run_step(mesh_of(data=8, fsdp=1) if written_on == 'data=8' else one, config, model, tx, lr, state, batch)
   ckpt = checkpoint.TrainCheckpointer(str(tmp_path), keep=2)
   ckpt.save(1, state, config)
   ckpt.wait()
   abstract = jax.eval_shape(lambda: state)
-  for mesh in (mesh_of(data=2, fsdp=4), mesh_of(data=1, fsdp=8),
-               sharding.make_mesh(config_lib.default().mesh, jax.devices()[:1])):
+  for mesh in (mesh_of(data=2, fsdp=4), mesh_of(data=1, fsdp=8), mesh_of(data=8, fsdp=1), one):
     shardings = sharding.state_shardings(abstract, mesh)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     restored = ckpt.restore(1, target)
