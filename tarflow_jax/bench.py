@@ -1,0 +1,152 @@
+r"""Benchmark of training, sampling and likelihood evaluation for any config.
+
+  python -m tarflow_jax.bench --config=configs/mnist.py [--what=train,sample,jacobi,eval] [--json=out.json]
+
+Times each compiled function after warm-up over repeated runs (median and spread) and relates
+achieved FLOP/s (XLA's cost analysis of the compiled function) to a large matmul timed in the
+same process, a utilisation ratio that survives noisy shared machines.
+"""
+
+import functools
+import json
+import resource
+import time
+
+from absl import app, flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tarflow_jax import likelihood, sampling, sharding, train
+from tarflow_jax import model as model_lib
+
+FLAGS = flags.FLAGS
+
+
+def timed(fn, *args, repeats: int) -> dict:
+  """Compile time, then median/min/max seconds of `repeats` calls after one warm-up call."""
+  t0 = time.perf_counter()
+  compiled = jax.jit(fn).lower(*args).compile()
+  compile_s = time.perf_counter() - t0
+  jax.block_until_ready(compiled(*args))
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    times.append(time.perf_counter() - t0)
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float((cost or {}).get('flops', 0.0))
+  median = float(np.median(times))
+  return {'compile_s': compile_s, 'median_s': median, 'min_s': float(np.min(times)), 'max_s': float(np.max(times)),
+          'flops': flops, 'flops_per_s': flops / median if median else 0.0}
+
+
+def matmul_rate(dtype, repeats: int, n: int = 2048) -> float:
+  """FLOP/s of an n x n x n matmul in this process: the yardstick for utilisation."""
+  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+  r = timed(lambda a, b: a @ b, a, a, repeats=repeats)
+  return 2 * n**3 / r['median_s']
+
+
+def decode_flops(model, batch: int) -> float:
+  """Matmul FLOPs of sequential decoding (every block, every token), counted from the architecture.
+
+  XLA's cost analysis counts a loop body once, so the decode is counted here: per token and
+  layer the qkv, output, and MLP projections, and attention over the cache (the preallocated
+  cache is T long, masked past the current token).
+  """
+  c, t, d = model.channels, model.num_tokens, model.token_dim
+  per_layer = 2 * (3 * c * c + c * c + 2 * model.expansion * c * c) + 2 * 2 * t * c
+  per_token = model.layers_per_block * per_layer + 2 * d * c + 2 * c * (2 * d if model.nvp else d)
+  return float(batch * model.num_blocks * (t - 1) * per_token)
+
+
+def peak_memory_bytes() -> int:
+  """Peak device memory where the backend reports it, else the process's peak resident set."""
+  stats = jax.devices()[0].memory_stats() or {}
+  if 'peak_bytes_in_use' in stats:
+    return int(stats['peak_bytes_in_use'])
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run(config, what, repeats: int, sample_batch: int) -> dict:
+  model = model_lib.from_config(config.model)
+  mesh = sharding.make_mesh(config.mesh)
+  on_accelerator = jax.default_backend() != 'cpu'
+  peak = matmul_rate(jnp.bfloat16 if on_accelerator else jnp.float32, repeats)
+  out = {'backend': jax.default_backend(), 'devices': jax.device_count(), 'matmul_flops_per_s': peak,
+         'config': {k: config.model[k] for k in config.model}}
+  lr = train.schedule(config, 100, 1000)
+  tx = train.optimizer(config, lr)
+  state = train.init_state(model, tx, config.seed)
+  variables = {'params': state['params'], 'prior': state['prior']}
+  rng = np.random.default_rng(0)
+  b = config.batch_size
+  batch = sharding.global_batch(mesh, {
+      'image': rng.integers(0, 256, (b, config.model.img_size, config.model.img_size, config.model.in_channels),
+                            dtype=np.uint8),
+      'label': rng.integers(0, max(config.model.num_classes, 1), (b,), dtype=np.int32)})
+  if 'train' in what:
+    step = functools.partial(train.train_step, model=model, tx=tx, config=config, lr=lr)
+    r = timed(step, state, batch, repeats=repeats)
+    out['train'] = {**r, 'batch': b, 'images_per_s': b / r['median_s'], 'utilisation': r['flops_per_s'] / peak}
+  if 'eval' in what:
+    fn = lambda v, x: likelihood.log_prob(model, v, x.astype(jnp.float32) / 127.5 - 1.0)
+    r = timed(fn, variables, batch['image'], repeats=repeats)
+    out['eval'] = {**r, 'batch': b, 'images_per_s': b / r['median_s'], 'utilisation': r['flops_per_s'] / peak}
+  noise = jax.random.normal(jax.random.key(1), (sample_batch, model.num_tokens, model.token_dim))
+  y = jnp.arange(sample_batch) % model.num_classes if model.num_classes else None
+  guided = dict(guidance=1.0, attn_temp=1.0 if model.num_classes else 0.7)
+  decoders = {}
+  if 'sample' in what:
+    decoders['sample'] = lambda v, z: sampling.sample(model, v, z, y)
+    decoders['sample_guided'] = lambda v, z: sampling.sample(model, v, z, y, **guided)
+  if 'jacobi' in what:
+    decoders['jacobi'] = lambda v, z: sampling.sample_jacobi(model, v, z, y, jacobi=sampling.Jacobi(tol=1e-3))[0]
+  for name, fn in decoders.items():
+    r = timed(fn, variables, noise, repeats=max(1, repeats // 2))
+    # Utilisation against the sequential decode's FLOPs (2B rows with guidance), for Jacobi too.
+    flops = decode_flops(model, 2 * sample_batch if name == 'sample_guided' else sample_batch)
+    r.update(flops=flops, flops_per_s=flops / r['median_s'])
+    out[name] = {**r, 'batch': sample_batch, 'images_per_s': sample_batch / r['median_s'],
+                 'utilisation': r['flops_per_s'] / peak}
+  out['peak_memory_bytes'] = peak_memory_bytes()
+  return out
+
+
+def table(result: dict) -> str:
+  rows = [f'{"what":<14}{"images/s":>12}{"median s":>11}{"spread s":>18}{"compile s":>11}{"GFLOP":>10}{"util":>8}']
+  for name in ('train', 'eval', 'sample', 'sample_guided', 'jacobi'):
+    if name in result:
+      r = result[name]
+      rows.append(f'{name:<14}{r["images_per_s"]:>12.2f}{r["median_s"]:>11.4f}'
+                  f'{r["min_s"]:>9.4f}-{r["max_s"]:<8.4f}{r["compile_s"]:>11.1f}{r["flops"] / 1e9:>10.2f}'
+                  f'{r["utilisation"]:>8.1%}')
+  rows.append(f'matmul yardstick {result["matmul_flops_per_s"] / 1e9:.1f} GFLOP/s on {result["devices"]} '
+              f'{result["backend"]} device(s); peak memory {result["peak_memory_bytes"] / 2**20:.0f} MiB')
+  return '\n'.join(rows)
+
+
+def main(argv):
+  del argv
+  what = set(FLAGS.what.split(','))
+  unknown = what - {'train', 'sample', 'jacobi', 'eval'}
+  if unknown:
+    raise app.UsageError(f'--what takes train, sample, jacobi, eval; got {sorted(unknown)}')
+  result = run(FLAGS.config, what, FLAGS.repeats, FLAGS.sample_batch)
+  print(table(result))
+  if FLAGS.json:
+    with open(FLAGS.json, 'w') as f:
+      json.dump(result, f, indent=1)
+
+
+if __name__ == '__main__':
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file('config', None, 'Experiment config (configs/*.py[:smoke]).', lock_config=True)
+  flags.DEFINE_string('what', 'train,sample,jacobi,eval', 'Comma-separated: train, sample, jacobi, eval.')
+  flags.DEFINE_string('json', None, 'Write the figures to this JSON file.')
+  flags.DEFINE_integer('repeats', 5, 'Timed calls per measurement (after one warm-up call).')
+  flags.DEFINE_integer('sample_batch', 16, 'Samples per sampling call.')
+  flags.mark_flag_as_required('config')
+  app.run(main)

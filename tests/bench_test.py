@@ -1,0 +1,45 @@
+"""The benchmark runs on a smoke config and reports every field (a check that it works, not a timing)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+
+from tarflow_jax import bench
+from tarflow_jax import model as model_lib
+import toy
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIELDS = ('compile_s', 'median_s', 'min_s', 'max_s', 'flops', 'flops_per_s', 'images_per_s', 'utilisation', 'batch')
+
+
+def test_bench_cli_writes_every_field(tmp_path):
+  out = tmp_path / 'bench.json'
+  result = subprocess.run([sys.executable, '-m', 'tarflow_jax.bench', f'--config={REPO}/configs/mnist.py:smoke',
+                           '--repeats=2', '--sample_batch=8', '--config.mesh.data=-1', f'--json={out}'],
+                          capture_output=True, text=True, cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO),
+                          timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'matmul yardstick' in result.stdout
+  r = json.loads(out.read_text())
+  assert r['matmul_flops_per_s'] > 0 and r['peak_memory_bytes'] > 0
+  for name in ('train', 'eval', 'sample', 'sample_guided', 'jacobi'):
+    assert set(FIELDS) <= set(r[name]), name
+    assert r[name]['images_per_s'] > 0 and r[name]['flops'] > 0, name
+  assert r['sample_guided']['flops'] == 2 * r['sample']['flops']
+
+
+def test_decode_flops_match_xla_cost_of_one_step_times_the_steps():
+  model = toy.tiny_model(channels=128, head_dim=64, num_blocks=3, layers_per_block=2, img_size=8)
+  variables = toy.random_variables(model)
+  batch = 4
+  cache = model.apply(variables, 0, batch, method=model_lib.TarFlow.block_init_cache)
+  x = jnp.zeros((batch, 1, model.token_dim))
+  step = jax.jit(lambda v, x, c: model.apply(v, 0, x, 0, None, c, method=model_lib.TarFlow.block_step))
+  cost = step.lower(variables, x, cache).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  xla = cost['flops'] * model.num_blocks * (model.num_tokens - 1)
+  assert abs(bench.decode_flops(model, batch) - xla) / xla < 0.15  # XLA also counts elementwise work
