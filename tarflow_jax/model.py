@@ -304,7 +304,8 @@ class TarFlow(nn.Module):
                   dtype=self.dtype, precision=self.precision, name=f'block_{i}')
         for i in range(self.num_blocks)
     ]
-    self.prior_var = self.variable('prior', 'var', jnp.ones, (self.num_tokens, self.token_dim))
+    # Created here, read outside the module: sampling scales its noise by variables['prior']['var'].
+    self.variable('prior', 'var', jnp.ones, (self.num_tokens, self.token_dim))
 
   def __call__(self, x: Array, y: Optional[Array] = None):
     """Images (B, H, W, C) in [-1, 1] (and labels (B,)) to the latent.
@@ -324,10 +325,6 @@ class TarFlow(nn.Module):
       logdets = logdets + logdet
       outputs.append(h)
     return h, logdets, outputs
-
-  def prior(self) -> Array:
-    """Prior variance (T, D)."""
-    return self.prior_var.value
 
   def block_affine_params(self, i: int, x: Array, y=None, temperature=None):
     return self.blocks[i].affine_params(x, y, temperature)
