@@ -21,16 +21,20 @@ from tarflow_jax import data, likelihood, sharding
 def split_bits_per_dim(model, variables, config, mesh, split: str, *, num_examples: int = -1,
                        batch_size: int = 256, seed: int = 0, conditional: bool = False) -> np.ndarray:
   """Bits per dim of every image of a split (all processes' shares, gathered on every process)."""
-  split_data = data.get_split(config, split, batch_size, train=False, limit=num_examples)
   variables = jax.device_put(variables, sharding.replicated(mesh))
   fn = _bpd_fn(model, conditional and bool(model.num_classes))
   rng = jax.random.PRNGKey(seed)
   out = []
-  for i, batch in enumerate(split_data.batches):
-    g = sharding.global_batch(mesh, batch)
-    bpd = fn(variables, g, jax.random.fold_in(rng, i))
-    out.append(sharding.fetch(bpd)[sharding.fetch(g['mask'])])
+  for i, (batch, mask) in enumerate(_global_batches(config, mesh, split, batch_size, num_examples)):
+    out.append(sharding.fetch(fn(variables, batch, jax.random.fold_in(rng, i)))[mask])
   return np.concatenate(out)
+
+
+def _global_batches(config, mesh, split: str, batch_size: int, num_examples: int):
+  """One pass over a split: (global batch, mask of its real examples as numpy) per batch."""
+  for batch in data.get_split(config, split, batch_size, train=False, limit=num_examples).batches:
+    g = sharding.global_batch(mesh, batch)
+    yield g, sharding.fetch(g['mask'])
 
 
 @functools.lru_cache()
@@ -48,21 +52,18 @@ def classify_split(model, variables, config, mesh, split: str, *, num_examples: 
   """Bayes classifier argmax_y log p(x | y) over a split; returns (predictions, labels)."""
   if not model.num_classes:
     raise ValueError('The Bayes classifier needs a class-conditional model (num_classes > 0); this one has none.')
-  split_data = data.get_split(config, split, batch_size, train=False, limit=num_examples)
   variables = jax.device_put(variables, sharding.replicated(mesh))
   scores = _class_scores_fn(model)
   rng = jax.random.PRNGKey(seed)
   preds, labels = [], []
-  for i, batch in enumerate(split_data.batches):
-    g = sharding.global_batch(mesh, batch)
-    x = g['image'].astype(jnp.float32) / 127.5 - 1.0
+  for i, (batch, mask) in enumerate(_global_batches(config, mesh, split, batch_size, num_examples)):
+    x = batch['image'].astype(jnp.float32) / 127.5 - 1.0
     if noise_std > 0:
       x = x + noise_std * jax.random.normal(jax.random.fold_in(rng, i), x.shape)
     s = np.stack([sharding.fetch(scores(variables, x, jnp.full((x.shape[0],), k, jnp.int32)))
                   for k in range(model.num_classes)], axis=1)  # (B, K)
-    mask = sharding.fetch(g['mask'])
     preds.append(s.argmax(1)[mask])
-    labels.append(sharding.fetch(g['label'])[mask])
+    labels.append(sharding.fetch(batch['label'])[mask])
   return np.concatenate(preds), np.concatenate(labels)
 
 
