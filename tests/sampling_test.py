@@ -64,6 +64,26 @@ def test_sampler_equals_loop_inverse(setting):
     assert float(jnp.abs(plain - got).max()) > 1e-3
 
 
+@pytest.mark.parametrize('chunks', [3, 5])  # not the default 8: a fresh trace sees MIN_CHUNK=1
+def test_chunked_decoding_equals_loop_inverse(chunks, monkeypatch):
+  monkeypatch.setattr(sampling, 'MIN_CHUNK', 1)
+  model = toy.tiny_model(num_classes=3, img_size=6)  # 9 tokens: 8 decoding steps
+  variables = toy.random_variables(model)
+  noise = jax.random.normal(jax.random.key(6), (2, model.num_tokens, model.token_dim))
+  y = jnp.array([1, -1])
+  got = sampling.sample(model, variables, noise, y, guidance=1.0, chunks=chunks)
+  np.testing.assert_allclose(got, loop_inverse(model, variables, noise, y, guidance=1.0), atol=2e-5, rtol=0)
+  bounds = sampling.decode_chunks(model.num_tokens, chunks)
+  assert len(bounds) == chunks and bounds[0][0] == 0 and bounds[-1][1] == 8
+  assert all(stop == start for (_, stop), (start, _) in zip(bounds, bounds[1:]))
+
+
+def test_decode_chunks_are_at_least_min_chunk_long():
+  assert sampling.decode_chunks(49, 8) == [(0, 16), (16, 32), (32, 48)]
+  assert sampling.decode_chunks(10, 8) == [(0, 9)]
+  assert len(sampling.decode_chunks(1024, 8)) == 8
+
+
 @pytest.mark.parametrize('nvp, num_classes', [(True, 0), (False, 0), (True, 4)])
 def test_sample_inverts_forward(nvp, num_classes):
   model = toy.tiny_model(nvp=nvp, num_classes=num_classes, num_blocks=3)
