@@ -1,5 +1,7 @@
 """The flow itself: patch layout, identity at init, exact log-determinant, autoregressive structure."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -96,6 +98,40 @@ def test_bfloat16_matmuls_keep_float32_flow_arithmetic():
   np.testing.assert_allclose(z16, z32, atol=0.1)
   np.testing.assert_allclose(ld16, ld32, atol=0.02)
   assert float(jnp.abs(z16 - z32).max()) > 0  # really ran in bfloat16
+
+
+def test_gelu_is_exact_gelu_with_its_derivative():
+  with jax.enable_x64():
+    x = jnp.linspace(-8.0, 8.0, 2001, dtype=jnp.float64)
+    want = jax.nn.gelu(x, approximate=False)
+    np.testing.assert_allclose(model_lib.gelu(x), want, rtol=1e-12, atol=1e-14)
+    want_grad = jax.vmap(jax.grad(lambda v: jax.nn.gelu(v, approximate=False)))(x)
+    np.testing.assert_allclose(jax.vmap(jax.grad(model_lib.gelu))(x), want_grad, rtol=1e-10, atol=1e-12)
+    # Against finite differences too, independently of jax.nn.
+    h = 1e-6
+    fd = (model_lib.gelu(x + h) - model_lib.gelu(x - h)) / (2 * h)
+    np.testing.assert_allclose(jax.vmap(jax.grad(model_lib.gelu))(x), fd, atol=1e-8)
+
+
+def test_remat_changes_neither_the_function_nor_its_gradient():
+  model = toy.tiny_model(num_classes=2)
+  variables = toy.random_variables(model)
+  x, y = toy.images(model), jnp.array([0, 1, -1])
+
+  def grads(m):
+    def loss(params):
+      z, logdets, _ = m.apply({'params': params, 'prior': variables['prior']}, x, y)
+      return 0.5 * jnp.mean(z**2) - logdets.mean()
+    return jax.value_and_grad(loss)(variables['params'])
+
+  remat = toy.tiny_model(num_classes=2, remat=True)
+  assert jax.tree.structure(model_lib.init_variables(remat, jax.random.key(0))) == jax.tree.structure(variables)
+  (l0, g0), (l1, g1) = grads(model), grads(remat)
+  np.testing.assert_allclose(l1, l0, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g1, g0)
+  # The recomputation is really there: the gradient's program has checkpointed layers.
+  recomputed = lambda m: len(re.findall(r'\b(?:remat|checkpoint)\w*\[', str(jax.make_jaxpr(lambda: grads(m))())))
+  assert recomputed(remat) == model.num_blocks * model.layers_per_block and recomputed(model) == 0
 
 
 def test_from_config():
