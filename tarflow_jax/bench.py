@@ -37,9 +37,11 @@ def timed(fn, *args, repeats: int) -> dict:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float((cost or {}).get('flops', 0.0))
+  memory = compiled.memory_analysis()  # XLA's buffer assignment: the device memory this function needs
+  memory = sum(getattr(memory, f'{k}_size_in_bytes', 0) for k in ('argument', 'output', 'temp')) if memory else 0
   median = float(np.median(times))
   return {'compile_s': compile_s, 'median_s': median, 'min_s': float(np.min(times)), 'max_s': float(np.max(times)),
-          'flops': flops, 'flops_per_s': flops / median if median else 0.0}
+          'flops': flops, 'flops_per_s': flops / median if median else 0.0, 'memory_bytes': int(memory)}
 
 
 def matmul_rate(dtype, repeats: int, n: int = 2048) -> float:
@@ -118,15 +120,17 @@ def run(config, what, repeats: int, sample_batch: int) -> dict:
 
 
 def table(result: dict) -> str:
-  rows = [f'{"what":<14}{"images/s":>12}{"median s":>11}{"spread s":>18}{"compile s":>11}{"GFLOP":>10}{"util":>8}']
+  rows = [f'{"what":<14}{"images/s":>12}{"median s":>11}{"spread s":>18}{"compile s":>11}{"GFLOP":>10}{"util":>8}'
+          f'{"MiB":>8}']
   for name in ('train', 'eval', 'sample', 'sample_guided', 'jacobi'):
     if name in result:
       r = result[name]
       rows.append(f'{name:<14}{r["images_per_s"]:>12.2f}{r["median_s"]:>11.4f}'
                   f'{r["min_s"]:>9.4f}-{r["max_s"]:<8.4f}{r["compile_s"]:>11.1f}{r["flops"] / 1e9:>10.2f}'
-                  f'{r["utilisation"]:>8.1%}')
+                  f'{r["utilisation"]:>8.1%}{r["memory_bytes"] / 2**20:>8.0f}')
   rows.append(f'matmul yardstick {result["matmul_flops_per_s"] / 1e9:.1f} GFLOP/s on {result["devices"]} '
-              f'{result["backend"]} device(s); peak memory {result["peak_memory_bytes"] / 2**20:.0f} MiB')
+              f'{result["backend"]} device(s); MiB: XLA buffers per call; process peak '
+              f'{result["peak_memory_bytes"] / 2**20:.0f} MiB')
   return '\n'.join(rows)
 
 

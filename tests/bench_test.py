@@ -13,7 +13,8 @@ from tarflow_jax import model as model_lib
 import toy
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIELDS = ('compile_s', 'median_s', 'min_s', 'max_s', 'flops', 'flops_per_s', 'images_per_s', 'utilisation', 'batch')
+FIELDS = ('compile_s', 'median_s', 'min_s', 'max_s', 'flops', 'flops_per_s', 'images_per_s', 'utilisation', 'batch',
+          'memory_bytes')
 
 
 def test_bench_cli_writes_every_field(tmp_path):
@@ -28,7 +29,7 @@ def test_bench_cli_writes_every_field(tmp_path):
   assert r['matmul_flops_per_s'] > 0 and r['peak_memory_bytes'] > 0
   for name in ('train', 'eval', 'sample', 'sample_guided', 'jacobi'):
     assert set(FIELDS) <= set(r[name]), name
-    assert r[name]['images_per_s'] > 0 and r[name]['flops'] > 0, name
+    assert r[name]['images_per_s'] > 0 and r[name]['flops'] > 0 and r[name]['memory_bytes'] > 0, name
   assert r['sample_guided']['flops'] == 2 * r['sample']['flops']
 
 
