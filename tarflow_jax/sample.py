@@ -62,6 +62,11 @@ def labels_for(spec: str, num: int, num_classes: int, rng: np.random.Generator):
   return np.resize(ids, num)
 
 
+def _pad(a: np.ndarray, size: int, value) -> np.ndarray:
+  """a (n, ...) padded with `value` rows to (size, ...)."""
+  return np.concatenate([a, np.full((size - len(a),) + a.shape[1:], value, a.dtype)]) if len(a) < size else a
+
+
 def main(argv):
   del argv
   model, variables, config = checkpoint.load_model(FLAGS.checkpoint)
@@ -93,11 +98,14 @@ def main(argv):
   mesh = sharding.make_mesh(config.mesh)
   variables = jax.device_put(variables, sharding.replicated(mesh))
   jacobi = sampling.Jacobi(FLAGS.jacobi_segment, FLAGS.jacobi_max_iters, FLAGS.jacobi_tol)
+  batch_size = min(FLAGS.batch_size, num)
   out, iterations, seconds = [], [], []
-  for start in range(0, num, FLAGS.batch_size):
-    z = noise[start:start + FLAGS.batch_size]
-    y = None if labels is None else jnp.asarray(labels[start:start + FLAGS.batch_size])
-    if z.shape[0] % mesh.size == 0:
+  for start in range(0, num, batch_size):
+    # The last batch is padded to the batch size: one compiled shape for every batch.
+    z = _pad(noise[start:start + batch_size], batch_size, 0.0)
+    y = None if labels is None else jnp.asarray(_pad(labels[start:start + batch_size], batch_size, -1))
+    real = min(batch_size, num - start)
+    if batch_size % mesh.size == 0:
       z = jax.device_put(z, sharding.batch_sharding(mesh))
     t0 = time.perf_counter()
     if FLAGS.decoder == 'jacobi':
@@ -109,7 +117,7 @@ def main(argv):
       x = sampling.denoise(model, variables, x, y, sigma=sigma, step_scale=pick(FLAGS.denoise_scale, s.denoise_scale))
     x = jax.block_until_ready(x)
     seconds.append(time.perf_counter() - t0)
-    out.append(images.to_uint8(sharding.fetch(x)))
+    out.append(images.to_uint8(sharding.fetch(x))[:real])
   samples = np.concatenate(out)
 
   timed = seconds[1:] or seconds  # the first batch includes compilation

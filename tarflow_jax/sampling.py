@@ -165,7 +165,7 @@ def decode_chunks(num_tokens: int, chunks: int) -> list[tuple[int, int]]:
 def _grow(cache, length: int):
   """Pads every (B, H, L, hd) cache entry with zeros to `length` positions."""
   pad = lambda c: jnp.pad(c, ((0, 0), (0, 0), (0, length - c.shape[2]), (0, 0)))
-  return jax.tree_util.tree_map(pad, cache)
+  return jax.tree.map(pad, cache)
 
 
 def _invert_block(model, variables, i, x, labels, temperature, weights, guided, guide_what, chunks):

@@ -48,7 +48,7 @@ def test_sample_cli_decodes_given_latents_exactly(saved, tmp_path):
   for decoder in ('sequential', 'jacobi'):
     out = tmp_path / decoder
     result = run_tool('tarflow_jax.sample', f'--checkpoint={directory}', f'--output={out}',
-                      f'--latents={tmp_path}/latents.npz', '--guidance=1.5', '--denoise=false', '--batch_size=3',
+                      f'--latents={tmp_path}/latents.npz', '--guidance=1.5', '--denoise=false', '--batch_size=4',  # 4 + 2 padded
                       f'--decoder={decoder}', '--jacobi_tol=0')
     assert result.returncode == 0, result.stderr[-3000:]
     assert 'images/s' in result.stdout
