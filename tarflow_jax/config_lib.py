@@ -11,10 +11,11 @@ def default() -> ml_collections.ConfigDict:
 
   # The flow (see tarflow_jax.model.TarFlow). dtype is the matmul dtype; parameters,
   # norms, softmax, exp and log-determinants stay float32. remat recomputes each layer in the
-  # backward pass (activation memory of one layer per block instead of all, ~1/3 more compute).
+  # backward pass (activation memory of one layer per block instead of all, ~1/3 more compute);
+  # scan_layers compiles one layer per block instead of all (compile time of deep blocks).
   c.model = ml_collections.ConfigDict(dict(
       in_channels=3, img_size=64, patch_size=2, channels=768, num_blocks=8, layers_per_block=8,
-      head_dim=64, expansion=4, nvp=True, num_classes=0, remat=False, dtype='bfloat16'))
+      head_dim=64, expansion=4, nvp=True, num_classes=0, remat=False, scan_layers=False, dtype='bfloat16'))
 
   # Input pipeline (see tarflow_jax.data). source: 'tfds', 'folder' or 'embedded_mnist'.
   c.data = ml_collections.ConfigDict(dict(

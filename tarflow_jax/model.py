@@ -213,6 +213,7 @@ class FlowBlock(nn.Module):
   num_classes: int = 0
   flip: bool = False
   remat: bool = False
+  scan_layers: bool = False
   dtype: Dtype = jnp.float32
   precision: Any = None
 
@@ -259,11 +260,27 @@ class FlowBlock(nn.Module):
     h = self.proj_in(x.astype(self.dtype)) + self._order(self.pos_embed, 0)  # (B, T, C)
     if self.num_classes:
       h = h + self._class_embedding(y)[:, None]
-    for layer in self.layers:
-      h = layer(h, temperature)
+    if self.scan_layers and not self.is_initializing():
+      h = self._scanned_layers(h, temperature)
+    else:
+      for layer in self.layers:
+        h = layer(h, temperature)
     out = self.proj_out(h)  # (B, T, 2D | D)
     out = jnp.concatenate([jnp.zeros_like(out[:, :1]), out[:, :-1]], axis=1)  # shift one token later
     return self._affine(out)
+
+  def _scanned_layers(self, h: Array, temperature: Optional[Array]) -> Array:
+    """The layers as one `lax.scan` over their stacked parameters: one layer is compiled, not L.
+
+    The parameters stay stored per layer (`layer_i`), so checkpoints and conversion do not
+    depend on `scan_layers`; gradients flow back through the stacking.
+    """
+    params = self.variables['params']
+    stacked = jax.tree.map(lambda *p: jnp.stack(p), *[params[f'layer_{i}'] for i in range(self.num_layers)])
+    layer = TransformerLayer(self.channels, self.head_dim, self.expansion, self.dtype, self.precision, parent=None)
+    body = lambda h, p: (layer.apply({'params': p}, h, temperature), None)
+    h, _ = jax.lax.scan(jax.checkpoint(body, prevent_cse=False) if self.remat else body, h, stacked)
+    return h
 
   def __call__(self, x: Array, y: Optional[Array] = None):
     """Forward: x (B, T, D) in the original order -> (z (B, T, D), logdet (B,)).
@@ -315,8 +332,9 @@ class TarFlow(nn.Module):
   variance that the volume-preserving variant (`nvp=False`) learns as a
   running average outside the optimiser (all ones otherwise). `remat`
   recomputes each Transformer layer in the backward pass instead of storing
-  its activations; it changes memory and speed, not the function or the
-  parameters.
+  its activations; `scan_layers` runs each block's layers as one `lax.scan`
+  (compile time independent of the depth). Both change memory and speed, not
+  the function or the parameters.
   """
 
   in_channels: int
@@ -330,6 +348,7 @@ class TarFlow(nn.Module):
   nvp: bool = True
   num_classes: int = 0
   remat: bool = False
+  scan_layers: bool = False
   dtype: Dtype = jnp.float32
   precision: Any = None
 
@@ -349,7 +368,8 @@ class TarFlow(nn.Module):
     self.blocks = [
         FlowBlock(self.num_tokens, self.token_dim, self.channels, self.layers_per_block,
                   self.head_dim, self.expansion, self.nvp, self.num_classes, flip=bool(i % 2),
-                  remat=self.remat, dtype=self.dtype, precision=self.precision, name=f'block_{i}')
+                  remat=self.remat, scan_layers=self.scan_layers, dtype=self.dtype, precision=self.precision,
+                  name=f'block_{i}')
         for i in range(self.num_blocks)
     ]
     # Created here, read outside the module: sampling scales its noise by variables['prior']['var'].

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from tarflow_jax import model as model_lib
+from tarflow_jax import sampling
 from tarflow_jax.model import TarFlow, patchify, unpatchify
 import toy
 
@@ -113,8 +114,9 @@ def test_gelu_is_exact_gelu_with_its_derivative():
     np.testing.assert_allclose(jax.vmap(jax.grad(model_lib.gelu))(x), fd, atol=1e-8)
 
 
-def test_remat_changes_neither_the_function_nor_its_gradient():
-  model = toy.tiny_model(num_classes=2)
+@pytest.mark.parametrize('remat, scan_layers', [(True, False), (False, True), (True, True)])
+def test_remat_and_scan_change_neither_the_function_nor_its_gradient(remat, scan_layers):
+  model = toy.tiny_model(num_classes=2, layers_per_block=3)
   variables = toy.random_variables(model)
   x, y = toy.images(model), jnp.array([0, 1, -1])
 
@@ -124,14 +126,20 @@ def test_remat_changes_neither_the_function_nor_its_gradient():
       return 0.5 * jnp.mean(z**2) - logdets.mean()
     return jax.value_and_grad(loss)(variables['params'])
 
-  remat = toy.tiny_model(num_classes=2, remat=True)
-  assert jax.tree.structure(model_lib.init_variables(remat, jax.random.key(0))) == jax.tree.structure(variables)
-  (l0, g0), (l1, g1) = grads(model), grads(remat)
+  other = toy.tiny_model(num_classes=2, layers_per_block=3, remat=remat, scan_layers=scan_layers)
+  assert jax.tree.structure(model_lib.init_variables(other, jax.random.key(0))) == jax.tree.structure(variables)
+  (l0, g0), (l1, g1) = grads(model), grads(other)
   np.testing.assert_allclose(l1, l0, rtol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g1, g0)
-  # The recomputation is really there: the gradient's program has checkpointed layers.
-  recomputed = lambda m: len(re.findall(r'\b(?:remat|checkpoint)\w*\[', str(jax.make_jaxpr(lambda: grads(m))())))
-  assert recomputed(remat) == model.num_blocks * model.layers_per_block and recomputed(model) == 0
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g1, g0)  # float32 order
+  # The program really differs: checkpointed layers for remat, one scan per block for scan_layers.
+  program = str(jax.make_jaxpr(lambda: grads(other))())
+  recomputed = len(re.findall(r'\b(?:remat|checkpoint)\w*\[', program))
+  assert recomputed == (model.num_blocks * (1 if scan_layers else model.layers_per_block) if remat else 0)
+  assert (program.count('scan[') > 0) == scan_layers
+  # Sampling (the cached step) is unaffected.
+  noise = jax.random.normal(jax.random.key(3), (3, model.num_tokens, model.token_dim))
+  np.testing.assert_allclose(sampling.sample(other, variables, noise, y), sampling.sample(model, variables, noise, y),
+                             atol=1e-6)
 
 
 def test_from_config():
