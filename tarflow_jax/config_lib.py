@@ -1,4 +1,7 @@
-"""Every config field with its default, and the `smoke` shrink that any experiment accepts."""
+"""Every config field with its default, the `smoke` shrink that any experiment accepts, and `load`."""
+
+import importlib.util
+import os
 
 import ml_collections
 from ml_collections import config_dict
@@ -75,3 +78,18 @@ def finalize(c: ml_collections.ConfigDict, arg=None) -> ml_collections.ConfigDic
   if arg == 'smoke':
     return smoke(c)
   raise ValueError(f'Unknown config argument {arg!r}; the only one is "smoke" (configs/<name>.py:smoke).')
+
+
+def load(spec: str) -> ml_collections.ConfigDict:
+  """`configs/<name>.py[:arg]` to its ConfigDict, as `--config=` loads it (for notebooks and scripts).
+
+  >>> config = load('configs/demo.py:smoke')
+  """
+  path, _, arg = spec.partition(':')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'No config file {path!r}: give a path to configs/<name>.py, optionally with '
+                            f'":smoke" (the configs are in the repository, not in the installed package).')
+  module_spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)

@@ -92,7 +92,8 @@ def get_split(config: ml_collections.ConfigDict, split: str, batch_size: int, *,
     split: a split name of the source ('train', 'validation', 'test', or a folder's subfolder).
     batch_size: global batch size; each process yields batch_size / process_count.
     train: shuffle, flip (if config.data.flip), repeat forever and drop the last partial batch;
-      otherwise one pass in order, the last batch padded (padding has `mask` False).
+      otherwise one pass in order, the last batch padded (padding has `mask` False), and the same
+      number of batches on every process.
     seed: shuffling seed.
     limit: if > 0, use only the first `limit` examples of the split (over all processes).
   """
@@ -127,6 +128,12 @@ def get_split(config: ml_collections.ConfigDict, split: str, batch_size: int, *,
     ds = ds.batch(local_batch, drop_remainder=True)
   else:
     ds = ds.batch(local_batch).map(lambda b: _pad_batch(b, local_batch))
+    # A split that does not divide over the processes leaves some a shorter share: every process
+    # yields as many batches as the largest share needs (the extra ones fully masked), or the
+    # others would wait forever for its part of the last global batch.
+    largest_share = -(-num_examples // n_proc)
+    blank = {k: tf.zeros([local_batch, *spec.shape[1:]], spec.dtype) for k, spec in ds.element_spec.items()}
+    ds = ds.concatenate(tf.data.Dataset.from_tensors(blank).repeat()).take(-(-largest_share // local_batch))
   ds = ds.prefetch(tf.data.AUTOTUNE)
   return Split(batches=Batches(ds), num_examples=num_examples)
 

@@ -1,7 +1,6 @@
 """Input pipelines: the embedded digits, image folders, resizing, evaluation padding, resumable iterators."""
 
 import glob
-import importlib.util
 import os
 
 import jax
@@ -56,6 +55,34 @@ def test_eval_batches_are_padded_and_masked():
   assert not batches[-1]['mask'][-1] and not batches[-1]['image'][-1].any()
 
 
+@pytest.mark.parametrize('source', ['embedded_mnist', 'folder'])
+def test_processes_get_equally_many_eval_batches_when_the_split_does_not_divide(source, tmp_path, monkeypatch):
+  # 500 held-out digits (or 7 files) over 3 processes: shares of 167/167/166 (3/2/2). Each process must still
+  # yield the same number of batches, or the others wait forever on its share of the last global batch.
+  if source == 'folder':
+    for i in range(7):
+      os.makedirs(tmp_path / 'test' / f'c{i % 2}', exist_ok=True)
+      Image.fromarray(np.full((28, 28, 3), 30 * i, np.uint8)).save(tmp_path / 'test' / f'c{i % 2}' / f'{i}.png')
+  c = config(source, data_dir=str(tmp_path))
+  if source == 'folder':
+    c.model.in_channels = 3
+  global_batch = 6 if source == 'folder' else 249  # local 83: 167 -> 3 batches, 166 -> 2
+  whole = [b for b in data.get_split(c, 'test', global_batch, train=False).batches]
+  expected = np.concatenate([b['image'][b['mask']] for b in whole])
+  monkeypatch.setattr(jax, 'process_count', lambda: 3)
+  shares, counts = [], []
+  for proc in range(3):
+    monkeypatch.setattr(jax, 'process_index', lambda proc=proc: proc)
+    batches = list(data.get_split(c, 'test', global_batch, train=False).batches)
+    assert all(b['image'].shape[0] == global_batch // 3 for b in batches)
+    counts.append(len(batches))
+    shares.append(np.concatenate([b['image'][b['mask']] for b in batches]))
+  assert len(set(counts)) == 1, counts
+  assert sum(len(s) for s in shares) == len(expected)
+  key = lambda images: sorted(x.tobytes() for x in images)
+  assert key(np.concatenate(shares)) == key(expected)  # every example once, over all processes
+
+
 def test_resize_and_center_crop(tmp_path):
   c = config(source='folder', data_dir=str(tmp_path))
   c.model.update(in_channels=3, img_size=8)
@@ -95,11 +122,7 @@ def test_unknown_source_and_split_are_clear_errors():
 
 
 def load_config(name, arg=None):
-  path = os.path.join(REPO, 'configs', name)
-  spec = importlib.util.spec_from_file_location(name[:-3], path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return config_lib.load(os.path.join(REPO, 'configs', name) + (f':{arg}' if arg else ''))
 
 
 @pytest.mark.parametrize('name', sorted(os.path.basename(p) for p in glob.glob(os.path.join(REPO, 'configs', '*.py'))))

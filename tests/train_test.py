@@ -99,17 +99,17 @@ def test_every_config_builds_its_model():
   assert len(paths) >= 7
   for path in paths:
     for arg in (None, 'smoke'):
-      config = _load_config(path, arg)
+      config = config_lib.load(path + (f':{arg}' if arg else ''))
       abstract = model_lib.abstract_variables(model_lib.from_config(config.model))
       assert abstract['params'], path
 
 
-def _load_config(path, arg=None):
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+def test_config_load_names_a_missing_file_and_an_unknown_argument(tmp_path):
+  with pytest.raises(FileNotFoundError, match='No config file'):
+    config_lib.load(str(tmp_path / 'imagenet65.py'))
+  with pytest.raises(ValueError, match='"smoke"'):
+    config_lib.load(os.path.join(REPO, 'configs', 'demo.py:tiny'))
+  assert config_lib.load(os.path.join(REPO, 'configs', 'demo.py:smoke')).num_train_steps == 6
 
 
 def reference_parameter_count(in_channels, img_size, patch_size, channels, num_blocks, layers_per_block,
@@ -123,7 +123,7 @@ def reference_parameter_count(in_channels, img_size, patch_size, channels, num_b
 
 
 def test_imagenet64_parameter_count_matches_the_reference_architecture():
-  config = _load_config(os.path.join(REPO, 'configs', 'imagenet64.py'))
+  config = config_lib.load(os.path.join(REPO, 'configs', 'imagenet64.py'))
   abstract = model_lib.abstract_variables(model_lib.from_config(config.model))
   ours = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(abstract['params']))
   assert ours == reference_parameter_count(**config.model)
