@@ -11,6 +11,7 @@ import functools
 import json
 import resource
 import time
+from typing import Optional
 
 from absl import app, flags
 import jax
@@ -74,12 +75,13 @@ def peak_memory_bytes() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def run(config, what, repeats: int, sample_batch: int) -> dict:
+def run(config, what, repeats: int, sample_batch: int, chunks: int = 8, microbatch: Optional[int] = None) -> dict:
   model = model_lib.from_config(config.model)
   mesh = sharding.make_mesh(config.mesh)
   on_accelerator = jax.default_backend() != 'cpu'
   peak = matmul_rate(jnp.bfloat16 if on_accelerator else jnp.float32, repeats)
   out = {'backend': jax.default_backend(), 'devices': jax.device_count(), 'matmul_flops_per_s': peak,
+         'decoding': {'chunks': chunks, 'microbatch': microbatch or sample_batch},
          'config': {k: config.model[k] for k in config.model}}
   lr = train.schedule(config, 100, 1000)
   tx = train.optimizer(config, lr)
@@ -104,14 +106,15 @@ def run(config, what, repeats: int, sample_batch: int) -> dict:
   guided = dict(guidance=1.0, attn_temp=1.0 if model.num_classes else 0.7)
   decoders = {}
   if 'sample' in what:
-    decoders['sample'] = lambda v, z: sampling.sample(model, v, z, y)
-    decoders['sample_guided'] = lambda v, z: sampling.sample(model, v, z, y, **guided)
+    decode = dict(chunks=chunks, microbatch=microbatch)
+    decoders['sample'] = lambda v, z: sampling.sample(model, v, z, y, **decode)
+    decoders['sample_guided'] = lambda v, z: sampling.sample(model, v, z, y, **guided, **decode)
   if 'jacobi' in what:
     decoders['jacobi'] = lambda v, z: sampling.sample_jacobi(model, v, z, y, jacobi=sampling.Jacobi(tol=1e-3))[0]
   for name, fn in decoders.items():
     r = timed(fn, variables, noise, repeats=max(1, repeats // 2))
     # Utilisation against the sequential decode's FLOPs (2B rows with guidance), for Jacobi too.
-    flops = decode_flops(model, 2 * sample_batch if name == 'sample_guided' else sample_batch)
+    flops = decode_flops(model, 2 * sample_batch if name == 'sample_guided' else sample_batch, chunks)
     r.update(flops=flops, flops_per_s=flops / r['median_s'])
     out[name] = {**r, 'batch': sample_batch, 'images_per_s': sample_batch / r['median_s'],
                  'utilisation': r['flops_per_s'] / peak}
@@ -140,7 +143,7 @@ def main(argv):
   unknown = what - {'train', 'sample', 'jacobi', 'eval'}
   if unknown:
     raise app.UsageError(f'--what takes train, sample, jacobi, eval; got {sorted(unknown)}')
-  result = run(FLAGS.config, what, FLAGS.repeats, FLAGS.sample_batch)
+  result = run(FLAGS.config, what, FLAGS.repeats, FLAGS.sample_batch, FLAGS.chunks, FLAGS.microbatch or None)
   print(table(result))
   if FLAGS.json:
     with open(FLAGS.json, 'w') as f:
@@ -154,5 +157,7 @@ if __name__ == '__main__':
   flags.DEFINE_string('json', None, 'Write the figures to this JSON file.')
   flags.DEFINE_integer('repeats', 5, 'Timed calls per measurement (after one warm-up call).')
   flags.DEFINE_integer('sample_batch', 16, 'Samples per sampling call.')
+  flags.DEFINE_integer('chunks', 8, 'Sequential decoding chunks per block (sampling.sample).')
+  flags.DEFINE_integer('microbatch', 0, 'Samples decoded at a time within a sampling call (0: all).')
   flags.mark_flag_as_required('config')
   app.run(main)

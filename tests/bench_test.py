@@ -20,7 +20,7 @@ FIELDS = ('compile_s', 'median_s', 'min_s', 'max_s', 'flops', 'flops_per_s', 'im
 def test_bench_cli_writes_every_field(tmp_path):
   out = tmp_path / 'bench.json'
   result = subprocess.run([sys.executable, '-m', 'tarflow_jax.bench', f'--config={REPO}/configs/mnist.py:smoke',
-                           '--repeats=2', '--sample_batch=8', '--config.mesh.data=-1', f'--json={out}'],
+                           '--repeats=2', '--sample_batch=8', '--microbatch=4', '--config.mesh.data=-1', f'--json={out}'],
                           capture_output=True, text=True, cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO),
                           timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -31,6 +31,7 @@ def test_bench_cli_writes_every_field(tmp_path):
     assert set(FIELDS) <= set(r[name]), name
     assert r[name]['images_per_s'] > 0 and r[name]['flops'] > 0 and r[name]['memory_bytes'] > 0, name
   assert r['sample_guided']['flops'] == 2 * r['sample']['flops']
+  assert r['decoding'] == {'chunks': 8, 'microbatch': 4}
 
 
 def test_decode_flops_match_xla_cost_of_one_step_times_the_steps():

@@ -78,6 +78,25 @@ def test_chunked_decoding_equals_loop_inverse(chunks, monkeypatch):
   assert all(stop == start for (_, stop), (start, _) in zip(bounds, bounds[1:]))
 
 
+@pytest.mark.parametrize('num_classes, guidance', [(3, 1.0), (0, 0.0)])
+def test_microbatches_decode_each_sample_as_the_whole_batch(num_classes, guidance):
+  model = toy.tiny_model(num_classes=num_classes, img_size=6)
+  variables = toy.random_variables(model)
+  noise = jax.random.normal(jax.random.key(7), (6, model.num_tokens, model.token_dim))
+  y = jnp.array([0, 1, 2, -1, 1, 0]) if num_classes else None
+  want = loop_inverse(model, variables, noise, y, guidance=guidance)
+  for microbatch in (1, 2, 3):
+    got = sampling.sample(model, variables, noise, y, guidance=guidance, microbatch=microbatch)
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
+  # Over a batch split between devices, too.
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ('data',))
+  spread = jax.device_put(noise, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data')))
+  got = sampling.sample(model, variables, spread, y, guidance=guidance, microbatch=3)
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
+  with pytest.raises(ValueError, match='microbatch must divide the batch of 6 samples, got 4'):
+    sampling.sample(model, variables, noise, y, microbatch=4)
+
+
 def test_decode_chunks_are_at_least_min_chunk_long():
   assert sampling.decode_chunks(49, 8) == [(0, 16), (16, 32), (32, 48)]
   assert sampling.decode_chunks(10, 8) == [(0, 9)]

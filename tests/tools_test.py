@@ -45,11 +45,11 @@ def test_sample_cli_decodes_given_latents_exactly(saved, tmp_path):
   noise = np.asarray(jax.random.normal(jax.random.key(0), (6, model.num_tokens, model.token_dim)))
   labels = np.array([0, 1, 2, 3, 4, -1], np.int32)
   np.savez(tmp_path / 'latents.npz', noise=noise, labels=labels)
-  for decoder in ('sequential', 'jacobi'):
-    out = tmp_path / decoder
+  for decoder, extra in (('sequential', []), ('sequential', ['--microbatch=2', '--chunks=3']), ('jacobi', [])):
+    out = tmp_path / f'{decoder}{len(extra)}'
     result = run_tool('tarflow_jax.sample', f'--checkpoint={directory}', f'--output={out}',
                       f'--latents={tmp_path}/latents.npz', '--guidance=1.5', '--denoise=false', '--batch_size=4',  # 4 + 2 padded
-                      f'--decoder={decoder}', '--jacobi_tol=0')
+                      f'--decoder={decoder}', '--jacobi_tol=0', *extra)
     assert result.returncode == 0, result.stderr[-3000:]
     assert 'images/s' in result.stdout
     got = np.load(out / 'samples.npz')
@@ -75,6 +75,7 @@ def test_sample_cli_labels_and_denoising(saved, tmp_path):
 @pytest.mark.parametrize('args, message', [
     (['--labels=12'], r'--labels must lie in \[0, 9\]'),
     (['--guide_what=c'], 'guide_what'),
+    (['--num=6', '--batch_size=6', '--microbatch=4'], '--microbatch=4 must divide the batch of 6 samples'),
 ])
 def test_sample_cli_bad_input(saved, tmp_path, args, message):
   result = run_tool('tarflow_jax.sample', f'--checkpoint={saved[0]}', f'--output={tmp_path}', '--num=2', *args)
