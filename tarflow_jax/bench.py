@@ -45,6 +45,18 @@ def timed(fn, *args, repeats: int) -> dict:
           'flops': flops, 'flops_per_s': flops / median if median else 0.0, 'memory_bytes': int(memory)}
 
 
+def recount(result: dict, fn, *args) -> dict:
+  """`result` with FLOPs from XLA's cost analysis of `fn` lowered (not compiled) on `args`.
+
+  For models with `scan_layers` or `remat`: XLA counts a loop body once and counts the
+  recomputation, so the model FLOPs come from the same model unrolled and without remat
+  (same parameters, same result).
+  """
+  cost = jax.jit(fn).lower(*args).cost_analysis()
+  flops = float(cost.get('flops', 0.0))
+  return {**result, 'flops': flops, 'flops_per_s': flops / result['median_s'] if result['median_s'] else 0.0}
+
+
 def matmul_rate(dtype, repeats: int, n: int = 2048) -> float:
   """FLOP/s of an n x n x n matmul in this process: the yardstick for utilisation."""
   a = jax.random.normal(jax.random.key(0), (n, n), dtype)
@@ -93,13 +105,18 @@ def run(config, what, repeats: int, sample_batch: int, chunks: int = 8, microbat
       'image': rng.integers(0, 256, (b, config.model.img_size, config.model.img_size, config.model.in_channels),
                             dtype=np.uint8),
       'label': rng.integers(0, max(config.model.num_classes, 1), (b,), dtype=np.int32)})
+  plain = model.clone(scan_layers=False, remat=False)  # for model FLOPs, see `recount`
   if 'train' in what:
-    step = functools.partial(train.train_step, model=model, tx=tx, config=config, lr=lr)
-    r = timed(step, state, batch, repeats=repeats)
+    step = lambda m: functools.partial(train.train_step, model=m, tx=tx, config=config, lr=lr)
+    r = timed(step(model), state, batch, repeats=repeats)
+    if model.scan_layers or model.remat:
+      r = recount(r, step(plain), state, batch)
     out['train'] = {**r, 'batch': b, 'images_per_s': b / r['median_s'], 'utilisation': r['flops_per_s'] / peak}
   if 'eval' in what:
-    fn = lambda v, x: likelihood.log_prob(model, v, x.astype(jnp.float32) / 127.5 - 1.0)
-    r = timed(fn, variables, batch['image'], repeats=repeats)
+    fn = lambda m: lambda v, x: likelihood.log_prob(m, v, x.astype(jnp.float32) / 127.5 - 1.0)
+    r = timed(fn(model), variables, batch['image'], repeats=repeats)
+    if model.scan_layers or model.remat:
+      r = recount(r, fn(plain), variables, batch['image'])
     out['eval'] = {**r, 'batch': b, 'images_per_s': b / r['median_s'], 'utilisation': r['flops_per_s'] / peak}
   noise = jax.random.normal(jax.random.key(1), (sample_batch, model.num_tokens, model.token_dim))
   y = jnp.arange(sample_batch) % model.num_classes if model.num_classes else None

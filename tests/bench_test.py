@@ -45,3 +45,17 @@ def test_decode_flops_match_xla_cost_of_one_step_times_the_steps():
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   xla = cost['flops'] * model.num_blocks * (model.num_tokens - 1)
   assert abs(bench.decode_flops(model, batch) - xla) / xla < 0.15  # XLA also counts elementwise work
+
+
+def test_flops_of_a_scanned_model_are_counted_unrolled():
+  scanned = toy.tiny_model(channels=64, layers_per_block=4, scan_layers=True, remat=True)
+  unrolled = scanned.clone(scan_layers=False, remat=False)
+  variables = toy.random_variables(unrolled)
+  x = jax.random.uniform(jax.random.key(0), (8, 4, 4, 2), minval=-1.0, maxval=1.0)
+  fn = lambda m: lambda v, x: m.apply(v, x)[0].sum()
+  looped = bench.timed(fn(scanned), variables, x, repeats=1)
+  want = bench.timed(fn(unrolled), variables, x, repeats=1)['flops']
+  assert looped['flops'] < 0.5 * want  # XLA counts the scanned layers once per block
+  got = bench.recount(looped, fn(unrolled), variables, x)
+  assert abs(got['flops'] - want) / want < 0.02
+  assert got['flops_per_s'] == got['flops'] / looped['median_s']
