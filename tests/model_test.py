@@ -142,6 +142,21 @@ def test_remat_and_scan_change_neither_the_function_nor_its_gradient(remat, scan
                              atol=1e-6)
 
 
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_gpu_attention_path_equals_the_einsum_path(dtype, monkeypatch):
+  # On a GPU, causal_attention goes through jax.nn.dot_product_attention (cuDNN); its layout, mask
+  # and scale must give what the einsum path gives. Here it runs jax.nn's XLA implementation.
+  q, k, v = (jax.random.normal(jax.random.key(i), (3, 7, 2, 16), dtype) for i in range(3))
+  scale = 16**-0.5
+  einsum = model_lib.causal_attention(q, k, v, scale=scale)
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  gpu = model_lib.causal_attention(q, k, v, scale=scale)
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  np.testing.assert_allclose(np.asarray(gpu, np.float32), np.asarray(einsum, np.float32), atol=tol, rtol=tol)
+  # A check that can fail: the first token sees only itself.
+  np.testing.assert_allclose(np.asarray(gpu[:, 0], np.float32), np.asarray(v[:, 0], np.float32), atol=tol)
+
+
 def test_from_config():
   model = model_lib.from_config({'in_channels': 3, 'img_size': 8, 'patch_size': 2, 'channels': 64,
                                  'num_blocks': 2, 'layers_per_block': 1, 'dtype': 'bfloat16'})
