@@ -106,17 +106,18 @@ def run(config, what, repeats: int, sample_batch: int, chunks: int = 8, microbat
                             dtype=np.uint8),
       'label': rng.integers(0, max(config.model.num_classes, 1), (b,), dtype=np.int32)})
   plain = model.clone(scan_layers=False, remat=False)  # for model FLOPs, see `recount`
+
+  def measure(make_fn, *args):
+    """`timed(make_fn(model), *args)`, its FLOPs those of `make_fn(plain)` where they differ."""
+    r = timed(make_fn(model), *args, repeats=repeats)
+    return recount(r, make_fn(plain), *args) if model.scan_layers or model.remat else r
+
   if 'train' in what:
-    step = lambda m: functools.partial(train.train_step, model=m, tx=tx, config=config, lr=lr)
-    r = timed(step(model), state, batch, repeats=repeats)
-    if model.scan_layers or model.remat:
-      r = recount(r, step(plain), state, batch)
+    r = measure(lambda m: functools.partial(train.train_step, model=m, tx=tx, config=config, lr=lr), state, batch)
     out['train'] = {**r, 'batch': b, 'images_per_s': b / r['median_s'], 'utilisation': r['flops_per_s'] / peak}
   if 'eval' in what:
-    fn = lambda m: lambda v, x: likelihood.log_prob(m, v, x.astype(jnp.float32) / 127.5 - 1.0)
-    r = timed(fn(model), variables, batch['image'], repeats=repeats)
-    if model.scan_layers or model.remat:
-      r = recount(r, fn(plain), variables, batch['image'])
+    r = measure(lambda m: lambda v, x: likelihood.log_prob(m, v, x.astype(jnp.float32) / 127.5 - 1.0),
+                variables, batch['image'])
     out['eval'] = {**r, 'batch': b, 'images_per_s': b / r['median_s'], 'utilisation': r['flops_per_s'] / peak}
   noise = jax.random.normal(jax.random.key(1), (sample_batch, model.num_tokens, model.token_dim))
   y = jnp.arange(sample_batch) % model.num_classes if model.num_classes else None

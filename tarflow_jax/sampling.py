@@ -59,8 +59,7 @@ def sample(model: TarFlow, variables, noise: Array, y: Optional[Array] = None, *
   last-level cache decodes faster than the whole batch: ImageNet-64 layout
   (1,024 tokens, width 256, 2x2 layers), 16 samples on a 2-core CPU with a
   32 MiB L3: micro-batches of 4 (16 MiB of cache per block) are 1.35x to 1.5x
-  faster.
-  On accelerators, decode the whole batch.
+  faster. On accelerators, decode the whole batch.
 
   Args:
     model: the TarFlow module.
