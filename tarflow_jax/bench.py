@@ -105,11 +105,12 @@ def run(config, what, repeats: int, sample_batch: int, chunks: int = 8, microbat
       'image': rng.integers(0, 256, (b, config.model.img_size, config.model.img_size, config.model.in_channels),
                             dtype=np.uint8),
       'label': rng.integers(0, max(config.model.num_classes, 1), (b,), dtype=np.int32)})
-  plain = model.clone(scan_layers=False, remat=False)  # for model FLOPs, see `recount`
+  plain = model.clone(scan_layers=False, remat=False, attention_kernel='einsum')  # model FLOPs: `recount`
 
   def measure(make_fn, *args):
     """`timed(make_fn(model), *args)`, its FLOPs those of `make_fn(plain)` where they differ."""
-    r = timed(make_fn(model), *args, repeats=repeats)
+    with jax.set_mesh(mesh):  # attention kernels split over the mesh, as in training
+      r = timed(make_fn(model), *args, repeats=repeats)
     return recount(r, make_fn(plain), *args) if model.scan_layers or model.remat else r
 
   if 'train' in what:

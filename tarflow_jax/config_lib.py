@@ -20,7 +20,8 @@ def default() -> ml_collections.ConfigDict:
   # of unrolled layers early); configs/mnist.py turns both on.
   c.model = ml_collections.ConfigDict(dict(
       in_channels=3, img_size=64, patch_size=2, channels=768, num_blocks=8, layers_per_block=8,
-      head_dim=64, expansion=4, nvp=True, num_classes=0, remat=False, scan_layers=False, dtype='bfloat16'))
+      head_dim=64, expansion=4, nvp=True, num_classes=0, remat=False, remat_policy='nothing_saveable',
+      scan_layers=False, dtype='bfloat16', attention_kernel='auto'))
 
   # Input pipeline (see tarflow_jax.data). source: 'tfds', 'folder' or 'embedded_mnist'.
   c.data = ml_collections.ConfigDict(dict(
@@ -36,6 +37,7 @@ def default() -> ml_collections.ConfigDict:
   c.optim = ml_collections.ConfigDict(dict(
       lr=1e-4, min_lr=1e-6, warmup_epochs=1.0, b1=0.9, b2=0.95, weight_decay=1e-4, grad_clip=0.0))
   c.batch_size = 256  # global, over all devices and processes
+  c.grad_accum_steps = 1  # the batch in this many micro-batches, one update (activation memory / k)
   c.num_epochs = 200.0
   c.num_train_steps = -1  # > 0 overrides num_epochs
   c.prior_var_lr = 0.1  # running-average rate of the prior variance (nvp=False)

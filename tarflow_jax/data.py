@@ -35,6 +35,12 @@ def check_batch_size(batch_size: int, num_devices: int, field: str = 'batch_size
 def check_batch_sizes(config: ml_collections.ConfigDict, num_devices: int) -> None:
   """Checks config.batch_size, and config.eval_batch_size if the run evaluates, against the device count."""
   check_batch_size(config.batch_size, num_devices, 'batch_size')
+  k = config.get('grad_accum_steps', 1)
+  if k < 1 or config.batch_size % (k * num_devices):
+    raise ValueError(
+        f'config.grad_accum_steps={k} does not fit config.batch_size={config.batch_size} on {num_devices} devices: '
+        f'each of the k micro-batches is split evenly over all devices, so the batch must be a multiple of '
+        f'k x {num_devices} (k >= 1).')
   if config.get('eval_every', 0) > 0:
     check_batch_size(config.eval_batch_size, num_devices, 'eval_batch_size')
 

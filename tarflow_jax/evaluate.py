@@ -35,8 +35,9 @@ def split_bits_per_dim(model, variables, config, mesh, split: str, *, num_exampl
   fn = _bpd_fn(model, conditional and bool(model.num_classes))
   rng = jax.random.PRNGKey(seed)
   out = []
-  for i, (batch, mask) in enumerate(_global_batches(config, mesh, split, batch_size, num_examples)):
-    out.append(sharding.fetch(fn(variables, batch, jax.random.fold_in(rng, i)))[mask])
+  with jax.set_mesh(mesh):  # attention kernels split over the mesh (attention.causal_attention)
+    for i, (batch, mask) in enumerate(_global_batches(config, mesh, split, batch_size, num_examples)):
+      out.append(sharding.fetch(fn(variables, batch, jax.random.fold_in(rng, i)))[mask])
   return np.concatenate(out)
 
 
@@ -66,14 +67,15 @@ def classify_split(model, variables, config, mesh, split: str, *, num_examples: 
   scores = _class_scores_fn(model)
   rng = jax.random.PRNGKey(seed)
   preds, labels = [], []
-  for i, (batch, mask) in enumerate(_global_batches(config, mesh, split, batch_size, num_examples)):
-    x = batch['image'].astype(jnp.float32) / 127.5 - 1.0
-    if noise_std > 0:
-      x = x + noise_std * jax.random.normal(jax.random.fold_in(rng, i), x.shape)
-    s = np.stack([sharding.fetch(scores(variables, x, jnp.full((x.shape[0],), k, jnp.int32)))
-                  for k in range(model.num_classes)], axis=1)  # (B, K)
-    preds.append(s.argmax(1)[mask])
-    labels.append(sharding.fetch(batch['label'])[mask])
+  with jax.set_mesh(mesh):
+    for i, (batch, mask) in enumerate(_global_batches(config, mesh, split, batch_size, num_examples)):
+      x = batch['image'].astype(jnp.float32) / 127.5 - 1.0
+      if noise_std > 0:
+        x = x + noise_std * jax.random.normal(jax.random.fold_in(rng, i), x.shape)
+      s = np.stack([sharding.fetch(scores(variables, x, jnp.full((x.shape[0],), k, jnp.int32)))
+                    for k in range(model.num_classes)], axis=1)  # (B, K)
+      preds.append(s.argmax(1)[mask])
+      labels.append(sharding.fetch(batch['label'])[mask])
   return np.concatenate(preds), np.concatenate(labels)
 
 

@@ -8,6 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tarflow_jax import attention as attention_lib
+from tarflow_jax import sharding
+from tarflow_jax.attention import dot_product_attention
+
 Array = jax.Array
 Dtype = Any
 
@@ -49,38 +53,6 @@ def _layer_norm(dtype: Dtype, name: str) -> nn.LayerNorm:
   return nn.LayerNorm(epsilon=LN_EPS, dtype=flow_dtype(dtype), use_fast_variance=False, name=name)
 
 
-def dot_product_attention(q, k, v, *, scale: float, mask=None):
-  """Softmax attention of queries q (B, S, H, hd) over keys and values k, v (B, H, T, hd).
-
-  k and v are head-major, the layout of the decoding cache, so that a decoding
-  step reads the cache without transposing it. The logits and the softmax are
-  at least float32 (float64 for float64 models). `mask` broadcasts to
-  (B, H, S, T); every query must see at least one key. On GPU, full
-  sequences go through `jax.nn.dot_product_attention` instead (cuDNN's
-  fused kernels, see `causal_attention`).
-  """
-  acc = flow_dtype(q.dtype)
-  logits = jnp.einsum('bsnh,bnth->bnst', q * jnp.asarray(scale, q.dtype), k, preferred_element_type=acc)
-  if mask is not None:
-    logits = jnp.where(mask, logits, -jnp.inf)
-  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)  # (B, H, S, T)
-  return jnp.einsum('bnst,bnth->bsnh', weights, v)
-
-
-def causal_attention(q, k, v, *, scale: float):
-  """Causal softmax attention over (B, T, H, hd) arrays; returns (B, T, H, hd).
-
-  `jax.nn.dot_product_attention` on GPU (cuDNN flash attention for bfloat16),
-  the einsums of `dot_product_attention` elsewhere: on CPU they train 1.5x
-  faster than `jax.nn`'s XLA path, and they also serve float64 models.
-  """
-  if jax.default_backend() == 'gpu' and q.dtype != jnp.float64:
-    return jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=scale)
-  t = q.shape[1]
-  causal = jnp.tril(jnp.ones((t, t), bool))  # (S, T)
-  return dot_product_attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), scale=scale, mask=causal)
-
-
 class Attention(nn.Module):
   """Multi-head self-attention, causal over a full sequence or one token over a cache."""
 
@@ -88,6 +60,7 @@ class Attention(nn.Module):
   head_dim: int = 64
   dtype: Dtype = jnp.float32
   precision: Any = None
+  kernel: str = 'auto'  # see attention.causal_attention
 
   def setup(self):
     self.num_heads = self.channels // self.head_dim
@@ -98,7 +71,7 @@ class Attention(nn.Module):
 
   def _qkv(self, x: Array):
     h = self.norm(x).astype(self.dtype)
-    qkv = self.qkv(h)  # (B, T, 3C): all query heads, then all keys, then all values.
+    qkv = sharding.constrain_batch(self.qkv(h))  # (B, T, 3C): all query heads, then all keys, then all values.
     qkv = qkv.reshape(*x.shape[:-1], 3, self.num_heads, self.head_dim)
     return qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]  # each (B, T, H, hd)
 
@@ -112,7 +85,9 @@ class Attention(nn.Module):
   def __call__(self, x: Array, temperature: Optional[Array] = None) -> Array:
     """Causal attention over x (B, T, C); returns (B, T, C)."""
     q, k, v = self._qkv(x)
-    return self._out(causal_attention(self._temper(q, temperature), k, v, scale=self.head_dim**-0.5))
+    out = attention_lib.causal_attention(self._temper(q, temperature), k, v, scale=self.head_dim**-0.5,
+                                         kernel=self.kernel)
+    return self._out(out)
 
   def step(self, x: Array, t: Array, cache: dict, temperature: Optional[Array] = None):
     """Attention of the S tokens at positions t..t+S-1, x (B, S, C), over the cache and themselves.
@@ -166,7 +141,7 @@ class MLP(nn.Module):
   def __call__(self, x: Array) -> Array:
     h = _layer_norm(self.dtype, 'norm')(x).astype(self.dtype)
     h = nn.Dense(self.channels * self.expansion, dtype=self.dtype, precision=self.precision, name='fc1')(h)
-    h = gelu(h)
+    h = gelu(sharding.constrain_batch(h))
     return nn.Dense(self.channels, dtype=self.dtype, precision=self.precision, name='fc2')(h)
 
 
@@ -178,14 +153,15 @@ class TransformerLayer(nn.Module):
   expansion: int = 4
   dtype: Dtype = jnp.float32
   precision: Any = None
+  attention_kernel: str = 'auto'
 
   def setup(self):
-    self.attention = Attention(self.channels, self.head_dim, self.dtype, self.precision)
+    self.attention = Attention(self.channels, self.head_dim, self.dtype, self.precision, self.attention_kernel)
     self.mlp = MLP(self.channels, self.expansion, self.dtype, self.precision)
 
   def __call__(self, x: Array, temperature: Optional[Array] = None) -> Array:
-    x = x + self.attention(x, temperature)
-    return x + self.mlp(x)
+    x = sharding.constrain_batch(x + self.attention(sharding.constrain_batch(x), temperature))
+    return sharding.constrain_batch(x + self.mlp(x))
 
   def step(self, x: Array, t: Array, cache: dict, temperature: Optional[Array] = None):
     h, cache = self.attention.step(x, t, cache, temperature)
@@ -213,9 +189,11 @@ class FlowBlock(nn.Module):
   num_classes: int = 0
   flip: bool = False
   remat: bool = False
+  remat_policy: str = 'nothing_saveable'
   scan_layers: bool = False
   dtype: Dtype = jnp.float32
   precision: Any = None
+  attention_kernel: str = 'auto'
 
   def setup(self):
     self.proj_in = nn.Dense(self.channels, dtype=self.dtype, precision=self.precision, name='proj_in')
@@ -223,9 +201,10 @@ class FlowBlock(nn.Module):
     if self.num_classes:
       self.class_embed = self.param('class_embed', nn.initializers.normal(1e-2), (self.num_classes, self.channels))
     # remat: the backward pass recomputes each layer from its input instead of storing its activations.
-    layer = nn.remat(TransformerLayer) if self.remat else TransformerLayer
+    layer = nn.remat(TransformerLayer, policy=self._policy()) if self.remat else TransformerLayer
     self.layers = [
-        layer(self.channels, self.head_dim, self.expansion, self.dtype, self.precision, name=f'layer_{i}')
+        layer(self.channels, self.head_dim, self.expansion, self.dtype, self.precision, self.attention_kernel,
+              name=f'layer_{i}')
         for i in range(self.num_layers)
     ]
     out_dim = 2 * self.token_dim if self.nvp else self.token_dim
@@ -277,10 +256,21 @@ class FlowBlock(nn.Module):
     """
     params = self.variables['params']
     stacked = jax.tree.map(lambda *p: jnp.stack(p), *[params[f'layer_{i}'] for i in range(self.num_layers)])
-    layer = TransformerLayer(self.channels, self.head_dim, self.expansion, self.dtype, self.precision, parent=None)
+    layer = TransformerLayer(self.channels, self.head_dim, self.expansion, self.dtype, self.precision,
+                             self.attention_kernel, parent=None)
     body = lambda h, p: (layer.apply({'params': p}, h, temperature), None)
-    h, _ = jax.lax.scan(jax.checkpoint(body, prevent_cse=False) if self.remat else body, h, stacked)
+    if self.remat:
+      body = jax.checkpoint(body, prevent_cse=False, policy=self._policy())
+    h, _ = jax.lax.scan(body, h, stacked)
     return h
+
+  def _policy(self):
+    """What the backward pass keeps of a rematerialised layer: a `jax.checkpoint_policies` name."""
+    policy = getattr(jax.checkpoint_policies, self.remat_policy, None)
+    if policy is None or self.remat_policy.startswith(('save_', 'offload')):
+      raise ValueError(f'Unknown remat_policy {self.remat_policy!r}: use a policy of jax.checkpoint_policies '
+                       'such as nothing_saveable or dots_with_no_batch_dims_saveable.')
+    return policy
 
   def __call__(self, x: Array, y: Optional[Array] = None):
     """Forward: x (B, T, D) in the original order -> (z (B, T, D), logdet (B,)).
@@ -348,9 +338,11 @@ class TarFlow(nn.Module):
   nvp: bool = True
   num_classes: int = 0
   remat: bool = False
+  remat_policy: str = 'nothing_saveable'
   scan_layers: bool = False
   dtype: Dtype = jnp.float32
   precision: Any = None
+  attention_kernel: str = 'auto'
 
   @property
   def num_tokens(self) -> int:
@@ -368,7 +360,8 @@ class TarFlow(nn.Module):
     self.blocks = [
         FlowBlock(self.num_tokens, self.token_dim, self.channels, self.layers_per_block,
                   self.head_dim, self.expansion, self.nvp, self.num_classes, flip=bool(i % 2),
-                  remat=self.remat, scan_layers=self.scan_layers, dtype=self.dtype, precision=self.precision,
+                  remat=self.remat, remat_policy=self.remat_policy, scan_layers=self.scan_layers,
+                  dtype=self.dtype, precision=self.precision, attention_kernel=self.attention_kernel,
                   name=f'block_{i}')
         for i in range(self.num_blocks)
     ]

@@ -46,6 +46,27 @@ def state_shardings(abstract_state, mesh):
   return jax.tree.map(lambda a: NamedSharding(mesh, param_spec(a.shape, fsdp)), abstract_state)
 
 
+def context_batch_axes() -> tuple[tuple[str, ...], int]:
+  """The batch axes of the mesh set by `jax.set_mesh` (none without one) and how many shards they make."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return (), 1
+  axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+  return axes, int(np.prod([mesh.shape[a] for a in axes]))
+
+
+def constrain_batch(x: jax.Array) -> jax.Array:
+  """x split along its leading (batch) axis over the context mesh's batch axes; as it is without a mesh.
+
+  Activations pinned to the batch axes make XLA gather FSDP-sharded weights for each matmul rather
+  than re-shard the activations along their features (collective permutes and full-batch copies).
+  """
+  axes, shards = context_batch_axes()
+  if not axes or x.shape[0] % shards:
+    return x
+  return jax.lax.with_sharding_constraint(x, P(axes))
+
+
 def replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

@@ -68,36 +68,64 @@ def model_inputs(batch: dict, rng: jax.Array, config: ml_collections.ConfigDict,
 def train_step(state: dict, batch: dict, *, model, tx, config, lr: optax.Schedule):
   """One optimiser step; a step with a non-finite loss or gradient leaves the state unchanged.
 
+  With `config.grad_accum_steps = k > 1` the batch's gradient is accumulated over k micro-batches
+  of B / k examples, one after the other (activation memory of one micro-batch): the same update
+  as one step over the whole batch.
+
   Returns the new state and scalar metrics.
   """
   rng = jax.random.fold_in(state['rng'], state['step'])
   x, y = model_inputs(batch, rng, config)
 
-  def loss_fn(params):
+  def loss_fn(params, x, y):
     z, logdets, outputs = model.apply({'params': params, 'prior': state['prior']}, x, y)
-    return likelihood.loss(z, logdets), (z, logdets, outputs)
+    stats = {'z2': jnp.mean(jax.lax.stop_gradient(z) ** 2, axis=0), 'logdet': jnp.mean(logdets),
+             'latent_norms': [jnp.mean(o**2) for o in outputs]}
+    return likelihood.loss(z, logdets), stats
 
-  (loss, (z, logdets, outputs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  k = config.get('grad_accum_steps', 1)
+  if k == 1:
+    (loss, stats), grads = grad_fn(state['params'], x, y)
+  else:
+    (loss, stats), grads = _accumulate(grad_fn, state['params'], x, y, k)
   updates, opt = tx.update(grads, state['opt'], state['params'])
   params = optax.apply_updates(state['params'], updates)
   prior = state['prior']
   if not config.model.nvp:  # running average of E[z^2] per token and dim, as the reference
-    var = prior['var'] + config.prior_var_lr * (jnp.mean(jax.lax.stop_gradient(z) ** 2, axis=0) - prior['var'])
-    prior = {'var': var}
+    prior = {'var': prior['var'] + config.prior_var_lr * (stats['z2'] - prior['var'])}
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   new = {'params': params, 'prior': prior, 'opt': opt, 'step': state['step'] + 1, 'rng': state['rng']}
   keep = {**state, 'step': state['step'] + 1}
   new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, keep)
-  mse = 0.5 * jnp.mean(z**2)
   metrics = {
-      'loss': loss, 'loss/mse_z': mse, 'loss/logdet': jnp.mean(logdets),
+      'loss': loss, 'loss/mse_z': 0.5 * jnp.mean(stats['z2']), 'loss/logdet': stats['logdet'],
       'grad_norm': grad_norm, 'lr': lr(state['step']), 'finite': finite.astype(jnp.float32),
-      **{f'latent_norm/block{i}': jnp.mean(o**2) for i, o in enumerate(outputs)},
+      **{f'latent_norm/block{i}': n for i, n in enumerate(stats['latent_norms'])},
   }
   if config.noise.type == 'uniform':  # the loss is then a bound on the bits/dim of the 8-bit data
     metrics['bits_per_dim'] = (loss + _GAUSS_CONST - likelihood.LOG_BIN_WIDTH) / math.log(2.0)
   return new, metrics
+
+
+def _accumulate(grad_fn, params, x, y, k: int):
+  """The mean over k micro-batches of `grad_fn(params, x_i, y_i)`: ((loss, stats), grads).
+
+  Micro-batch i holds examples i, i + k, ...: a batch split over devices stays split, with
+  no data moved between them. Every output of `grad_fn` is a mean over its examples, so the
+  mean over equal micro-batches is the value of the whole batch.
+  """
+  split = lambda a: None if a is None else a.reshape(a.shape[0] // k, k, *a.shape[1:]).swapaxes(0, 1)
+  micro_x, micro_y = split(x), split(y)  # (k, B / k, ...)
+  first = jax.eval_shape(grad_fn, params, micro_x[0], None if y is None else micro_y[0])
+  zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), first)
+
+  def add(total, xy):
+    return jax.tree.map(jnp.add, total, grad_fn(params, *xy)), None
+
+  total, _ = jax.lax.scan(add, zeros, (micro_x, micro_y))
+  return jax.tree.map(lambda t: t / k, total)
 
 
 class _Preemption:
@@ -209,7 +237,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   try:
     while step < total_steps:
       batch = sharding.global_batch(mesh, next(train_data.batches))
-      state, metrics = step_fn(state, batch)
+      with jax.set_mesh(mesh):  # attention kernels split over the mesh (attention.causal_attention)
+        state, metrics = step_fn(state, batch)
       step += 1
       history.append((step, metrics))
       progress(step)
@@ -250,7 +279,8 @@ def generate(model, state, config, noise, mesh) -> np.ndarray:
   x = sampling.sample(model, variables, noise, y, guidance=guidance, guide_what=s.guide_what,
                       attn_temp=s.attn_temp, annealed_guidance=s.annealed_guidance)
   if s.denoise and config.noise.type == 'gaussian' and config.noise.std > 0:
-    x = sampling.denoise(model, variables, x, y, sigma=config.noise.std, step_scale=s.denoise_scale)
+    with jax.set_mesh(mesh):
+      x = sampling.denoise(model, variables, x, y, sigma=config.noise.std, step_scale=s.denoise_scale)
   return sharding.fetch(x)
 
 

@@ -114,8 +114,10 @@ def test_gelu_is_exact_gelu_with_its_derivative():
     np.testing.assert_allclose(jax.vmap(jax.grad(model_lib.gelu))(x), fd, atol=1e-8)
 
 
-@pytest.mark.parametrize('remat, scan_layers', [(True, False), (False, True), (True, True)])
-def test_remat_and_scan_change_neither_the_function_nor_its_gradient(remat, scan_layers):
+@pytest.mark.parametrize('remat, scan_layers, policy', [
+    (True, False, 'nothing_saveable'), (False, True, 'nothing_saveable'), (True, True, 'nothing_saveable'),
+    (True, True, 'dots_with_no_batch_dims_saveable'), (True, False, 'dots_saveable')])
+def test_remat_and_scan_change_neither_the_function_nor_its_gradient(remat, scan_layers, policy):
   model = toy.tiny_model(num_classes=2, layers_per_block=3)
   variables = toy.random_variables(model)
   x, y = toy.images(model), jnp.array([0, 1, -1])
@@ -126,7 +128,7 @@ def test_remat_and_scan_change_neither_the_function_nor_its_gradient(remat, scan
       return 0.5 * jnp.mean(z**2) - logdets.mean()
     return jax.value_and_grad(loss)(variables['params'])
 
-  other = toy.tiny_model(num_classes=2, layers_per_block=3, remat=remat, scan_layers=scan_layers)
+  other = toy.tiny_model(num_classes=2, layers_per_block=3, remat=remat, scan_layers=scan_layers, remat_policy=policy)
   assert jax.tree.structure(model_lib.init_variables(other, jax.random.key(0))) == jax.tree.structure(variables)
   (l0, g0), (l1, g1) = grads(model), grads(other)
   np.testing.assert_allclose(l1, l0, rtol=1e-6)
@@ -136,25 +138,19 @@ def test_remat_and_scan_change_neither_the_function_nor_its_gradient(remat, scan
   recomputed = len(re.findall(r'\b(?:remat|checkpoint)\w*\[', program))
   assert recomputed == (model.num_blocks * (1 if scan_layers else model.layers_per_block) if remat else 0)
   assert (program.count('scan[') > 0) == scan_layers
+  shown = {'dots_saveable': 'DotsSaveable(only_if_no_batch_dims=False)',
+           'dots_with_no_batch_dims_saveable': 'DotsSaveable(only_if_no_batch_dims=True)'}
+  assert (f'policy={shown.get(policy, "<function " + policy)}' in program) == remat
   # Sampling (the cached step) is unaffected.
   noise = jax.random.normal(jax.random.key(3), (3, model.num_tokens, model.token_dim))
   np.testing.assert_allclose(sampling.sample(other, variables, noise, y), sampling.sample(model, variables, noise, y),
                              atol=1e-6)
 
 
-@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
-def test_gpu_attention_path_equals_the_einsum_path(dtype, monkeypatch):
-  # On a GPU, causal_attention goes through jax.nn.dot_product_attention (cuDNN); its layout, mask
-  # and scale must give what the einsum path gives. Here it runs jax.nn's XLA implementation.
-  q, k, v = (jax.random.normal(jax.random.key(i), (3, 7, 2, 16), dtype) for i in range(3))
-  scale = 16**-0.5
-  einsum = model_lib.causal_attention(q, k, v, scale=scale)
-  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
-  gpu = model_lib.causal_attention(q, k, v, scale=scale)
-  tol = 1e-5 if dtype == jnp.float32 else 2e-2
-  np.testing.assert_allclose(np.asarray(gpu, np.float32), np.asarray(einsum, np.float32), atol=tol, rtol=tol)
-  # A check that can fail: the first token sees only itself.
-  np.testing.assert_allclose(np.asarray(gpu[:, 0], np.float32), np.asarray(v[:, 0], np.float32), atol=tol)
+def test_unknown_remat_policy_is_refused():
+  model = toy.tiny_model(remat=True, remat_policy='dots_only')
+  with pytest.raises(ValueError, match="Unknown remat_policy 'dots_only'"):
+    model_lib.init_variables(model, jax.random.key(0))
 
 
 def test_from_config():

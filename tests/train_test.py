@@ -217,3 +217,42 @@ def test_volume_preserving_model_learns_its_prior_variance():
   want = 0.9 * 1.0 + 0.1 * jnp.mean(z**2, axis=0)
   np.testing.assert_allclose(new['prior']['var'], want, rtol=1e-5)
   assert float(jnp.abs(want - 1.0).max()) > 1e-2
+
+
+@pytest.mark.parametrize('nvp', [True, False])
+def test_gradient_accumulation_gives_the_update_of_one_batch(nvp):
+  # The batch of 16 in 4 micro-batches of 4, with label dropping and (nvp=False) the prior's running variance.
+  config = smoke_config(**{'model.nvp': nvp})
+  model = model_lib.from_config(config.model)
+  lr = train.schedule(config, 10, 100)
+  tx = train.optimizer(config, lr)
+  state = train.init_state(model, tx, 0)
+  state['params'] = jax.tree.map(lambda p: p + 0.02 * jax.random.normal(jax.random.key(p.size), p.shape),
+                                 state['params'])  # no block is the identity
+  rng = np.random.default_rng(0)
+  batch = {'image': rng.integers(0, 256, (16, 16, 16, 1), dtype=np.uint8),
+           'label': rng.integers(0, 10, (16,), dtype=np.int32)}
+
+  def step(k):
+    config.grad_accum_steps = k
+    return jax.jit(functools.partial(train.train_step, model=model, tx=tx, config=config, lr=lr))(state, batch)
+
+  (one, one_metrics), (acc, acc_metrics) = step(1), step(4)
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-7), acc_metrics, one_metrics)
+  # Adam's moments hold the gradient (and its square): equal up to float32 summation order.
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.abs(b).max()))
+  jax.tree.map(close, acc['opt'], one['opt'])
+  jax.tree.map(close, acc['prior'], one['prior'])
+  # Adam's first update is about lr * sign(gradient): where a gradient is ~0, its rounding shows (lr = 1e-3).
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=0, atol=2e-5), acc['params'], one['params'])
+  assert float(jnp.abs(acc['params']['block_0']['proj_out']['kernel']).max()) > 0  # the step really updated
+  if not nvp:
+    assert float(jnp.abs(acc['prior']['var'] - 1).max()) > 1e-3
+
+
+def test_gradient_accumulation_must_divide_the_batch_over_the_devices():
+  config = smoke_config(grad_accum_steps=3)
+  with pytest.raises(ValueError, match='grad_accum_steps=3 does not fit config.batch_size=16 on 8 devices'):
+    data.check_batch_sizes(config, 8)
+  config.grad_accum_steps = 2
+  data.check_batch_sizes(config, 8)
