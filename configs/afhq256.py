@@ -19,6 +19,10 @@ def get_config(arg=None):
   c.data.update(source='folder', name='afhq', train_split='train', eval_split='val')
   c.noise.update(type='gaussian', std=0.07)
   c.label_drop = 0.1
+  # TPU-sized: each layer recomputed in the backward pass (one scan per block), parameters and Adam
+  # moments sharded over every chip (`python -m tarflow_jax.aot` shows what each slice needs).
+  c.model.update(remat=True, scan_layers=True)
+  c.mesh.update(data=1, fsdp=-1)
   c.batch_size = 256
   c.num_epochs = 4000.0
   c.sample.update(guidance=1.0, guide_what='ab', num=16)

@@ -17,6 +17,10 @@ def get_config(arg=None):
                  num_classes=0, dtype='bfloat16')
   c.data.update(source='tfds', name='imagenet_resized/64x64', train_split='train', eval_split='validation')
   c.noise.update(type='gaussian', std=0.05)
+  # TPU-sized: each layer recomputed in the backward pass (one scan per block), parameters and Adam
+  # moments sharded over every chip (`python -m tarflow_jax.aot` shows what each slice needs).
+  c.model.update(remat=True, scan_layers=True)
+  c.mesh.update(data=1, fsdp=-1)
   c.batch_size = 256
   c.num_epochs = 200.0
   c.optim.lr = 1e-4

@@ -18,6 +18,10 @@ def get_config(arg=None):
   c.data.update(source='tfds', name='downsampled_imagenet/64x64', train_split='train', eval_split='validation',
                 flip=False)
   c.noise.update(type='uniform', std=0.0)
+  # TPU-sized: each layer recomputed in the backward pass (one scan per block), parameters and Adam
+  # moments sharded over every chip (`python -m tarflow_jax.aot` shows what each slice needs).
+  c.model.update(remat=True, scan_layers=True)
+  c.mesh.update(data=1, fsdp=-1)
   c.batch_size = 256
   c.num_epochs = 100.0
   c.sample.update(denoise=False)
