@@ -14,6 +14,7 @@ from typing import Optional
 
 from etils import epath
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -33,6 +34,15 @@ def manager(directory: str, max_to_keep: Optional[int] = None, **options) -> ocp
       absolute(directory),
       options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, **options),
       item_names=('model', 'train', 'config'))
+
+
+def all_finite(tree) -> jax.Array:
+  """True iff every floating-point leaf of `tree` is finite (one reduction on the devices)."""
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+                            if jnp.issubdtype(x.dtype, jnp.inexact)] or [jnp.array(True)]))
+
+
+_all_finite = jax.jit(all_finite)
 
 
 def save_model(directory: str, variables, config: ml_collections.ConfigDict, step: int = 0) -> None:
@@ -118,7 +128,13 @@ class TrainCheckpointer:
         self.mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config)
 
   def save(self, step: int, state: dict, config: ml_collections.ConfigDict, batches=None) -> None:
-    """Saves the state {'params', 'prior', 'opt', 'step', 'rng'} (asynchronously) and the data position."""
+    """Saves the state {'params', 'prior', 'opt', 'step', 'rng'} (asynchronously) and the data position.
+
+    Raises FloatingPointError, writing and pruning nothing, if the state is not finite.
+    """
+    if not bool(_all_finite(state)):
+      raise FloatingPointError(f'Checkpoint {step} was not written: its parameters or optimiser state are not '
+                               f'finite. The checkpoints in {self.directory!r} are as they were.')
     model_item = {'params': state['params'], 'prior': state['prior']}
     train_item = {'opt': state['opt'], 'step': state['step'], 'rng': state['rng']}
     self.mngr.save(step, args=ocp.args.Composite(

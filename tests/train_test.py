@@ -3,6 +3,7 @@
 import functools
 import glob
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -217,3 +218,55 @@ def test_volume_preserving_model_learns_its_prior_variance():
   want = 0.9 * 1.0 + 0.1 * jnp.mean(z**2, axis=0)
   np.testing.assert_allclose(new['prior']['var'], want, rtol=1e-5)
   assert float(jnp.abs(want - 1.0).max()) > 1e-2
+
+
+def _snapshot(root) -> dict:
+  """Every file under `root`: its path relative to `root` and its bytes."""
+  out = {}
+  for dirpath, _, files in os.walk(root):
+    for f in files:
+      path = os.path.join(dirpath, f)
+      with open(path, 'rb') as fh:
+        out[os.path.relpath(path, root)] = fh.read()
+  return out
+
+
+def _checkpointed_config(**overrides):
+  return smoke_config(**{**dict(num_train_steps=6, checkpoint_every=2, eval_every=0, sample_every=0, log_every=2,
+                                keep_checkpoints=3), **overrides})
+
+
+@pytest.fixture(scope='module')
+def checkpointed(tmp_path_factory):
+  """A workdir with checkpoints 2, 4 and 6 of `_checkpointed_config()`; tests change copies of it."""
+  workdir = tmp_path_factory.mktemp('checkpointed')
+  train.train_and_evaluate(_checkpointed_config(), str(workdir))
+  assert sorted(os.listdir(workdir / 'checkpoints'), key=int) == ['2', '4', '6']
+  return workdir
+
+
+@pytest.fixture
+def workdir(checkpointed, tmp_path):
+  shutil.copytree(checkpointed, tmp_path / 'run')
+  return tmp_path / 'run'
+
+
+def test_an_overflowing_update_is_not_applied_and_nothing_is_checkpointed_or_pruned(workdir):
+  # Loss and gradient are finite, but an infinite learning rate makes the new parameters NaN.
+  before = _snapshot(workdir / 'checkpoints'), _snapshot(workdir / 'data_state')
+  config = _checkpointed_config(num_train_steps=10, checkpoint_every=1)
+  config.optim.lr = float('inf')
+  with pytest.raises(FloatingPointError, match='Non-finite parameters or optimiser state after the update at step 7'):
+    train.train_and_evaluate(config, str(workdir))
+  assert (_snapshot(workdir / 'checkpoints'), _snapshot(workdir / 'data_state')) == before
+
+  # The guard before every save: a non-finite state is never written, and nothing is pruned for it.
+  model = model_lib.from_config(config.model)
+  state = train.init_state(model, train.optimizer(config, train.schedule(config, 10, 10)), 0)
+  state['opt'] = jax.tree.map(lambda x: x * np.inf if jnp.issubdtype(x.dtype, jnp.floating) else x, state['opt'])
+  ckpt = checkpoint.TrainCheckpointer(str(workdir), keep=3)
+  with pytest.raises(FloatingPointError, match='Checkpoint 7 was not written'):
+    ckpt.save(7, state, config)
+  ckpt.close()
+  assert (_snapshot(workdir / 'checkpoints'), _snapshot(workdir / 'data_state')) == before
+
