@@ -45,13 +45,26 @@ def all_finite(tree) -> jax.Array:
 _all_finite = jax.jit(all_finite)
 
 
-def save_model(directory: str, variables, config: ml_collections.ConfigDict, step: int = 0) -> None:
-  """Writes variables {'params', 'prior'} and the config as checkpoint `step` of `directory`."""
+def save_model(directory: str, variables, config: ml_collections.ConfigDict, step: int = 0,
+               overwrite: bool = False) -> None:
+  """Writes variables {'params', 'prior'} and the config as checkpoint `step` of `directory`.
+
+  Raises FileExistsError if `directory` already holds checkpoints, unless `overwrite`, which
+  deletes them first.
+  """
   mngr = manager(directory)
-  mngr.save(step, args=ocp.args.Composite(model=ocp.args.StandardSave(variables),
-                                          config=ocp.args.JsonSave(json.loads(config.to_json()))))
-  mngr.wait_until_finished()
-  mngr.close()
+  try:
+    existing = list(mngr.all_steps())
+    if existing and not overwrite:
+      raise FileExistsError(f'{directory!r} already holds a checkpoint (steps {existing}) and nothing was written: '
+                            'choose another directory, or pass --overwrite (overwrite=True) to replace it.')
+    for s in existing:
+      mngr.delete(s)
+    mngr.save(step, args=ocp.args.Composite(model=ocp.args.StandardSave(variables),
+                                            config=ocp.args.JsonSave(json.loads(config.to_json()))), force=True)
+    mngr.wait_until_finished()
+  finally:
+    mngr.close()
 
 
 def load_model(directory: str, step: Optional[int] = None):
