@@ -12,6 +12,7 @@ import json
 import os
 from typing import Optional
 
+from absl import logging
 from etils import epath
 import jax
 import jax.numpy as jnp
@@ -163,8 +164,13 @@ class TrainCheckpointer:
     restored = self.mngr.restore(step, args=ocp.args.Composite(
         model=ocp.args.StandardRestore({'params': a['params'], 'prior': a['prior']}),
         train=ocp.args.StandardRestore({'opt': a['opt'], 'step': a['step'], 'rng': a['rng']})))
-    if batches is not None and epath.Path(self._data_path(step) + '.index').exists():
-      batches.restore(self._data_path(step))
+    if batches is not None:
+      if epath.Path(self._data_path(step) + '.index').exists():
+        batches.restore(self._data_path(step))
+      else:
+        logging.warning('No input position saved for step %d (%s is missing): the input pipeline starts afresh, '
+                        'so this run sees other batches, in another order, than an uninterrupted run would; the '
+                        'model and optimiser state are restored exactly.', step, self._data_path(step))
     return {**restored.model, **restored.train}
 
   def wait(self) -> None:

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tarflow_jax import checkpoint, config_lib, data, train
+from tarflow_jax import checkpoint, config_lib, data, sharding, train
 from tarflow_jax import model as model_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -269,4 +269,23 @@ def test_an_overflowing_update_is_not_applied_and_nothing_is_checkpointed_or_pru
     ckpt.save(7, state, config)
   ckpt.close()
   assert (_snapshot(workdir / 'checkpoints'), _snapshot(workdir / 'data_state')) == before
+
+
+def _abstract_state(config):
+  model = model_lib.from_config(config.model)
+  tx = train.optimizer(config, train.schedule(config, 10, 10))
+  abstract = jax.eval_shape(functools.partial(train.init_state, model, tx, config.seed))
+  shardings = sharding.state_shardings(abstract, sharding.make_mesh(config.mesh))
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def test_a_missing_data_position_is_a_warning(workdir, caplog):
+  shutil.rmtree(workdir / 'data_state' / '6')
+  config = _checkpointed_config()
+  ckpt = checkpoint.TrainCheckpointer(str(workdir), keep=3)
+  split = data.get_split(config, config.data.train_split, config.batch_size, train=True, seed=config.seed)
+  ckpt.restore(6, _abstract_state(config), split.batches)
+  ckpt.close()
+  assert any('No input position saved for step 6' in r.getMessage() and 'other batches' in r.getMessage()
+             for r in caplog.records)
 
