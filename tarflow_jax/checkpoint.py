@@ -132,6 +132,7 @@ class TrainCheckpointer:
   def __init__(self, workdir: str, keep: int):
     self.directory = os.path.join(absolute(workdir), 'checkpoints')
     self._data_dir = epath.Path(absolute(workdir)) / 'data_state'
+    self._remove_half_written()
     self.mngr = manager(self.directory, max_to_keep=keep)
 
   def latest_step(self) -> Optional[int]:
@@ -179,6 +180,19 @@ class TrainCheckpointer:
   def close(self) -> None:
     self.mngr.wait_until_finished()
     self.mngr.close()
+
+  def _remove_half_written(self) -> None:
+    """Deletes the `<step>.orbax-checkpoint-tmp-*` directories that a killed run left, on process 0.
+
+    Orbax's own `cleanup_tmp_directories` runs in a background thread that only a save waits for;
+    this is done before the run starts. Finished steps are never touched.
+    """
+    directory = epath.Path(self.directory)
+    if jax.process_index() != 0 or not directory.is_dir():
+      return
+    for path in directory.glob(f'*{ocp.path.atomicity.TMP_DIR_SUFFIX}*'):
+      logging.info('Removing %s, a checkpoint that an interrupted run left half-written.', path)
+      path.rmtree()
 
   def _data_path(self, step: int) -> str:
     return str(self._data_dir / str(step) / f'process_{jax.process_index()}')

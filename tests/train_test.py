@@ -289,3 +289,14 @@ def test_a_missing_data_position_is_a_warning(workdir, caplog):
   assert any('No input position saved for step 6' in r.getMessage() and 'other batches' in r.getMessage()
              for r in caplog.records)
 
+
+def test_half_written_checkpoints_of_a_killed_run_are_removed(workdir):
+  tmp = workdir / 'checkpoints' / '8.orbax-checkpoint-tmp-1795922760123456'
+  (tmp / 'model').mkdir(parents=True)
+  (tmp / 'model' / 'manifest.ocdbt').write_bytes(b'half')
+  before = _snapshot(workdir / 'checkpoints' / '6')
+  ckpt = checkpoint.TrainCheckpointer(str(workdir), keep=3)
+  ckpt.close()
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['2', '4', '6']
+  assert _snapshot(workdir / 'checkpoints' / '6') == before
+
