@@ -163,14 +163,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   abstract = jax.eval_shape(init)
   state_sharding = sharding.state_shardings(abstract, mesh)
   ckpt = checkpoint.TrainCheckpointer(workdir, config.keep_checkpoints)
-  start = ckpt.latest_step()
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding)
+  start, state = ckpt.restore_latest(
+      abstract, train_data.batches,
+      check_config=lambda saved: checkpoint.check_same_architecture(saved, config, ckpt.directory))
   if start is None:
     state = jax.jit(init, out_shardings=state_sharding)()
     start = 0
   else:
-    checkpoint.check_same_architecture(ckpt.saved_config(start), config, ckpt.directory)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding)
-    state = ckpt.restore(start, abstract, train_data.batches)
     logging.info('Resumed from step %d of %s.', start, ckpt.directory)
 
   step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx, config=config, lr=lr),

@@ -271,12 +271,60 @@ def test_an_overflowing_update_is_not_applied_and_nothing_is_checkpointed_or_pru
   assert (_snapshot(workdir / 'checkpoints'), _snapshot(workdir / 'data_state')) == before
 
 
+def _largest_file(directory):
+  files = [os.path.join(d, f) for d, _, fs in os.walk(directory) for f in fs]
+  return max(files, key=os.path.getsize)
+
+
+def _truncate(path, size=100):
+  with open(path, 'r+b') as f:
+    f.truncate(size)
+
+
+def test_resume_skips_a_damaged_checkpoint_and_keeps_it(workdir, checkpointed, caplog):
+  _truncate(_largest_file(workdir / 'checkpoints' / '6' / 'model'))
+  damaged = _snapshot(workdir / 'checkpoints' / '6')
+  train.train_and_evaluate(_checkpointed_config(), str(workdir))
+  warning = [r.getMessage() for r in caplog.records if 'cannot be read' in r.getMessage()]
+  assert len(warning) == 1 and f'{workdir}/checkpoints/6 cannot be read' in warning[0], warning
+  assert 'resuming from step 4' in warning[0] and 'OUT_OF_RANGE' in warning[0]
+  # Set aside, not deleted; the resumed run wrote step 6 again, equal to the original one.
+  assert _snapshot(workdir / 'damaged_checkpoints' / '6') == damaged
+  assert os.listdir(workdir / 'damaged_checkpoints' / '6.data_state') == os.listdir(checkpointed / 'data_state' / '6')
+  assert sorted(os.listdir(workdir / 'checkpoints'), key=int) == ['2', '4', '6']
+  jax.tree.map(np.testing.assert_array_equal, _params(workdir), _params(checkpointed))
+
+
 def _abstract_state(config):
   model = model_lib.from_config(config.model)
   tx = train.optimizer(config, train.schedule(config, 10, 10))
   abstract = jax.eval_shape(functools.partial(train.init_state, model, tx, config.seed))
   shardings = sharding.state_shardings(abstract, sharding.make_mesh(config.mesh))
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def test_a_damaged_config_item_is_named_and_skipped(workdir, caplog):
+  _truncate(workdir / 'checkpoints' / '6' / 'config' / 'metadata', 50)
+  with pytest.raises(checkpoint.DamagedCheckpointError, match=rf'Checkpoint {workdir}/checkpoints/6 cannot be read '
+                                                              r'\(JSONDecodeError'):
+    checkpoint.load_model(str(workdir))
+  ckpt = checkpoint.TrainCheckpointer(str(workdir), keep=3)
+  step, state = ckpt.restore_latest(_abstract_state(_checkpointed_config()))
+  ckpt.close()
+  assert step == 4 and int(state['step']) == 4
+  assert any(f'{workdir}/checkpoints/6 cannot be read (JSONDecodeError' in r.getMessage() for r in caplog.records)
+  assert os.listdir(workdir / 'damaged_checkpoints') == ['6', '6.data_state']
+
+
+def test_no_readable_checkpoint_stops_the_run_and_changes_nothing(workdir):
+  for step in ('2', '4', '6'):
+    _truncate(_largest_file(workdir / 'checkpoints' / step / 'train'))
+  before = _snapshot(workdir)
+  with pytest.raises(checkpoint.DamagedCheckpointError,
+                     match=rf'Cannot resume: checkpoint {workdir}/checkpoints/6 cannot be read \(ValueError: '
+                           r'OUT_OF_RANGE.*nor can any older one. Nothing was changed'):
+    train.train_and_evaluate(_checkpointed_config(num_train_steps=8), str(workdir))
+  assert _snapshot(workdir) == before  # no restart from step 0 over the old run, nothing deleted
 
 
 def test_a_missing_data_position_is_a_warning(workdir, caplog):
