@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 
+from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -348,3 +349,51 @@ def test_half_written_checkpoints_of_a_killed_run_are_removed(workdir):
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['2', '4', '6']
   assert _snapshot(workdir / 'checkpoints' / '6') == before
 
+
+def _tiny_tfds_dataset(data_dir):
+  """Prepares `tiny_images` (8x8 RGB, 2 classes; 48 train, 16 validation) in `data_dir`, as `tfds build` would.
+
+  The builder is not registered: the training run reads the prepared files alone, as it reads a
+  data dir copied from another machine.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  data_dir.mkdir(parents=True)
+  with tfds.core.registered.skip_registration():
+    class TinyImages(tfds.core.GeneratorBasedBuilder):
+      VERSION = tfds.core.Version('1.0.0')
+      pkg_dir_path = epath.Path(data_dir)  # where TFDS looks for the builder's README and checksums (none)
+
+      def _info(self):
+        return self.dataset_info_from_configs(features=tfds.features.FeaturesDict({
+            'image': tfds.features.Image(shape=(8, 8, 3)), 'label': tfds.features.ClassLabel(num_classes=2)}))
+
+      def _split_generators(self, dl_manager):
+        del dl_manager
+        return {'train': self._generate_examples(48, seed=0), 'validation': self._generate_examples(16, seed=1)}
+
+      def _generate_examples(self, n, seed):
+        rng = np.random.default_rng(seed)
+        for i in range(n):
+          yield i, {'image': rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), 'label': i % 2}
+
+  TinyImages(data_dir=str(data_dir)).download_and_prepare()
+  return [e for _, e in TinyImages._generate_examples(None, 16, seed=1)]  # pylint: disable=protected-access
+
+
+def test_training_and_evaluation_read_a_prepared_tfds_dataset(tmp_path):
+  validation = _tiny_tfds_dataset(tmp_path / 'tfds')
+  config = smoke_config(num_train_steps=2, eval_every=2, sample_every=0, checkpoint_every=2, log_every=1)
+  config.model.update(in_channels=3, img_size=8, num_classes=2)
+  config.data.update(source='tfds', name='tiny_images', data_dir=str(tmp_path / 'tfds'), train_split='train',
+                     eval_split='validation', flip=True, shuffle_buffer=64, num_eval_examples=-1)
+  config.eval_batch_size = 16
+  out = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert sorted(out['eval']) == [0, 2] and all(np.isfinite(v) for v in out['eval'].values())
+  assert np.isfinite(out['train']['loss'])
+  # The evaluation's batches hold the validation split's examples (in the order TFDS stored them).
+  split = data.get_split(config, 'validation', 16, train=False)
+  batch = next(split.batches)
+  assert split.num_examples == 16 and batch['mask'].all()
+  assert (sorted((x.tobytes(), int(y)) for x, y in zip(batch['image'], batch['label']))
+          == sorted((e['image'].tobytes(), e['label']) for e in validation))
