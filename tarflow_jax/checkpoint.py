@@ -12,8 +12,10 @@ import json
 import os
 from typing import Optional
 
+from absl import logging
 from etils import epath
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -35,13 +37,39 @@ def manager(directory: str, max_to_keep: Optional[int] = None, **options) -> ocp
       item_names=('model', 'train', 'config'))
 
 
-def save_model(directory: str, variables, config: ml_collections.ConfigDict, step: int = 0) -> None:
-  """Writes variables {'params', 'prior'} and the config as checkpoint `step` of `directory`."""
+class DamagedCheckpointError(RuntimeError):
+  """A checkpoint step whose files cannot be read; the message names its directory."""
+
+
+def all_finite(tree) -> jax.Array:
+  """True iff every floating-point leaf of `tree` is finite (one reduction on the devices)."""
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+                            if jnp.issubdtype(x.dtype, jnp.inexact)] or [jnp.array(True)]))
+
+
+_all_finite = jax.jit(all_finite)
+
+
+def save_model(directory: str, variables, config: ml_collections.ConfigDict, step: int = 0,
+               overwrite: bool = False) -> None:
+  """Writes variables {'params', 'prior'} and the config as checkpoint `step` of `directory`.
+
+  Raises FileExistsError if `directory` already holds checkpoints, unless `overwrite`, which
+  deletes them first.
+  """
   mngr = manager(directory)
-  mngr.save(step, args=ocp.args.Composite(model=ocp.args.StandardSave(variables),
-                                          config=ocp.args.JsonSave(json.loads(config.to_json()))))
-  mngr.wait_until_finished()
-  mngr.close()
+  try:
+    existing = list(mngr.all_steps())
+    if existing and not overwrite:
+      raise FileExistsError(f'{directory!r} already holds a checkpoint (steps {existing}) and nothing was written: '
+                            'choose another directory, or pass --overwrite (overwrite=True) to replace it.')
+    for s in existing:
+      mngr.delete(s)
+    mngr.save(step, args=ocp.args.Composite(model=ocp.args.StandardSave(variables),
+                                            config=ocp.args.JsonSave(json.loads(config.to_json()))), force=True)
+    mngr.wait_until_finished()
+  finally:
+    mngr.close()
 
 
 def load_model(directory: str, step: Optional[int] = None):
@@ -54,7 +82,10 @@ def load_model(directory: str, step: Optional[int] = None):
     directory = os.path.join(directory, 'checkpoints')
   mngr = _existing(directory)
   step = mngr.latest_step() if step is None else step
-  saved = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+  try:
+    saved = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+  except Exception as e:  # pylint: disable=broad-except
+    raise _damaged(mngr, step, e) from e
   config = _merged(config_lib.default(), {k: v for k, v in saved.items() if k != 'model'})
   config.model = ml_collections.ConfigDict(saved['model'])  # as saved: the model's own defaults fill the rest
   model = model_lib.from_config(config.model)
@@ -63,8 +94,30 @@ def load_model(directory: str, step: Optional[int] = None):
                                           jax.sharding.PartitionSpec())
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=everywhere),
                           model_lib.abstract_variables(model))
-  restored = mngr.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(abstract)))
+  try:
+    restored = mngr.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(abstract)))
+  except Exception as e:  # pylint: disable=broad-except
+    raise _damaged(mngr, step, e) from e
   return model, restored.model, config
+
+
+def _damaged(mngr: ocp.CheckpointManager, step: int, error: Exception) -> DamagedCheckpointError:
+  return DamagedCheckpointError(
+      f'Checkpoint {_step_dir(mngr, step)} cannot be read ({_reason(error)}): move that step directory out of '
+      f'{str(mngr.directory)!r} to use the one before it, or write it again.')
+
+
+def _step_dir(mngr: ocp.CheckpointManager, step: int) -> str:
+  return str(epath.Path(mngr.directory) / str(step))
+
+
+def _reason(error: BaseException) -> str:
+  """The first line of the innermost error: TensorStore's outer message is a page of its spec."""
+  while error.__cause__ is not None:
+    error = error.__cause__
+  lines = str(error).strip().splitlines()
+  line = lines[0] if lines else ''
+  return f'{type(error).__name__}: {line[:300]}{"..." if len(line) > 300 else ""}'
 
 
 def _merged(config: ml_collections.ConfigDict, saved: dict) -> ml_collections.ConfigDict:
@@ -108,6 +161,8 @@ class TrainCheckpointer:
   def __init__(self, workdir: str, keep: int):
     self.directory = os.path.join(absolute(workdir), 'checkpoints')
     self._data_dir = epath.Path(absolute(workdir)) / 'data_state'
+    self._damaged_dir = epath.Path(absolute(workdir)) / 'damaged_checkpoints'
+    self._remove_half_written()
     self.mngr = manager(self.directory, max_to_keep=keep)
 
   def latest_step(self) -> Optional[int]:
@@ -118,7 +173,13 @@ class TrainCheckpointer:
         self.mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config)
 
   def save(self, step: int, state: dict, config: ml_collections.ConfigDict, batches=None) -> None:
-    """Saves the state {'params', 'prior', 'opt', 'step', 'rng'} (asynchronously) and the data position."""
+    """Saves the state {'params', 'prior', 'opt', 'step', 'rng'} (asynchronously) and the data position.
+
+    Raises FloatingPointError, writing and pruning nothing, if the state is not finite.
+    """
+    if not bool(_all_finite(state)):
+      raise FloatingPointError(f'Checkpoint {step} was not written: its parameters or optimiser state are not '
+                               f'finite. The checkpoints in {self.directory!r} are as they were.')
     model_item = {'params': state['params'], 'prior': state['prior']}
     train_item = {'opt': state['opt'], 'step': state['step'], 'rng': state['rng']}
     self.mngr.save(step, args=ocp.args.Composite(
@@ -134,9 +195,77 @@ class TrainCheckpointer:
     restored = self.mngr.restore(step, args=ocp.args.Composite(
         model=ocp.args.StandardRestore({'params': a['params'], 'prior': a['prior']}),
         train=ocp.args.StandardRestore({'opt': a['opt'], 'step': a['step'], 'rng': a['rng']})))
-    if batches is not None and epath.Path(self._data_path(step) + '.index').exists():
-      batches.restore(self._data_path(step))
+    if batches is not None:
+      if epath.Path(self._data_path(step) + '.index').exists():
+        batches.restore(self._data_path(step))
+      else:
+        logging.warning('No input position saved for step %d (%s is missing): the input pipeline starts afresh, '
+                        'so this run sees other batches, in another order, than an uninterrupted run would; the '
+                        'model and optimiser state are restored exactly.', step, self._data_path(step))
     return {**restored.model, **restored.train}
+
+  def restore_latest(self, abstract_state: dict, batches=None,
+                     check_config=None) -> tuple[Optional[int], Optional[dict]]:
+    """Restores the newest checkpoint that can be read: (step, state), or (None, None) if there is none.
+
+    Newer steps that cannot be read (truncated or missing files) are moved, with a warning naming each,
+    to `{workdir}/damaged_checkpoints/`, never deleted: left in place they would collide with this run's
+    saves and outlive the intact steps when old checkpoints are pruned. A step counts as damaged only
+    once an older one restores onto the same target; if none does, raises DamagedCheckpointError
+    naming the newest and changes nothing.
+
+    Args:
+      abstract_state: as for `restore`.
+      batches: the training data iterator, restored to the step's position.
+      check_config: called with each candidate's saved config; raises to refuse it (another architecture).
+    """
+    damaged = []
+    for step in sorted(self.mngr.all_steps(), reverse=True):
+      # Orbax and TensorStore report unreadable files as Exception, ValueError, KeyError or JSON
+      # errors alike; the older step restoring below is what tells damage from a wrong target.
+      try:
+        saved = self.saved_config(step)
+      except Exception as e:  # pylint: disable=broad-except
+        damaged.append((step, e))
+        continue
+      if check_config is not None:
+        check_config(saved)
+      try:
+        state = self.restore(step, abstract_state, batches)
+      except Exception as e:  # pylint: disable=broad-except
+        damaged.append((step, e))
+        continue
+      for bad, error in damaged:
+        self._set_aside(bad, error, resume_step=step)
+      if damaged:
+        self.mngr.reload()
+      return step, state
+    if damaged:
+      step, error = damaged[0]
+      raise DamagedCheckpointError(
+          f'Cannot resume: checkpoint {_step_dir(self.mngr, step)} cannot be read ({_reason(error)}), nor can any '
+          f'older one. Nothing was changed; restore those files, or move {self.directory!r} away to train from '
+          'step 0.') from error
+    return None, None
+
+  def _set_aside(self, step: int, error: Exception, resume_step: int) -> None:
+    """Moves a damaged step (and its data position) to `damaged_checkpoints/`, on process 0."""
+    source = epath.Path(_step_dir(self.mngr, step))
+    target = self._damaged_dir / str(step)
+    n = 1
+    while target.exists():
+      n += 1
+      target = self._damaged_dir / f'{step}.{n}'
+    logging.warning('Checkpoint %s cannot be read (%s): moved to %s, and resuming from step %d, the newest intact '
+                    'checkpoint.', source, _reason(error), target, resume_step)
+    if jax.process_index() == 0:
+      self._damaged_dir.mkdir(parents=True, exist_ok=True)
+      source.rename(target)
+      if (self._data_dir / str(step)).exists():
+        (self._data_dir / str(step)).rename(target.parent / f'{target.name}.data_state')
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f'damaged checkpoint {step} moved')
 
   def wait(self) -> None:
     self.mngr.wait_until_finished()
@@ -144,6 +273,19 @@ class TrainCheckpointer:
   def close(self) -> None:
     self.mngr.wait_until_finished()
     self.mngr.close()
+
+  def _remove_half_written(self) -> None:
+    """Deletes the `<step>.orbax-checkpoint-tmp-*` directories that a killed run left, on process 0.
+
+    Orbax's own `cleanup_tmp_directories` runs in a background thread that only a save waits for;
+    this is done before the run starts. Finished steps are never touched.
+    """
+    directory = epath.Path(self.directory)
+    if jax.process_index() != 0 or not directory.is_dir():
+      return
+    for path in directory.glob(f'*{ocp.path.atomicity.TMP_DIR_SUFFIX}*'):
+      logging.info('Removing %s, a checkpoint that an interrupted run left half-written.', path)
+      path.rmtree()
 
   def _data_path(self, step: int) -> str:
     return str(self._data_dir / str(step) / f'process_{jax.process_index()}')

@@ -225,7 +225,10 @@ def main(argv):
   config = _FLAGS.config
   model = model_lib.from_config(config.model)
   variables = load_reference_checkpoint(model, _FLAGS.checkpoint)
-  checkpoint.save_model(_FLAGS.output, variables, config)
+  try:
+    checkpoint.save_model(_FLAGS.output, variables, config, overwrite=_FLAGS.overwrite)
+  except FileExistsError as e:
+    raise app.UsageError(str(e)) from e
   print(f'Wrote {_FLAGS.output}: {sum(np.size(v) for v in jax.tree.leaves(variables["params"])):,} parameters.')
 
 
@@ -238,5 +241,6 @@ if __name__ == '__main__':
                                   lock_config=True)
   flags.DEFINE_string('checkpoint', None, 'Reference state dict (.pth or .npz).')
   flags.DEFINE_string('output', None, 'Directory to write the converted checkpoint to.')
+  flags.DEFINE_bool('overwrite', False, 'Replace the checkpoint that --output already holds.')
   flags.mark_flags_as_required(['config', 'checkpoint', 'output'])
   app.run(main)

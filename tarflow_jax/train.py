@@ -66,7 +66,7 @@ def model_inputs(batch: dict, rng: jax.Array, config: ml_collections.ConfigDict,
 
 
 def train_step(state: dict, batch: dict, *, model, tx, config, lr: optax.Schedule):
-  """One optimiser step; a step with a non-finite loss or gradient leaves the state unchanged.
+  """One optimiser step; a step with a non-finite loss, gradient or new state leaves the state unchanged.
 
   With `config.grad_accum_steps = k > 1` the batch's gradient is accumulated over k micro-batches
   of B / k examples, one after the other (activation memory of one micro-batch): the same update
@@ -95,8 +95,10 @@ def train_step(state: dict, batch: dict, *, model, tx, config, lr: optax.Schedul
   if not config.model.nvp:  # running average of E[z^2] per token and dim, as the reference
     prior = {'var': prior['var'] + config.prior_var_lr * (stats['z2'] - prior['var'])}
   grad_norm = optax.tree.norm(grads)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   new = {'params': params, 'prior': prior, 'opt': opt, 'step': state['step'] + 1, 'rng': state['rng']}
+  # A finite gradient can still overflow in the update (a huge learning rate, an Adam moment past
+  # float32's range): such a step must not reach the state, or the next checkpoint holds it.
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & checkpoint.all_finite(new)
   keep = {**state, 'step': state['step'] + 1}
   new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, keep)
   metrics = {
@@ -151,14 +153,17 @@ class _Preemption:
 
 
 def _check_finite(history: list, writer) -> None:
-  """Raises at the first step whose loss or gradient was not finite."""
+  """Raises at the first step whose loss, gradient or updated state was not finite."""
   for step, m in history:
     if not m['finite']:
       writer.flush()
+      if np.isfinite(m['loss']) and np.isfinite(m['grad_norm']):
+        what, hint = 'parameters or optimiser state after the update', 'lower optim.lr or set optim.grad_clip'
+      else:
+        what, hint = 'loss or gradient', 'check the data for NaN/Inf, or lower optim.lr / set optim.grad_clip'
       raise FloatingPointError(
-          f'Non-finite loss or gradient at step {step} (loss={m["loss"]}, grad_norm={m["grad_norm"]}). '
-          'Training stopped; that step was not applied and the last checkpoint is intact. Check the data for '
-          'NaN/Inf, or lower optim.lr / set optim.grad_clip.')
+          f'Non-finite {what} at step {step} (loss={m["loss"]}, grad_norm={m["grad_norm"]}). Training stopped; '
+          f'that step was not applied and the checkpoints on disk are as they were: {hint}.')
 
 
 def _steps(config, num_train_examples: int):
@@ -186,14 +191,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   abstract = jax.eval_shape(init)
   state_sharding = sharding.state_shardings(abstract, mesh)
   ckpt = checkpoint.TrainCheckpointer(workdir, config.keep_checkpoints)
-  start = ckpt.latest_step()
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding)
+  start, state = ckpt.restore_latest(
+      abstract, train_data.batches,
+      check_config=lambda saved: checkpoint.check_same_architecture(saved, config, ckpt.directory))
   if start is None:
     state = jax.jit(init, out_shardings=state_sharding)()
     start = 0
   else:
-    checkpoint.check_same_architecture(ckpt.saved_config(start), config, ckpt.directory)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding)
-    state = ckpt.restore(start, abstract, train_data.batches)
     logging.info('Resumed from step %d of %s.', start, ckpt.directory)
 
   step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx, config=config, lr=lr),

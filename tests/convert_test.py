@@ -93,6 +93,15 @@ def test_missing_file_is_a_clear_error():
     convert.read_state_dict('/nonexistent/model.pth')
 
 
+def _files(root) -> dict:
+  out = {}
+  for d, _, files in os.walk(root):
+    for f in files:
+      with open(os.path.join(d, f), 'rb') as fh:
+        out[os.path.join(d, f)] = fh.read()
+  return out
+
+
 def test_cli_writes_a_checkpoint_the_tools_can_load(tmp_path):
   config = tmp_path / 'cond_small.py'
   config.write_text(textwrap.dedent(f'''
@@ -112,6 +121,24 @@ def test_cli_writes_a_checkpoint_the_tools_can_load(tmp_path):
     x = jnp.asarray(data['inputs/x']).transpose(0, 2, 3, 1)
     z, _, _ = model.apply(variables, x, jnp.asarray(data['inputs/y']))
     np.testing.assert_allclose(z, data['forward/y/z'], atol=1e-5)
+
+  # Other weights onto the same --output: refused, and the directory keeps the first ones...
+  other = {k: v * 1.5 for k, v in convert.read_state_dict(FIXTURE + '.npz').items()}
+  np.savez(tmp_path / 'other.npz', **other)
+  before = _files(out)
+  again = [sys.executable, '-m', 'tarflow_jax.convert', f'--config={config}', f'--checkpoint={tmp_path}/other.npz',
+           f'--output={out}']
+  result = subprocess.run(again, capture_output=True, text=True, env=env)
+  assert result.returncode == 1
+  assert 'already holds a checkpoint (steps [0]) and nothing was written' in result.stderr
+  assert '--overwrite' in result.stderr and 'Wrote' not in result.stdout
+  assert _files(out) == before
+  # ...unless --overwrite, which replaces them.
+  result = subprocess.run(again + ['--overwrite'], capture_output=True, text=True, env=env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  _, replaced, _ = checkpoint.load_model(str(out))
+  np.testing.assert_array_equal(replaced['params']['block_0']['proj_in']['bias'],
+                                other['state/blocks.0.proj_in.bias'])
 
 
 def test_load_model_from_an_empty_directory_is_a_clear_error(tmp_path):

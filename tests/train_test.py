@@ -3,16 +3,18 @@
 import functools
 import glob
 import os
+import shutil
 import signal
 import subprocess
 import sys
 
+from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tarflow_jax import checkpoint, config_lib, data, train
+from tarflow_jax import checkpoint, config_lib, data, sharding, train
 from tarflow_jax import model as model_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -256,3 +258,181 @@ def test_gradient_accumulation_must_divide_the_batch_over_the_devices():
     data.check_batch_sizes(config, 8)
   config.grad_accum_steps = 2
   data.check_batch_sizes(config, 8)
+
+
+def _snapshot(root) -> dict:
+  """Every file under `root`: its path relative to `root` and its bytes."""
+  out = {}
+  for dirpath, _, files in os.walk(root):
+    for f in files:
+      path = os.path.join(dirpath, f)
+      with open(path, 'rb') as fh:
+        out[os.path.relpath(path, root)] = fh.read()
+  return out
+
+
+def _checkpointed_config(**overrides):
+  return smoke_config(**{**dict(num_train_steps=6, checkpoint_every=2, eval_every=0, sample_every=0, log_every=2,
+                                keep_checkpoints=3), **overrides})
+
+
+@pytest.fixture(scope='module')
+def checkpointed(tmp_path_factory):
+  """A workdir with checkpoints 2, 4 and 6 of `_checkpointed_config()`; tests change copies of it."""
+  workdir = tmp_path_factory.mktemp('checkpointed')
+  train.train_and_evaluate(_checkpointed_config(), str(workdir))
+  assert sorted(os.listdir(workdir / 'checkpoints'), key=int) == ['2', '4', '6']
+  return workdir
+
+
+@pytest.fixture
+def workdir(checkpointed, tmp_path):
+  shutil.copytree(checkpointed, tmp_path / 'run')
+  return tmp_path / 'run'
+
+
+def test_an_overflowing_update_is_not_applied_and_nothing_is_checkpointed_or_pruned(workdir):
+  # Loss and gradient are finite, but an infinite learning rate makes the new parameters NaN.
+  before = _snapshot(workdir / 'checkpoints'), _snapshot(workdir / 'data_state')
+  config = _checkpointed_config(num_train_steps=10, checkpoint_every=1)
+  config.optim.lr = float('inf')
+  with pytest.raises(FloatingPointError, match='Non-finite parameters or optimiser state after the update at step 7'):
+    train.train_and_evaluate(config, str(workdir))
+  assert (_snapshot(workdir / 'checkpoints'), _snapshot(workdir / 'data_state')) == before
+
+  # The guard before every save: a non-finite state is never written, and nothing is pruned for it.
+  model = model_lib.from_config(config.model)
+  state = train.init_state(model, train.optimizer(config, train.schedule(config, 10, 10)), 0)
+  state['opt'] = jax.tree.map(lambda x: x * np.inf if jnp.issubdtype(x.dtype, jnp.floating) else x, state['opt'])
+  ckpt = checkpoint.TrainCheckpointer(str(workdir), keep=3)
+  with pytest.raises(FloatingPointError, match='Checkpoint 7 was not written'):
+    ckpt.save(7, state, config)
+  ckpt.close()
+  assert (_snapshot(workdir / 'checkpoints'), _snapshot(workdir / 'data_state')) == before
+
+
+def _largest_file(directory):
+  files = [os.path.join(d, f) for d, _, fs in os.walk(directory) for f in fs]
+  return max(files, key=os.path.getsize)
+
+
+def _truncate(path, size=100):
+  with open(path, 'r+b') as f:
+    f.truncate(size)
+
+
+def test_resume_skips_a_damaged_checkpoint_and_keeps_it(workdir, checkpointed, caplog):
+  _truncate(_largest_file(workdir / 'checkpoints' / '6' / 'model'))
+  damaged = _snapshot(workdir / 'checkpoints' / '6')
+  train.train_and_evaluate(_checkpointed_config(), str(workdir))
+  warning = [r.getMessage() for r in caplog.records if 'cannot be read' in r.getMessage()]
+  assert len(warning) == 1 and f'{workdir}/checkpoints/6 cannot be read' in warning[0], warning
+  assert 'resuming from step 4' in warning[0] and 'OUT_OF_RANGE' in warning[0]
+  # Set aside, not deleted; the resumed run wrote step 6 again, equal to the original one.
+  assert _snapshot(workdir / 'damaged_checkpoints' / '6') == damaged
+  assert os.listdir(workdir / 'damaged_checkpoints' / '6.data_state') == os.listdir(checkpointed / 'data_state' / '6')
+  assert sorted(os.listdir(workdir / 'checkpoints'), key=int) == ['2', '4', '6']
+  jax.tree.map(np.testing.assert_array_equal, _params(workdir), _params(checkpointed))
+
+
+def _abstract_state(config):
+  model = model_lib.from_config(config.model)
+  tx = train.optimizer(config, train.schedule(config, 10, 10))
+  abstract = jax.eval_shape(functools.partial(train.init_state, model, tx, config.seed))
+  shardings = sharding.state_shardings(abstract, sharding.make_mesh(config.mesh))
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def test_a_damaged_config_item_is_named_and_skipped(workdir, caplog):
+  _truncate(workdir / 'checkpoints' / '6' / 'config' / 'metadata', 50)
+  with pytest.raises(checkpoint.DamagedCheckpointError, match=rf'Checkpoint {workdir}/checkpoints/6 cannot be read '
+                                                              r'\(JSONDecodeError'):
+    checkpoint.load_model(str(workdir))
+  ckpt = checkpoint.TrainCheckpointer(str(workdir), keep=3)
+  step, state = ckpt.restore_latest(_abstract_state(_checkpointed_config()))
+  ckpt.close()
+  assert step == 4 and int(state['step']) == 4
+  assert any(f'{workdir}/checkpoints/6 cannot be read (JSONDecodeError' in r.getMessage() for r in caplog.records)
+  assert os.listdir(workdir / 'damaged_checkpoints') == ['6', '6.data_state']
+
+
+def test_no_readable_checkpoint_stops_the_run_and_changes_nothing(workdir):
+  for step in ('2', '4', '6'):
+    _truncate(_largest_file(workdir / 'checkpoints' / step / 'train'))
+  before = _snapshot(workdir)
+  with pytest.raises(checkpoint.DamagedCheckpointError,
+                     match=rf'Cannot resume: checkpoint {workdir}/checkpoints/6 cannot be read \(ValueError: '
+                           r'OUT_OF_RANGE.*nor can any older one. Nothing was changed'):
+    train.train_and_evaluate(_checkpointed_config(num_train_steps=8), str(workdir))
+  assert _snapshot(workdir) == before  # no restart from step 0 over the old run, nothing deleted
+
+
+def test_a_missing_data_position_is_a_warning(workdir, caplog):
+  shutil.rmtree(workdir / 'data_state' / '6')
+  config = _checkpointed_config()
+  ckpt = checkpoint.TrainCheckpointer(str(workdir), keep=3)
+  split = data.get_split(config, config.data.train_split, config.batch_size, train=True, seed=config.seed)
+  ckpt.restore(6, _abstract_state(config), split.batches)
+  ckpt.close()
+  assert any('No input position saved for step 6' in r.getMessage() and 'other batches' in r.getMessage()
+             for r in caplog.records)
+
+
+def test_half_written_checkpoints_of_a_killed_run_are_removed(workdir):
+  tmp = workdir / 'checkpoints' / '8.orbax-checkpoint-tmp-1795922760123456'
+  (tmp / 'model').mkdir(parents=True)
+  (tmp / 'model' / 'manifest.ocdbt').write_bytes(b'half')
+  before = _snapshot(workdir / 'checkpoints' / '6')
+  ckpt = checkpoint.TrainCheckpointer(str(workdir), keep=3)
+  ckpt.close()
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['2', '4', '6']
+  assert _snapshot(workdir / 'checkpoints' / '6') == before
+
+
+def _tiny_tfds_dataset(data_dir):
+  """Prepares `tiny_images` (8x8 RGB, 2 classes; 48 train, 16 validation) in `data_dir`, as `tfds build` would.
+
+  The builder is not registered: the training run reads the prepared files alone, as it reads a
+  data dir copied from another machine.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  data_dir.mkdir(parents=True)
+  with tfds.core.registered.skip_registration():
+    class TinyImages(tfds.core.GeneratorBasedBuilder):
+      VERSION = tfds.core.Version('1.0.0')
+      pkg_dir_path = epath.Path(data_dir)  # where TFDS looks for the builder's README and checksums (none)
+
+      def _info(self):
+        return self.dataset_info_from_configs(features=tfds.features.FeaturesDict({
+            'image': tfds.features.Image(shape=(8, 8, 3)), 'label': tfds.features.ClassLabel(num_classes=2)}))
+
+      def _split_generators(self, dl_manager):
+        del dl_manager
+        return {'train': self._generate_examples(48, seed=0), 'validation': self._generate_examples(16, seed=1)}
+
+      def _generate_examples(self, n, seed):
+        rng = np.random.default_rng(seed)
+        for i in range(n):
+          yield i, {'image': rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), 'label': i % 2}
+
+  TinyImages(data_dir=str(data_dir)).download_and_prepare()
+  return [e for _, e in TinyImages._generate_examples(None, 16, seed=1)]  # pylint: disable=protected-access
+
+
+def test_training_and_evaluation_read_a_prepared_tfds_dataset(tmp_path):
+  validation = _tiny_tfds_dataset(tmp_path / 'tfds')
+  config = smoke_config(num_train_steps=2, eval_every=2, sample_every=0, checkpoint_every=2, log_every=1)
+  config.model.update(in_channels=3, img_size=8, num_classes=2)
+  config.data.update(source='tfds', name='tiny_images', data_dir=str(tmp_path / 'tfds'), train_split='train',
+                     eval_split='validation', flip=True, shuffle_buffer=64, num_eval_examples=-1)
+  config.eval_batch_size = 16
+  out = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert sorted(out['eval']) == [0, 2] and all(np.isfinite(v) for v in out['eval'].values())
+  assert np.isfinite(out['train']['loss'])
+  # The evaluation's batches hold the validation split's examples (in the order TFDS stored them).
+  split = data.get_split(config, 'validation', 16, train=False)
+  batch = next(split.batches)
+  assert split.num_examples == 16 and batch['mask'].all()
+  assert (sorted((x.tobytes(), int(y)) for x, y in zip(batch['image'], batch['label']))
+          == sorted((e['image'].tobytes(), e['label']) for e in validation))
