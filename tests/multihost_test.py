@@ -12,9 +12,11 @@ import textwrap
 import time
 
 import jax
+from jax._src.clusters import cloud_tpu_cluster
 import numpy as np
+import pytest
 
-from tarflow_jax import checkpoint
+from tarflow_jax import checkpoint, main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -118,3 +120,76 @@ def test_sigterm_to_one_process_stops_all_at_the_same_step_and_the_rerun_resumes
   assert all(f'Resumed from step {step}' in t for t in texts)
   assert sorted(os.listdir(workdir / 'checkpoints')) == sorted([str(step), str(step + 2)])
 
+
+CLUSTER_VARIABLES = ('OMPI_', 'SLURM_', 'TPU_', 'MEGASCALE_', 'KUBERNETES_', 'JAX_COORDINATOR', 'JAX_NUM_PROCESSES',
+                     'JAX_PROCESS_ID')
+
+
+@pytest.fixture
+def no_cluster(monkeypatch):
+  """A machine outside any cluster, where jax.distributed.initialize is recorded instead of run and no metadata
+  server may be asked."""
+  for name in list(os.environ):
+    if name.startswith(CLUSTER_VARIABLES):
+      monkeypatch.delenv(name)
+
+  def no_metadata_server(key):
+    raise AssertionError(f'asked the metadata server for {key!r}')
+
+  monkeypatch.setattr(cloud_tpu_cluster, 'get_metadata', no_metadata_server)
+  calls = []
+  monkeypatch.setattr(jax.distributed, 'initialize', lambda **kwargs: calls.append(kwargs))
+  return calls
+
+
+def test_a_single_machine_starts_no_distributed_client_and_asks_no_server(no_cluster):
+  start = time.time()
+  assert main.cluster_environment() == ('', 1)
+  main.initialize_distributed()
+  assert no_cluster == [] and time.time() - start < 1
+
+
+def test_explicit_variables_start_the_client_with_their_count_and_id(no_cluster, monkeypatch):
+  monkeypatch.setenv('JAX_COORDINATOR_ADDRESS', '10.0.0.1:1234')
+  monkeypatch.setenv('JAX_NUM_PROCESSES', '2')
+  monkeypatch.setenv('JAX_PROCESS_ID', '1')
+  main.initialize_distributed()
+  assert no_cluster == [dict(num_processes=2, process_id=1)]
+  monkeypatch.delenv('JAX_PROCESS_ID')
+  with pytest.raises(ValueError, match='JAX_PROCESS_ID'):
+    main.initialize_distributed()
+  monkeypatch.delenv('JAX_NUM_PROCESSES')
+  with pytest.raises(ValueError, match='no cluster was detected'):
+    main.initialize_distributed()
+
+
+@pytest.mark.parametrize('tasks, started', [('4', True), ('1', False)])
+def test_slurm_and_open_mpi_jobs_start_the_client_only_with_several_tasks(no_cluster, monkeypatch, tasks, started):
+  slurm = dict(SLURM_JOB_ID='77', SLURM_STEP_NODELIST='gpu[001-004]', SLURM_NTASKS=tasks, SLURM_PROCID='0',
+               SLURM_LOCALID='0')
+  for name, value in slurm.items():
+    monkeypatch.setenv(name, value)
+  assert main.cluster_environment() == ('SlurmCluster', int(tasks))
+  main.initialize_distributed()
+  assert no_cluster == ([{}] if started else [])
+  for name in slurm:
+    monkeypatch.delenv(name)
+  monkeypatch.setenv('OMPI_MCA_orte_hnp_uri', '1531576320.0;tcp://10.96.0.1:34911')
+  monkeypatch.setenv('OMPI_COMM_WORLD_SIZE', tasks)
+  assert main.cluster_environment() == ('OmpiCluster', int(tasks))
+
+
+@pytest.mark.parametrize('workers', [4, 1])
+def test_cloud_tpu_vm_workers_come_from_the_metadata_server(no_cluster, monkeypatch, workers):
+  # A VM made by `gcloud compute tpus tpu-vm create`: no TPU_WORKER_HOSTNAMES, the workers are in the metadata.
+  metadata = {'agent-worker-number': '0', 'worker-network-endpoints': ','.join(f'10.0.0.{i}' for i in range(workers)),
+              'tpu-env': "ACCELERATOR_TYPE: 'v4-32'"}
+  monkeypatch.setattr(cloud_tpu_cluster, 'running_in_cloud_tpu_vm', True)
+  monkeypatch.setattr(cloud_tpu_cluster, 'get_metadata', lambda key: (metadata[key], 200))
+  assert main.cluster_environment() == ('GceTpuCluster', workers)
+  main.initialize_distributed()
+  assert no_cluster == ([{}] if workers > 1 else [])
+  # GKE: the metadata server has no worker number; the workers are in the environment.
+  monkeypatch.setattr(cloud_tpu_cluster, 'get_metadata', lambda key: ('', 404))
+  monkeypatch.setenv('TPU_WORKER_HOSTNAMES', 'w0,w1')
+  assert main.cluster_environment() == ('GkeTpuCluster', 2)
