@@ -70,55 +70,52 @@ def test_two_processes_train_on_their_own_shards_and_agree(tmp_path):
   assert config.num_train_steps == 4 and first['checksum'] > 0
 
 
-def launch_main(workdir, port, steps, logs, num_processes=2):
-  """`python -m tarflow_jax.main` as process i of `num_processes`, told so by the JAX_* variables."""
-  procs = []
-  for i in range(num_processes):
+def preempt_two_processes(workdir, logs, signalled, after_step):
+  """Runs `python -m tarflow_jax.main` as two processes (told so by the JAX_* variables), sends SIGTERM to
+  `signalled` alone once it has logged a step after `after_step`, and returns their logs once both exited 0."""
+  port, procs = free_port(), []
+  for i in range(2):
     env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=1',
-               JAX_COORDINATOR_ADDRESS=f'localhost:{port}', JAX_NUM_PROCESSES=str(num_processes), JAX_PROCESS_ID=str(i),
-               JAX_COMPILATION_CACHE_DIR=str(workdir.parent / 'jax_cache'))
+               JAX_COORDINATOR_ADDRESS=f'localhost:{port}', JAX_NUM_PROCESSES='2', JAX_PROCESS_ID=str(i),
+               JAX_COMPILATION_CACHE_DIR=str(workdir.parent / 'jax_cache'))  # the rerun compiles nothing
     cmd = [sys.executable, '-m', 'tarflow_jax.main', f'--config={REPO}/configs/demo.py:smoke', f'--workdir={workdir}',
-           f'--config.num_train_steps={steps}', '--config.checkpoint_every=100000', '--config.log_every=1',
+           '--config.num_train_steps=100000', '--config.checkpoint_every=100000', '--config.log_every=1',
            '--config.eval_every=0', '--config.sample_every=0']
     with open(logs[i], 'w') as log:
       procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO))
-  return procs
-
-
-def finish(procs, logs):
   texts = []
-  for p, log in zip(procs, logs):
-    try:
+  try:
+    deadline = time.time() + 300
+    while max(map(int, re.findall(r'\[(\d+)\] train/', open(logs[signalled]).read())), default=-1) <= after_step:
+      assert all(p.poll() is None for p in procs) and time.time() < deadline, open(logs[signalled]).read()[-3000:]
+      time.sleep(0.1)
+    procs[signalled].send_signal(signal.SIGTERM)
+    for p, log in zip(procs, logs):
       p.wait(timeout=300)
-    finally:
+      texts.append(open(log).read())
+      assert p.returncode == 0, texts[-1][-3000:]
+  finally:
+    for p in procs:
       p.kill()  # no-op once it has exited; never leaves a process behind when a test fails
-    texts.append(open(log).read())
-    assert p.returncode == 0, texts[-1][-3000:]
   return texts
 
 
-def test_sigterm_to_one_process_stops_all_at_the_same_step_and_the_rerun_resumes(tmp_path):
-  workdir, logs = tmp_path / 'run', [tmp_path / f'process_{i}.log' for i in range(2)]
-  rerun_logs = [tmp_path / f'process_{i}_rerun.log' for i in range(2)]
-  procs = launch_main(workdir, free_port(), 100000, logs)
-  try:
-    # Only process 1 (not the coordinator) is signalled, once it has trained a step.
-    deadline = time.time() + 300
-    while not re.search(r'\[\d+\] train/', open(logs[1]).read()):
-      assert all(p.poll() is None for p in procs) and time.time() < deadline, open(logs[1]).read()[-3000:]
-      time.sleep(0.1)
-    procs[1].send_signal(signal.SIGTERM)
-  finally:
-    texts = finish(procs, logs)
+def stop_step(texts) -> int:
   stops = [re.findall(r'Stopped at step (\d+) after a preemption notice', t) for t in texts]
-  assert len(stops[0]) == len(stops[1]) == 1 and stops[0] == stops[1], stops
-  step = int(stops[0][0])
-  assert 0 < step < 100000 and os.listdir(workdir / 'checkpoints') == [str(step)]
+  assert len(stops[0]) == len(stops[1]) == 1 and stops[0] == stops[1], stops  # the same step on both
+  return int(stops[0][0])
 
-  procs = launch_main(workdir, free_port(), step + 2, rerun_logs)
-  texts = finish(procs, rerun_logs)
-  assert all(f'Resumed from step {step}' in t for t in texts)
-  assert sorted(os.listdir(workdir / 'checkpoints')) == sorted([str(step), str(step + 2)])
+
+def test_sigterm_to_one_process_stops_all_at_the_same_step_and_the_rerun_resumes(tmp_path):
+  workdir = tmp_path / 'run'
+  # Process 1 alone is signalled: both write one checkpoint, at the same step, and exit 0.
+  first = stop_step(preempt_two_processes(workdir, [tmp_path / f'process_{i}.log' for i in range(2)], 1, 0))
+  assert first > 0 and os.listdir(workdir / 'checkpoints') == [str(first)]
+  # The same command again resumes there; now process 0 (the coordinator) alone is signalled.
+  texts = preempt_two_processes(workdir, [tmp_path / f'rerun_{i}.log' for i in range(2)], 0, first)
+  assert all(f'Resumed from step {first}' in t for t in texts)
+  second = stop_step(texts)
+  assert second > first and sorted(os.listdir(workdir / 'checkpoints'), key=int) == [str(first), str(second)]
 
 
 CLUSTER_VARIABLES = ('OMPI_', 'SLURM_', 'TPU_', 'MEGASCALE_', 'KUBERNETES_', 'JAX_COORDINATOR', 'JAX_NUM_PROCESSES',
