@@ -71,3 +71,6 @@ def test_gpu_dry_runs():
       'gpu_node.sh', CONFIG='configs/imagenet64_cond.py')
   out = dry_run('slurm.sbatch', EXTRA_FLAGS='--config.mesh.fsdp=8')
   assert out.startswith('+ srun') and 'python -m tarflow_jax.main' in out and '--config.mesh.fsdp=8' in out
+  # One task per node sees all 8 GPUs, not only the one JAX's SLURM detection would pick.
+  assert 'JAX_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7 ' in out
+  assert 'JAX_LOCAL_DEVICE_IDS=0,1,2,3 ' in dry_run('slurm.sbatch', GPUS_PER_NODE='4')
