@@ -134,6 +134,7 @@ def no_cluster(monkeypatch):
     raise AssertionError(f'asked the metadata server for {key!r}')
 
   monkeypatch.setattr(cloud_tpu_cluster, 'get_metadata', no_metadata_server)
+  monkeypatch.setattr(cloud_tpu_cluster, 'running_in_cloud_tpu_vm', False)  # as JAX finds on a VM without TPU chips
   calls = []
   monkeypatch.setattr(jax.distributed, 'initialize', lambda **kwargs: calls.append(kwargs))
   return calls
