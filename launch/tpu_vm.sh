@@ -1,19 +1,38 @@
 #!/usr/bin/env bash
-# Cloud TPU VMs: create a slice, install tarflow_jax on every worker, train, follow logs, stop, delete.
+# Cloud TPU VMs: create a slice, install tarflow_jax on every worker and check it, train, follow logs, stop, delete.
 #
-#   launch/tpu_vm.sh [--dry-run] create|install|train|logs|stop|delete|all
+#   launch/tpu_vm.sh [--dry-run] create|install|check|train|logs|stop|delete|all
 #
 # Settings come from the variables below or the environment, e.g.
 #   TPU_NAME=tarflow-v4-32 ACCELERATOR_TYPE=v4-32 launch/tpu_vm.sh --dry-run all
 # Single host: v5litepod-8 or v4-8. Pod slice: v4-32 or v5litepod-64 (the same commands; every
-# worker runs the same program and jax.distributed.initialize() finds the others by itself).
+# worker runs the same program, and python -m tarflow_jax.main starts jax.distributed, which finds
+# the other workers through the VM's metadata server).
+#
+# The TPU runtimes are Ubuntu 22.04, whose Python 3.10 is older than this package needs (3.11), so
+# `install` puts uv (from PyPI) on each worker, lets it fetch a standalone CPython 3.11 into a
+# virtualenv, and installs there; `check` then runs JAX on every worker and compares the device count.
 set -euo pipefail
 
 PROJECT="${PROJECT:-my-gcp-project}"
 ZONE="${ZONE:-us-central2-b}"
 TPU_NAME="${TPU_NAME:-tarflow-v4-8}"
 ACCELERATOR_TYPE="${ACCELERATOR_TYPE:-v4-8}"
-RUNTIME_VERSION="${RUNTIME_VERSION:-tpu-ubuntu2204-base}"
+GENERATION="${ACCELERATOR_TYPE%%-*}"  # v4, v5litepod, v5p, v6e
+# The runtime Google lists for JAX on each TPU generation.
+case "$GENERATION" in
+  v5litepod) DEFAULT_RUNTIME=v2-alpha-tpuv5-lite ;;
+  v5p) DEFAULT_RUNTIME=v2-alpha-tpuv5 ;;
+  v6e) DEFAULT_RUNTIME=v2-alpha-tpuv6e ;;
+  *) DEFAULT_RUNTIME=tpu-ubuntu2204-base ;;
+esac
+RUNTIME_VERSION="${RUNTIME_VERSION:-$DEFAULT_RUNTIME}"
+# JAX devices of the slice: v4 and v5p names count TensorCores (two per chip, one device), others chips.
+case "$GENERATION" in
+  v4|v5p) DEVICES=$(( ${ACCELERATOR_TYPE##*-} / 2 )) ;;
+  *) DEVICES=${ACCELERATOR_TYPE##*-} ;;
+esac
+PYTHON_VERSION="${PYTHON_VERSION:-3.11}"
 QUEUED="${QUEUED:-0}"  # 1: ask through a queued resource (spot/reserved capacity)
 REPO_URL="${REPO_URL:-https://github.com/your-org/tarflow_jax.git}"
 CONFIG="${CONFIG:-configs/imagenet64.py}"
@@ -53,11 +72,21 @@ create() {
 }
 
 install() {
-  on_all_workers "git clone $REPO_URL tarflow_jax || git -C tarflow_jax pull; cd tarflow_jax && pip install -e '.[tpu]'"
+  on_all_workers "set -e; (git clone $REPO_URL tarflow_jax || git -C tarflow_jax pull); cd tarflow_jax; \
+python3 -m pip install --user -q uv; [ -x .venv/bin/python ] || ~/.local/bin/uv venv -q --python $PYTHON_VERSION .venv; \
+~/.local/bin/uv pip install -q --python .venv/bin/python -e '.[tpu]'"
+}
+
+check() {
+  # Every worker at once, as in training: each must start jax.distributed and see the whole slice.
+  on_all_workers "cd tarflow_jax && .venv/bin/python -c \"from tarflow_jax import main; main.initialize_distributed(); \
+import jax, sys; n = jax.device_count(); print(f'worker {jax.process_index()}/{jax.process_count()}: Python \
+{sys.version.split()[0]}, {n} {jax.default_backend()} devices'); assert jax.default_backend() == 'tpu' and n == $DEVICES, \
+'expected $DEVICES TPU devices'\""
 }
 
 train() {
-  on_all_workers "cd tarflow_jax && TFDS_DATA_DIR=$DATA_DIR nohup python -m tarflow_jax.main --config=$CONFIG \
+  on_all_workers "cd tarflow_jax && TFDS_DATA_DIR=$DATA_DIR nohup .venv/bin/python -m tarflow_jax.main --config=$CONFIG \
 --workdir=$WORKDIR --config.data.data_dir=$DATA_DIR $EXTRA_FLAGS > train.log 2>&1 &"
 }
 
@@ -67,8 +96,9 @@ logs() {
 }
 
 stop() {
-  # SIGTERM: every worker writes a checkpoint and exits; `train` again resumes.
-  on_all_workers "pkill -TERM -f tarflow_jax.main || true"
+  # SIGTERM: the workers agree on a step, write one checkpoint there and exit; `train` again resumes.
+  # [t]: the pattern must not match the command line of the shell that runs pkill.
+  on_all_workers "pkill -TERM -f '[t]arflow_jax[.]main' || true"
 }
 
 delete() {
@@ -83,10 +113,11 @@ require gcloud
 case "$ACTION" in
   create) create ;;
   install) install ;;
+  check) check ;;
   train) train ;;
   logs) logs ;;
   stop) stop ;;
   delete) delete ;;
-  all) create; install; train ;;
-  *) echo "usage: $0 [--dry-run] create|install|train|logs|stop|delete|all" >&2; exit 2 ;;
+  all) create; install; check; train ;;
+  *) echo "usage: $0 [--dry-run] create|install|check|train|logs|stop|delete|all" >&2; exit 2 ;;
 esac

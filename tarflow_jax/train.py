@@ -10,6 +10,7 @@ from clu import metric_writers, periodic_actions
 from etils import epath
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 import optax
@@ -131,11 +132,23 @@ def _accumulate(grad_fn, params, x, y, k: int):
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag that the loop polls, so a checkpoint is written before exit."""
+  """Picks the step at which training stops after a preemption notice (SIGTERM), the same on every process.
+
+  One process: a SIGTERM handler sets a flag that the loop polls. Several processes: the preemption
+  sync manager that `jax.distributed.initialize()` starts owns SIGTERM (its C++ notifier installs
+  the process's handler), tells every process through the coordination service, and
+  `reached_preemption_sync_point` turns True on all of them at the same step, so a signal to any
+  one process stops them all there. A Python handler would replace JAX's, so none is installed then.
+  """
 
   def __init__(self):
     self.requested = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    self._coordinated = jax.process_count() > 1
+    if self._coordinated and not jax.distributed.is_initialized():
+      logging.warning('%d processes without jax.distributed: SIGTERM will not stop them at a common step. '
+                      'Call jax.distributed.initialize() first (python -m tarflow_jax.main does).',
+                      jax.process_count())
+    self._previous = None if self._coordinated else signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     del signum, frame
@@ -143,13 +156,13 @@ class _Preemption:
     self.requested = True
 
   def reached(self, step: int) -> bool:
-    if jax.process_count() > 1:  # all processes must agree on the step
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      return self.requested or multihost_utils.reached_preemption_sync_point(step)
+    if self._coordinated:  # must be asked at every step, with the same steps on every process
+      return multihost_utils.reached_preemption_sync_point(step)
     return self.requested
 
   def restore(self):
-    signal.signal(signal.SIGTERM, self._previous)
+    if not self._coordinated:
+      signal.signal(signal.SIGTERM, self._previous)
 
 
 def _check_finite(history: list, writer) -> None:
@@ -258,7 +271,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         _check_finite([(s, jax.device_get(m)) for s, m in history], writer)
         ckpt.save(step, state, config, train_data.batches)
       if stop:
-        logging.warning('Stopped at step %d after SIGTERM; rerun the same command to resume.', step)
+        logging.warning('Stopped at step %d after a preemption notice (SIGTERM); rerun the same command to resume.',
+                        step)
         break
       if config.sample_every > 0 and (step % config.sample_every == 0 or step == total_steps):
         write_samples(step)
@@ -293,7 +307,7 @@ def _check_workdir(workdir: str) -> None:
   try:
     path = epath.Path(workdir)
     path.mkdir(parents=True, exist_ok=True)
-    probe = path / '.write_test'
+    probe = path / f'.write_test_{jax.process_index()}'  # processes may share the directory
     probe.write_text('ok')
     probe.unlink()
   except OSError as e:
