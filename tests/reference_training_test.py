@@ -75,3 +75,16 @@ def test_train_step_reproduces_reference_trajectory(stem):
       expected = recorded_variables(model, data, f'step{k}/')
       assert_trees_close(state['params'], expected['params'], PARAM_TOL, f'{stem} parameters after step {k}')
       assert_trees_close(state['prior'], expected['prior'], PARAM_TOL, f'{stem} prior after step {k}')
+
+
+def test_optimizer_is_torch_adamw():
+  # First step of torch's AdamW on gradient g: p - lr * (g / (|g| + eps) + weight_decay * p). A gradient of
+  # 1e-8 = eps gives exactly half a step, so eps is checked too; decay must reach every parameter.
+  config = config_lib.default()
+  config.optim.update(weight_decay=0.1, grad_clip=0.0)
+  lr = 1e-2
+  tx = train.optimizer(config, optax.constant_schedule(lr))
+  params = {'kernel': jnp.full((3, 2), 2.0), 'bias': jnp.full((2,), -1.0), 'norm': {'scale': jnp.ones(2)}}
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-8), params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  jax.tree.map(lambda u, p: np.testing.assert_allclose(u, -lr * (0.5 + 0.1 * p), rtol=1e-6), updates, params)
