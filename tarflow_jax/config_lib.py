@@ -17,11 +17,12 @@ def default() -> ml_collections.ConfigDict:
   # backward pass (activation memory of one layer per block instead of all, ~1/3 more compute);
   # scan_layers compiles one layer per block instead of all (compile time of deep blocks). remat saves
   # memory on XLA's CPU backend only together with scan_layers (its scheduler moves the recomputation
-  # of unrolled layers early); configs/mnist.py turns both on.
+  # of unrolled layers early); configs/mnist.py turns both on. initializer: how fresh parameters are drawn,
+  # 'reference' (torch's defaults, as the official model) or 'flax' (LeCun-normal weights, zero biases).
   c.model = ml_collections.ConfigDict(dict(
       in_channels=3, img_size=64, patch_size=2, channels=768, num_blocks=8, layers_per_block=8,
       head_dim=64, expansion=4, nvp=True, num_classes=0, remat=False, remat_policy='nothing_saveable',
-      scan_layers=False, dtype='bfloat16', attention_kernel='auto'))
+      scan_layers=False, dtype='bfloat16', attention_kernel='auto', initializer='reference'))
 
   # Input pipeline (see tarflow_jax.data). source: 'tfds', 'folder' or 'embedded_mnist'.
   c.data = ml_collections.ConfigDict(dict(

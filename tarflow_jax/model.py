@@ -53,6 +53,30 @@ def _layer_norm(dtype: Dtype, name: str) -> nn.LayerNorm:
   return nn.LayerNorm(epsilon=LN_EPS, dtype=flow_dtype(dtype), use_fast_variance=False, name=name)
 
 
+INITIALIZERS = ('reference', 'flax')
+
+
+def dense(features: int, fan_in: int, initializer: str, dtype: Dtype, precision: Any, name: str,
+          zero_kernel: bool = False) -> nn.Dense:
+  """A Dense layer initialised by rule `initializer` (see `TarFlow`); `fan_in` is its input width.
+
+  'reference' draws weights and biases from U(+-1/sqrt(fan_in)), as torch's `Linear`;
+  'flax' draws LeCun-normal weights and zero biases. `zero_kernel` zeroes the weights either way.
+  """
+  if initializer == 'reference':
+    bound = fan_in**-0.5
+    uniform = lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+    kernel_init, bias_init = uniform, uniform
+  elif initializer == 'flax':
+    kernel_init, bias_init = nn.initializers.lecun_normal(), nn.initializers.zeros
+  else:
+    raise ValueError(f'Unknown model initializer {initializer!r}: use one of {INITIALIZERS}.')
+  if zero_kernel:
+    kernel_init = nn.initializers.zeros
+  return nn.Dense(features, dtype=dtype, precision=precision, kernel_init=kernel_init, bias_init=bias_init,
+                  name=name)
+
+
 class Attention(nn.Module):
   """Multi-head self-attention, causal over a full sequence or one token over a cache."""
 
@@ -61,13 +85,13 @@ class Attention(nn.Module):
   dtype: Dtype = jnp.float32
   precision: Any = None
   kernel: str = 'auto'  # see attention.causal_attention
+  initializer: str = 'reference'
 
   def setup(self):
     self.num_heads = self.channels // self.head_dim
-    dense = lambda n, name: nn.Dense(n, dtype=self.dtype, precision=self.precision, name=name)
     self.norm = _layer_norm(self.dtype, 'norm')
-    self.qkv = dense(3 * self.channels, 'qkv')
-    self.proj = dense(self.channels, 'proj')
+    self.qkv = dense(3 * self.channels, self.channels, self.initializer, self.dtype, self.precision, 'qkv')
+    self.proj = dense(self.channels, self.channels, self.initializer, self.dtype, self.precision, 'proj')
 
   def _qkv(self, x: Array):
     h = self.norm(x).astype(self.dtype)
@@ -136,13 +160,15 @@ class MLP(nn.Module):
   expansion: int = 4
   dtype: Dtype = jnp.float32
   precision: Any = None
+  initializer: str = 'reference'
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
+    hidden = self.channels * self.expansion
     h = _layer_norm(self.dtype, 'norm')(x).astype(self.dtype)
-    h = nn.Dense(self.channels * self.expansion, dtype=self.dtype, precision=self.precision, name='fc1')(h)
+    h = dense(hidden, self.channels, self.initializer, self.dtype, self.precision, 'fc1')(h)
     h = gelu(sharding.constrain_batch(h))
-    return nn.Dense(self.channels, dtype=self.dtype, precision=self.precision, name='fc2')(h)
+    return dense(self.channels, hidden, self.initializer, self.dtype, self.precision, 'fc2')(h)
 
 
 class TransformerLayer(nn.Module):
@@ -154,10 +180,12 @@ class TransformerLayer(nn.Module):
   dtype: Dtype = jnp.float32
   precision: Any = None
   attention_kernel: str = 'auto'
+  initializer: str = 'reference'
 
   def setup(self):
-    self.attention = Attention(self.channels, self.head_dim, self.dtype, self.precision, self.attention_kernel)
-    self.mlp = MLP(self.channels, self.expansion, self.dtype, self.precision)
+    self.attention = Attention(self.channels, self.head_dim, self.dtype, self.precision,
+                               kernel=self.attention_kernel, initializer=self.initializer)
+    self.mlp = MLP(self.channels, self.expansion, self.dtype, self.precision, self.initializer)
 
   def __call__(self, x: Array, temperature: Optional[Array] = None) -> Array:
     x = sharding.constrain_batch(x + self.attention(sharding.constrain_batch(x), temperature))
@@ -194,23 +222,25 @@ class FlowBlock(nn.Module):
   dtype: Dtype = jnp.float32
   precision: Any = None
   attention_kernel: str = 'auto'
+  initializer: str = 'reference'
 
   def setup(self):
-    self.proj_in = nn.Dense(self.channels, dtype=self.dtype, precision=self.precision, name='proj_in')
+    self.proj_in = dense(self.channels, self.token_dim, self.initializer, self.dtype, self.precision, 'proj_in')
     self.pos_embed = self.param('pos_embed', nn.initializers.normal(1e-2), (self.num_tokens, self.channels))
     if self.num_classes:
       self.class_embed = self.param('class_embed', nn.initializers.normal(1e-2), (self.num_classes, self.channels))
     # remat: the backward pass recomputes each layer from its input instead of storing its activations.
     layer = nn.remat(TransformerLayer, policy=self._policy()) if self.remat else TransformerLayer
     self.layers = [
-        layer(self.channels, self.head_dim, self.expansion, self.dtype, self.precision, self.attention_kernel,
+        layer(self.channels, self.head_dim, self.expansion, self.dtype, self.precision,
+              attention_kernel=self.attention_kernel, initializer=self.initializer,
               name=f'layer_{i}')
         for i in range(self.num_layers)
     ]
     out_dim = 2 * self.token_dim if self.nvp else self.token_dim
-    # Zero weights: a fresh block is the identity map (bias stays at its init).
-    self.proj_out = nn.Dense(out_dim, dtype=self.dtype, precision=self.precision,
-                             kernel_init=nn.initializers.zeros, name='proj_out')
+    # Zero weights: a fresh block is an affine map of each token by its bias, the same for every input.
+    self.proj_out = dense(out_dim, self.channels, self.initializer, self.dtype, self.precision, 'proj_out',
+                          zero_kernel=True)
 
   def _order(self, x: Array, axis: int = 1) -> Array:
     """Puts x into the block's reading order (an involution)."""
@@ -257,7 +287,7 @@ class FlowBlock(nn.Module):
     params = self.variables['params']
     stacked = jax.tree.map(lambda *p: jnp.stack(p), *[params[f'layer_{i}'] for i in range(self.num_layers)])
     layer = TransformerLayer(self.channels, self.head_dim, self.expansion, self.dtype, self.precision,
-                             self.attention_kernel, parent=None)
+                             attention_kernel=self.attention_kernel, initializer=self.initializer, parent=None)
     body = lambda h, p: (layer.apply({'params': p}, h, temperature), None)
     if self.remat:
       body = jax.checkpoint(body, prevent_cse=False, policy=self._policy())
@@ -324,7 +354,11 @@ class TarFlow(nn.Module):
   recomputes each Transformer layer in the backward pass instead of storing
   its activations; `scan_layers` runs each block's layers as one `lax.scan`
   (compile time independent of the depth). Both change memory and speed, not
-  the function or the parameters.
+  the function or the parameters. `initializer` picks how fresh parameters are drawn:
+  'reference' as the official PyTorch model (every Linear's weights and biases
+  U(+-1/sqrt(fan_in)), LayerNorm 1 and 0, position and class embeddings
+  N(0, 0.01^2), output projections' weights zero) or 'flax' (LeCun-normal
+  weights, zero biases, the embeddings and zero output weights as before).
   """
 
   in_channels: int
@@ -343,6 +377,7 @@ class TarFlow(nn.Module):
   dtype: Dtype = jnp.float32
   precision: Any = None
   attention_kernel: str = 'auto'
+  initializer: str = 'reference'
 
   @property
   def num_tokens(self) -> int:
@@ -362,7 +397,7 @@ class TarFlow(nn.Module):
                   self.head_dim, self.expansion, self.nvp, self.num_classes, flip=bool(i % 2),
                   remat=self.remat, remat_policy=self.remat_policy, scan_layers=self.scan_layers,
                   dtype=self.dtype, precision=self.precision, attention_kernel=self.attention_kernel,
-                  name=f'block_{i}')
+                  initializer=self.initializer, name=f'block_{i}')
         for i in range(self.num_blocks)
     ]
     # Created here, read outside the module: sampling scales its noise by variables['prior']['var'].

@@ -66,17 +66,29 @@ def model_inputs(batch: dict, rng: jax.Array, config: ml_collections.ConfigDict,
   return x, y
 
 
-def train_step(state: dict, batch: dict, *, model, tx, config, lr: optax.Schedule):
+def train_step(state: dict, batch: dict, *, model, tx, config, lr: optax.Schedule, augment: bool = True):
   """One optimiser step; a step with a non-finite loss, gradient or new state leaves the state unchanged.
 
   With `config.grad_accum_steps = k > 1` the batch's gradient is accumulated over k micro-batches
   of B / k examples, one after the other (activation memory of one micro-batch): the same update
   as one step over the whole batch.
 
-  Returns the new state and scalar metrics.
+  Args:
+    state: the train state (`init_state`).
+    batch: {'image': (B, H, W, C), 'label': (B,)}.
+    augment: True: 'image' holds uint8 pixels, turned into the model's input by `model_inputs`
+      (training noise, label drop). False: 'image' is the model's float input on [-1, 1] exactly
+      as given (NHWC) and 'label' the labels as given (-1 = dropped); no noise or label drop, and
+      the state's rng is not used (to replay recorded inputs).
+    model, tx, config, lr: the model, optimiser, config and learning-rate schedule.
+  Returns:
+    The new state and scalar metrics.
   """
-  rng = jax.random.fold_in(state['rng'], state['step'])
-  x, y = model_inputs(batch, rng, config)
+  if augment:
+    x, y = model_inputs(batch, jax.random.fold_in(state['rng'], state['step']), config)
+  else:
+    x = batch['image']
+    y = batch['label'].astype(jnp.int32) if config.model.num_classes else None
 
   def loss_fn(params, x, y):
     z, logdets, outputs = model.apply({'params': params, 'prior': state['prior']}, x, y)

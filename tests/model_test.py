@@ -1,4 +1,4 @@
-"""The flow itself: patch layout, identity at init, exact log-determinant, autoregressive structure."""
+"""The flow itself: patch layout, the fresh flow, exact log-determinant, autoregressive structure."""
 
 import re
 
@@ -29,8 +29,21 @@ def test_unpatchify_inverts_patchify():
   np.testing.assert_array_equal(unpatchify(patchify(x, 4), 4, 8), x)
 
 
-def test_fresh_model_is_identity():
+def test_fresh_model_is_elementwise_affine():
+  # proj_out's zero weights: every block's (a, b) is its bias, whatever the input and the label.
   model = toy.tiny_model(num_classes=3)
+  variables = model_lib.init_variables(model, jax.random.key(0))
+  x = toy.images(model)
+  f = lambda x, y: model.apply(variables, x, jnp.array(y))[:2]
+  (z0, l0), (z1, l1), (z2, l2) = f(0 * x, [0, 1, 2]), f(x, [2, 0, -1]), f(2 * x, [1, 2, 0])
+  np.testing.assert_allclose(z2 - z0, 2 * (z1 - z0), atol=1e-5)
+  np.testing.assert_array_equal(l1, l0)
+  np.testing.assert_array_equal(l2, l0)
+  assert float(jnp.abs(z1 - patchify(x, model.patch_size)).max()) > 1e-3  # the biases are not zero
+
+
+def test_fresh_model_with_flax_init_is_identity():
+  model = toy.tiny_model(num_classes=3, initializer='flax')
   variables = model_lib.init_variables(model, jax.random.key(0))
   x = toy.images(model)
   z, logdets, _ = model.apply(variables, x, jnp.array([0, 1, 2]))
