@@ -20,6 +20,7 @@ def get_config(arg=None):
   # moments sharded over every chip (`python -m tarflow_jax.aot` shows what each slice needs).
   c.model.update(remat=True, scan_layers=True)
   c.mesh.update(data=1, fsdp=-1)
+  c.grad_accum_steps = 2  # the paper's batch of 768 in two halves: a v4-32 holds the activations of 24 per chip
   c.batch_size = 768
   c.num_epochs = 320.0
   c.sample.update(guidance=2.0, guide_what='ab')

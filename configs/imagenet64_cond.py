@@ -20,6 +20,7 @@ def get_config(arg=None):
   # moments sharded over every chip (`python -m tarflow_jax.aot` shows what each slice needs).
   c.model.update(remat=True, scan_layers=True)
   c.mesh.update(data=1, fsdp=-1)
+  c.grad_accum_steps = 2  # the batch in two halves: one half's activations fit a v4-8 (64 examples per chip)
   c.batch_size = 256
   c.num_epochs = 200.0
   c.sample.update(guidance=2.0, guide_what='ab')

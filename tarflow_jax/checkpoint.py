@@ -29,9 +29,23 @@ def absolute(path: str) -> str:
   return path if '://' in path else os.path.abspath(path)
 
 
+class _Manager(ocp.CheckpointManager):
+  """A CheckpointManager that leaves preemption to the training loop (`train._Preemption`).
+
+  Orbax asks JAX's preemption sync point about a step again when a save finishes, from a
+  background thread and with the saved (older) step; JAX remembers only the last step asked,
+  so a preemption notice in that window would make this process report a stale step and miss
+  the step at which the others stop.
+  """
+
+  def reached_preemption(self, step: int) -> bool:
+    del step
+    return False
+
+
 def manager(directory: str, max_to_keep: Optional[int] = None, **options) -> ocp.CheckpointManager:
   """A CheckpointManager over `directory` with the items above."""
-  return ocp.CheckpointManager(
+  return _Manager(
       absolute(directory),
       options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, **options),
       item_names=('model', 'train', 'config'))
