@@ -10,8 +10,8 @@ import numpy as np
 from tarflow_jax import sharding
 
 KERNELS = ('auto', 'einsum', 'cudnn', 'splash')
-# Splash attention tiles the sequence in blocks of up to this many tokens (lane-aligned, >= 128).
-SPLASH_BLOCK = 512
+# Splash attention tiles the sequence in blocks of the largest of these that divides it.
+SPLASH_BLOCKS = (512, 256, 128)
 
 
 def platform() -> str:
@@ -82,16 +82,21 @@ def causal_attention(q, k, v, *, scale: float, kernel: str = 'auto'):
   return dot_product_attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), scale=scale, mask=causal)
 
 
+def _splash_block(length: int) -> int:
+  """The splash tile for `length` tokens; 0 if no lane-aligned tile divides it."""
+  return next((b for b in SPLASH_BLOCKS if length % b == 0), 0)
+
+
 def _splash_fits(shape) -> bool:
   _, t, _, hd = shape
-  return t >= 128 and t % min(SPLASH_BLOCK, t) == 0 and hd >= 64
+  return bool(_splash_block(t)) and hd >= 64
 
 
 @functools.lru_cache(maxsize=None)
 def _splash_kernel(num_heads: int, length: int, interpret: bool):
   """Causal splash kernel over (H, T, hd) queries, keys and values of one example."""
   from jax.experimental.pallas.ops.tpu import splash_attention as splash  # pylint: disable=g-import-not-at-top
-  block = min(SPLASH_BLOCK, length)
+  block = _splash_block(length)
   sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                             block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
   mask = splash.MultiHeadMask([splash.CausalMask((length, length)) for _ in range(num_heads)])
