@@ -6,6 +6,8 @@ import os
 import ml_collections
 from ml_collections import config_dict
 
+from tarflow_jax import errors
+
 
 def default() -> ml_collections.ConfigDict:
   """The fields every experiment config has; experiments override some of them."""
@@ -76,6 +78,61 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
+_KNOWN = {
+    'data.source': ('tfds', 'folder', 'embedded_mnist'),
+    'noise.type': ('gaussian', 'uniform'),
+    'sample.guide_what': ('a', 'b', 'ab'),
+    'model.dtype': ('float32', 'bfloat16', 'float16'),
+}
+
+
+def validate(c: ml_collections.ConfigDict, devices=None, num_processes: int = 1) -> None:
+  """Raises errors.UserError naming the first field of a training config that cannot work.
+
+  Checks what fails late or unclearly otherwise: intervals, sizes, known values; with
+  `devices` (a list, e.g. jax.devices()) also the mesh and the batch sizes against the devices and
+  `num_processes`. Creates, reads and compiles nothing.
+  """
+  for field in ('log_every', 'checkpoint_every', 'keep_checkpoints', 'batch_size', 'grad_accum_steps'):
+    _require(c[field] > 0, f'config.{field}={c[field]} must be positive.')
+  for field in ('eval_every', 'sample_every'):
+    _require(c[field] >= 0, f'config.{field}={c[field]} must be >= 0 (0 turns it off).')
+  if c.eval_every > 0:
+    _require(c.eval_batch_size > 0, f'config.eval_batch_size={c.eval_batch_size} must be positive.')
+  if c.sample_every > 0:
+    _require(c.sample.num > 0, f'config.sample.num={c.sample.num} must be positive (or config.sample_every=0).')
+  _require(c.num_train_steps > 0 or c.num_epochs > 0,
+           f'config.num_train_steps={c.num_train_steps} and config.num_epochs={c.num_epochs}: one must be positive.')
+  for name, known in _KNOWN.items():
+    value = c[name.split('.')[0]][name.split('.')[1]]
+    _require(value in known, f'config.{name}={value!r} is not one of {", ".join(map(repr, known))}.')
+  _require(c.noise.std >= 0, f'config.noise.std={c.noise.std} must be >= 0.')
+  _require(0 <= c.label_drop < 1, f'config.label_drop={c.label_drop} must lie in [0, 1).')
+  _require(c.sample.guidance >= 0, f'config.sample.guidance={c.sample.guidance} must be >= 0 (0: no guidance).')
+  _require(c.sample.attn_temp > 0, f'config.sample.attn_temp={c.sample.attn_temp} must be positive.')
+  for axis in ('data', 'fsdp'):
+    _require(c.mesh[axis] == -1 or c.mesh[axis] > 0,
+             f'config.mesh.{axis}={c.mesh[axis]} must be positive, or -1 for the remaining devices.')
+  if devices is not None:
+    _validate_devices(c, devices, num_processes)
+
+
+def _validate_devices(c: ml_collections.ConfigDict, devices, num_processes: int) -> None:
+  from tarflow_jax import data, sharding  # pylint: disable=g-import-not-at-top  # JAX: only when asked
+  try:
+    num_devices = sharding.make_mesh(c.mesh, devices).size
+    data.check_batch_sizes(c, num_devices)
+  except ValueError as e:
+    raise errors.UserError(str(e)) from e
+  _require(c.batch_size % num_processes == 0,
+           f'config.batch_size={c.batch_size} does not divide over the {num_processes} processes.')
+
+
+def _require(ok: bool, message: str) -> None:
+  if not ok:
+    raise errors.UserError(message)
+
+
 def finalize(c: ml_collections.ConfigDict, arg=None) -> ml_collections.ConfigDict:
   """Applies the config-file argument: `configs/x.py:smoke` shrinks the run."""
   if arg in (None, ''):
@@ -85,15 +142,21 @@ def finalize(c: ml_collections.ConfigDict, arg=None) -> ml_collections.ConfigDic
   raise ValueError(f'Unknown config argument {arg!r}; the only one is "smoke" (configs/<name>.py:smoke).')
 
 
+def config_path(spec: str) -> str:
+  """The file of a `configs/<name>.py[:arg]` spec; raises FileNotFoundError if there is no such file."""
+  path = spec.partition(':')[0]
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'No config file {path!r}: give a path to configs/<name>.py, optionally with '
+                            f'":smoke" (the configs are in the repository, not in the installed package).')
+  return path
+
+
 def load(spec: str) -> ml_collections.ConfigDict:
   """`configs/<name>.py[:arg]` to its ConfigDict, as `--config=` loads it (for notebooks and scripts).
 
   >>> config = load('configs/demo.py:smoke')
   """
-  path, _, arg = spec.partition(':')
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'No config file {path!r}: give a path to configs/<name>.py, optionally with '
-                            f'":smoke" (the configs are in the repository, not in the installed package).')
+  path, arg = config_path(spec), spec.partition(':')[2]
   module_spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
