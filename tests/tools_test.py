@@ -17,7 +17,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def digits_config():
-  c = config_lib.smoke(config_lib.default())
+  c = config_lib.cpu_digits(config_lib.default())
   c.model.update(img_size=8, patch_size=4, num_classes=10, channels=32, head_dim=16)
   c.noise.std = 0.1
   return c

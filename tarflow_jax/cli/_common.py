@@ -125,19 +125,15 @@ def _config_spec(argv: list) -> Optional[str]:
 def _config_file_error(spec: str) -> Optional[str]:
   """Why the config file `spec` cannot be loaded, or None."""
   try:
-    config_lib.config_path(spec)
-    FLAGS['config'].value  # pylint: disable=pointless-statement  # loads the file, raising what it raised
-  except Exception as e:  # pylint: disable=broad-except
+    config_lib.load(spec)
+  except Exception as e:  # pylint: disable=broad-except  # whatever the file raises is the user's to fix
     return _root_message(e)
   return None
 
 
 def _unknown_field(spec: str, argv: list) -> Optional[str]:
   """The first `--config.<field>=` override in `argv` that names no field of the config, as a message."""
-  try:
-    config = config_lib.load(spec)
-  except Exception:  # pylint: disable=broad-except  # not a configs/<name>.py: no field names to offer
-    return None
+  config = config_lib.load(spec)
   for arg in argv[1:]:
     match = _OVERRIDE.match(arg)
     if not match:
@@ -155,12 +151,12 @@ def _unknown_field(spec: str, argv: list) -> Optional[str]:
 
 
 def _root_message(e: BaseException) -> str:
-  """The message of the first user error in `e`'s chain of causes, else `e`'s own."""
+  """The message of the first user error in `e` and its chain of causes, else `e`'s own."""
   for cause in _chain(e):
     message = user_error_message(cause)
-    if message is not None and cause is not e:
+    if message is not None:
       return message
-  return user_error_message(e) or str(e)
+  return str(e)
 
 
 def _chain(e: BaseException):

@@ -21,7 +21,7 @@ import jax
 from ml_collections import config_flags
 import numpy as np
 
-from tarflow_jax import checkpoint, errors, evaluation, fid, inception, sharding
+from tarflow_jax import checkpoint, config_lib, errors, evaluation, fid, inception, sharding
 from tarflow_jax.cli import _common
 
 COMMANDS = ('bpd', 'classify', 'fid_stats', 'fid')
@@ -72,6 +72,7 @@ def main(argv):
   model, variables, config = checkpoint.load_model(FLAGS.checkpoint)
   if FLAGS.data_dir:
     config.data.data_dir = FLAGS.data_dir
+  config_lib.validate_data(config)
   split = FLAGS.split or config.data.eval_split
   mesh = sharding.make_mesh(config.mesh)
   kwargs = dict(num_examples=FLAGS.num_examples, batch_size=FLAGS.batch_size, seed=FLAGS.seed)
@@ -95,6 +96,7 @@ def fid_stats():
   config = FLAGS.config
   if FLAGS.data_dir:
     config.data.data_dir = FLAGS.data_dir
+  config_lib.validate_data(config)
   split = FLAGS.split or config.data.train_split
   weights = inception.load_weights(FLAGS.inception)
   mu, sigma, n = evaluation.split_fid_statistics(weights, config, sharding.make_mesh(config.mesh), split,

@@ -10,7 +10,7 @@ Guidance, attention temperature and denoising default to the checkpoint config's
 import os
 import time
 
-from absl import flags, logging
+from absl import app, flags, logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -88,7 +88,8 @@ def check_flags() -> None:
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   check_flags()
   model, variables, config = checkpoint.load_model(FLAGS.checkpoint)
   s = config.sample
