@@ -114,6 +114,17 @@ def test_config_load_names_a_missing_file_and_an_unknown_argument(tmp_path):
   assert config_lib.load(os.path.join(REPO, 'configs', 'demo.py:smoke')).num_train_steps == 6
 
 
+def test_smoke_keeps_the_experiments_data_and_cpu_digits_replaces_it():
+  full = config_lib.load(os.path.join(REPO, 'configs', 'imagenet64.py'))
+  smoke = config_lib.load(os.path.join(REPO, 'configs', 'imagenet64.py:smoke'))
+  assert smoke.data.to_dict() == {**full.data.to_dict(), 'num_eval_examples': 64, 'shuffle_buffer': 512}
+  assert (smoke.model.img_size, smoke.model.in_channels, smoke.model.patch_size) == (64, 3, 16)
+  assert smoke.num_train_steps == 6 and smoke.model.channels == 64
+  digits = config_lib.load(os.path.join(REPO, 'configs', 'imagenet64.py:cpu_digits'))
+  assert (digits.data.source, digits.model.img_size, digits.model.in_channels) == ('embedded_mnist', 16, 1)
+  assert digits.noise.to_dict() == full.noise.to_dict() and digits.sample.attn_temp == full.sample.attn_temp
+
+
 def reference_parameter_count(in_channels, img_size, patch_size, channels, num_blocks, layers_per_block,
                               num_classes, nvp=True, expansion=4, **unused):
   """Parameters of apple/ml-tarflow's Model, from its module definitions."""

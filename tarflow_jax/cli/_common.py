@@ -66,21 +66,30 @@ def _exit(message: str, hint: str = '') -> None:
 def user_error_message(e: BaseException) -> Optional[str]:
   """The message to show for `e` if it is a user error, else None (a bug: keep the traceback).
 
-  User errors: errors.UserError and the library's specific errors (app.UsageError, missing
-  datasets, damaged checkpoints, another architecture); an OSError about a named file; and a
-  ValueError, OSError, ImportError, ArithmeticError or RuntimeError that the package's own code raised, which
-  is how it rejects bad input.
+  User errors: app.UsageError, errors.UserError and the library's specific errors (a dataset not
+  prepared, a damaged checkpoint, another architecture); a ValueError, OSError, ImportError,
+  ArithmeticError or RuntimeError that the package's own code raised, which is how it rejects bad
+  input; and an OSError about a named file.
   """
-  from tarflow_jax import checkpoint, data  # pylint: disable=g-import-not-at-top  # orbax, TensorFlow: slow
   if isinstance(e, app.UsageError):
     return f'{e} (--helpshort lists the flags)'
-  if isinstance(e, (errors.UserError, data.DatasetNotFoundError, checkpoint.DamagedCheckpointError)):
+  if isinstance(e, _library_errors()):
     return str(e)
   if isinstance(e, (ValueError, OSError, ImportError, ArithmeticError, RuntimeError)) and _raised_by_package(e):
     return str(e)
   if isinstance(e, OSError) and e.filename:
     return f'{e.strerror or e}: {e.filename}'
   return None
+
+
+_LIBRARY_ERRORS = (('tarflow_jax.data', 'DatasetNotFoundError'), ('tarflow_jax.checkpoint', 'DamagedCheckpointError'),
+                   ('tarflow_jax.reference', 'ArchitectureMismatch'))
+
+
+def _library_errors() -> tuple:
+  """errors.UserError and the specific error types of the library modules loaded (only they raise them)."""
+  loaded = [getattr(sys.modules[module], name) for module, name in _LIBRARY_ERRORS if module in sys.modules]
+  return (errors.UserError, *loaded)
 
 
 def _raised_by_package(e: BaseException) -> bool:
