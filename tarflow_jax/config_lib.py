@@ -178,8 +178,8 @@ def config_path(spec: str) -> str:
   """The file of a `configs/<name>.py[:arg]` spec; raises FileNotFoundError if there is no such file."""
   path = spec.partition(':')[0]
   if not os.path.isfile(path):
-    raise FileNotFoundError(f'No config file {path!r}: give a path to configs/<name>.py, optionally with '
-                            f'":smoke" or ":cpu_digits" (the configs are in the repository, not in the installed package).')
+    raise FileNotFoundError(f'No config file {path!r}: give a path to configs/<name>.py, optionally with ":smoke" '
+                            'or ":cpu_digits" (the configs are in the repository, not in the installed package).')
   return path
 
 
