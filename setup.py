@@ -44,5 +44,8 @@ setup(
     python_requires='>=3.11',
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
+    entry_points={'console_scripts': [
+        f'tarflow-{name}=tarflow_jax.cli.{name}:run'
+        for name in ('train', 'sample', 'evaluate', 'convert', 'bench', 'aot')]},
     license='Apache-2.0',
 )

@@ -12,10 +12,10 @@ batches of the 4,500 embedded training digits (the library's input pipeline, sam
   the reference's train.py on the CPU in float32: torch AdamW (b1, b2, weight decay from the
   config), Gaussian noise, labels dropped to -1, the learning rate of its `CosineLRSchedule`
   (linear warm-up from min_lr over one epoch, cosine to min_lr; `train.schedule` is the same
-  function). Its weights are converted with `python -m tarflow_jax.convert`.
+  function). Its weights are converted with `python -m tarflow_jax.cli.convert`.
 - library: `python -m tarflow_jax.main --config=configs/demo.py --config.seed=S`.
 
-Both are then measured by `python -m tarflow_jax.evaluate bpd` and `classify` on the 500
+Both are then measured by `python -m tarflow_jax.cli.evaluate bpd` and `classify` on the 500
 held-out digits. Finished training runs are reused when the command is run again. Prints a
 markdown table and writes it with the numbers to `<workdir>/results.json`.
 """
@@ -85,9 +85,9 @@ def train_reference(reference_dir: str, seed: int, path: str, threads: int) -> N
 
 def evaluate(checkpoint: str) -> dict:
   """Held-out bits/dim (with standard error) and Bayes classifier accuracy of a checkpoint."""
-  bpd = run('tarflow_jax.evaluate', 'bpd', f'--checkpoint={checkpoint}')
+  bpd = run('tarflow_jax.cli.evaluate', 'bpd', f'--checkpoint={checkpoint}')
   mean, stderr = map(float, re.search(r': ([\d.]+) \+- ([\d.]+)', bpd).groups())
-  accuracy = float(re.search(r': ([\d.]+)%', run('tarflow_jax.evaluate', 'classify', f'--checkpoint={checkpoint}'))
+  accuracy = float(re.search(r': ([\d.]+)%', run('tarflow_jax.cli.evaluate', 'classify', f'--checkpoint={checkpoint}'))
                    .group(1))
   return {'bits_per_dim': mean, 'bits_per_dim_stderr': stderr, 'accuracy': accuracy}
 
@@ -118,7 +118,7 @@ def main():
         if not os.path.exists(pth):
           train_reference(args.reference_dir, seed, pth, args.torch_threads)
         if not os.path.isdir(checkpoint):
-          run('tarflow_jax.convert', f'--config={CONFIG}', f'--checkpoint={pth}', f'--output={checkpoint}')
+          run('tarflow_jax.cli.convert', f'--config={CONFIG}', f'--checkpoint={pth}', f'--output={checkpoint}')
       else:
         run('tarflow_jax.main', f'--config={CONFIG}', f'--workdir={checkpoint}', f'--config.seed={seed}')
       results[name] = {'side': side, 'seed': seed, **evaluate(checkpoint)}

@@ -6,7 +6,7 @@ r"""AFHQ 256x256 (cat, dog, wild), class-conditional; the official released chec
 8 blocks x 8 layers, width 768, patch 8 (1,024 tokens of dim 192), noise std 0.07, 3 classes,
 batch 256, 4000 epochs. Data: an image folder with one subfolder per class (train/ and val/), as
 the reference reads it. Convert the official checkpoint with
-`python -m tarflow_jax.convert --config=configs/afhq256.py --checkpoint=afhq_model_8_768_8_8_0.07.pth --output=DIR`.
+`python -m tarflow_jax.cli.convert --config=configs/afhq256.py --checkpoint=afhq_model_8_768_8_8_0.07.pth --output=DIR`.
 """
 
 from tarflow_jax import config_lib
@@ -20,7 +20,7 @@ def get_config(arg=None):
   c.noise.update(type='gaussian', std=0.07)
   c.label_drop = 0.1
   # TPU-sized: each layer recomputed in the backward pass (one scan per block), parameters and Adam
-  # moments sharded over every chip (`python -m tarflow_jax.aot` shows what each slice needs).
+  # moments sharded over every chip (`python -m tarflow_jax.cli.aot` shows what each slice needs).
   c.model.update(remat=True, scan_layers=True)
   c.mesh.update(data=1, fsdp=-1)
   c.grad_accum_steps = 2  # the batch in two halves: one half's activations fit a v4-8 (64 examples per chip)

@@ -5,7 +5,8 @@ r"""ImageNet 64x64, unconditional generation (paper: FID 18.4 with guidance by a
 8 blocks x 8 layers, width 768, patch 2 (1,024 tokens of dim 12), Gaussian noise std 0.05,
 bfloat16 matmuls. Data: TFDS `imagenet_resized/64x64` (prepare it with
 `tfds build imagenet_resized/64x64`; it needs ImageNet's manual download).
-`configs/imagenet64.py:smoke` shrinks it to a CPU run of a few steps.
+`configs/imagenet64.py:smoke` shrinks it to a CPU run of a few steps on the same data and preprocessing;
+`:cpu_digits` runs that shrink on the embedded digits instead, with no dataset.
 """
 
 from tarflow_jax import config_lib
@@ -18,7 +19,7 @@ def get_config(arg=None):
   c.data.update(source='tfds', name='imagenet_resized/64x64', train_split='train', eval_split='validation')
   c.noise.update(type='gaussian', std=0.05)
   # TPU-sized: each layer recomputed in the backward pass (one scan per block), parameters and Adam
-  # moments sharded over every chip (`python -m tarflow_jax.aot` shows what each slice needs).
+  # moments sharded over every chip (`python -m tarflow_jax.cli.aot` shows what each slice needs).
   c.model.update(remat=True, scan_layers=True)
   c.mesh.update(data=1, fsdp=-1)
   c.grad_accum_steps = 2  # the batch in two halves: one half's activations fit a v4-8 (64 examples per chip)

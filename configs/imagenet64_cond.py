@@ -17,7 +17,7 @@ def get_config(arg=None):
   c.noise.update(type='gaussian', std=0.05)
   c.label_drop = 0.1
   # TPU-sized: each layer recomputed in the backward pass (one scan per block), parameters and Adam
-  # moments sharded over every chip (`python -m tarflow_jax.aot` shows what each slice needs).
+  # moments sharded over every chip (`python -m tarflow_jax.cli.aot` shows what each slice needs).
   c.model.update(remat=True, scan_layers=True)
   c.mesh.update(data=1, fsdp=-1)
   c.grad_accum_steps = 2  # the batch in two halves: one half's activations fit a v4-8 (64 examples per chip)

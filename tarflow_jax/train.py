@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from tarflow_jax import checkpoint, data, evaluate, images, likelihood, sampling, sharding
+from tarflow_jax import checkpoint, config_lib, data, evaluation, images, likelihood, sampling, sharding
 from tarflow_jax import model as model_lib
 
 # Per-dim constant of the standard normal's log-density, in nats.
@@ -203,10 +203,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   Returns:
     {'train': the last logged training metrics, 'eval': {step: held-out bits/dim}} of this run.
   """
+  config_lib.validate(config, jax.devices(), jax.process_count())
   _check_workdir(workdir)
   model = model_lib.from_config(config.model)
   mesh = sharding.make_mesh(config.mesh)
-  data.check_batch_sizes(config, mesh.size)
   train_data = data.get_split(config, config.data.train_split, config.batch_size, train=True, seed=config.seed)
   steps_per_epoch, total_steps = _steps(config, train_data.num_examples)
   lr = schedule(config, steps_per_epoch, total_steps)
@@ -246,7 +246,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   def run_eval(step):
     with progress.timed('eval'):
       variables = {'params': state['params'], 'prior': state['prior']}
-      evals[step] = float(np.mean(evaluate.split_bits_per_dim(
+      evals[step] = float(np.mean(evaluation.split_bits_per_dim(
           model, variables, config, mesh, config.data.eval_split, num_examples=config.data.num_eval_examples,
           batch_size=config.eval_batch_size, seed=config.seed + 2)))
       writer.write_scalars(step, {'eval/bits_per_dim': evals[step]})

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from tarflow_jax import compilation, config_lib
+from tarflow_jax import flops as flops_lib
 from tarflow_jax import model as model_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,10 +22,10 @@ needs_libtpu = pytest.mark.skipif(
 
 
 def aot(tmp_path, *args) -> dict:
-  """Runs `python -m tarflow_jax.aot ... --json` and returns the JSON."""
+  """Runs `python -m tarflow_jax.cli.aot ... --json` and returns the JSON."""
   out = tmp_path / 'aot.json'
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (LIBTPU_DIR, REPO) if p))
-  proc = subprocess.run([sys.executable, '-m', 'tarflow_jax.aot', *args, f'--json={out}'], cwd=REPO, env=env,
+  proc = subprocess.run([sys.executable, '-m', 'tarflow_jax.cli.aot', *args, f'--json={out}'], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return json.loads(out.read_text())
@@ -43,7 +44,7 @@ def test_small_model_compiles_for_a_v5e_slice_with_the_intended_shardings(tmp_pa
   assert 0 < train['bytes_per_chip'] < 2**30
   config = config_lib.load('configs/demo.py:smoke')
   config.model.channels = 128
-  flops = 3 * 16 * compilation.forward_flops(model_lib.from_config(config.model)) / 8
+  flops = 3 * 16 * flops_lib.forward_flops(model_lib.from_config(config.model)) / 8
   assert train['flops_per_chip'] == pytest.approx(flops)
   assert train['estimated_step_s'] > 0
   # Data parallel: gradients are all-reduced, parameters never gathered. FSDP: parameters gathered.
@@ -88,4 +89,4 @@ def test_forward_flops_count_the_matmuls_of_the_architecture():
                             layers_per_block=3, expansion=4)
   t, c, d = 16, 64, 12
   layer = 2 * t * (3 * c * c + c * c + 2 * 4 * c * c) + 2 * 2 * c * (t * (t + 1) // 2)
-  assert compilation.forward_flops(model) == 2 * (2 * t * d * c + 3 * layer + 2 * t * c * 2 * d)
+  assert flops_lib.forward_flops(model) == 2 * (2 * t * d * c + 3 * layer + 2 * t * c * 2 * d)

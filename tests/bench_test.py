@@ -8,7 +8,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from tarflow_jax import bench
+from tarflow_jax import benchmark, flops
 from tarflow_jax import model as model_lib
 import toy
 
@@ -19,7 +19,7 @@ FIELDS = ('compile_s', 'median_s', 'min_s', 'max_s', 'flops', 'flops_per_s', 'im
 
 def test_bench_cli_writes_every_field(tmp_path):
   out = tmp_path / 'bench.json'
-  result = subprocess.run([sys.executable, '-m', 'tarflow_jax.bench', f'--config={REPO}/configs/mnist.py:smoke',
+  result = subprocess.run([sys.executable, '-m', 'tarflow_jax.cli.bench', f'--config={REPO}/configs/mnist.py:cpu_digits',
                            '--repeats=2', '--sample_batch=8', '--microbatch=4', '--config.mesh.data=-1', f'--json={out}'],
                           capture_output=True, text=True, cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO),
                           timeout=600)
@@ -44,7 +44,7 @@ def test_decode_flops_match_xla_cost_of_one_step_times_the_steps():
   cost = step.lower(variables, x, cache).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   xla = cost['flops'] * model.num_blocks * (model.num_tokens - 1)
-  assert abs(bench.decode_flops(model, batch) - xla) / xla < 0.15  # XLA also counts elementwise work
+  assert abs(flops.decode_flops(model, batch) - xla) / xla < 0.15  # XLA also counts elementwise work
 
 
 def test_flops_of_a_scanned_model_are_counted_unrolled():
@@ -53,9 +53,9 @@ def test_flops_of_a_scanned_model_are_counted_unrolled():
   variables = toy.random_variables(unrolled)
   x = jax.random.uniform(jax.random.key(0), (8, 4, 4, 2), minval=-1.0, maxval=1.0)
   fn = lambda m: lambda v, x: m.apply(v, x)[0].sum()
-  looped = bench.timed(fn(scanned), variables, x, repeats=1)
-  want = bench.timed(fn(unrolled), variables, x, repeats=1)['flops']
+  looped = benchmark.timed(fn(scanned), variables, x, repeats=1)
+  want = benchmark.timed(fn(unrolled), variables, x, repeats=1)['flops']
   assert looped['flops'] < 0.5 * want  # XLA counts the scanned layers once per block
-  got = bench.recount(looped, fn(unrolled), variables, x)
+  got = benchmark.recount(looped, fn(unrolled), variables, x)
   assert abs(got['flops'] - want) / want < 0.02
   assert got['flops_per_s'] == got['flops'] / looped['median_s']

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tarflow_jax import checkpoint, convert
+from tarflow_jax import checkpoint, reference, state_dict
 from tarflow_jax.model import TarFlow
 import toy
 
@@ -21,13 +21,13 @@ COND_SMALL = dict(in_channels=1, img_size=8, patch_size=2, channels=128, num_blo
 
 @pytest.fixture(scope='module')
 def state():
-  return convert.read_state_dict(FIXTURE + '.npz')
+  return state_dict.read_state_dict(FIXTURE + '.npz')
 
 
 def test_round_trip_reproduces_the_reference_state_dict(state):
   model = TarFlow(**COND_SMALL)
-  back = convert.to_reference(model, convert.from_reference(model, state))
-  want = convert.strip_prefixes(state)
+  back = reference.to_reference(model, reference.from_reference(model, state))
+  want = state_dict.strip_prefixes(state)
   assert sorted(back) == sorted(want)
   for k in want:
     np.testing.assert_array_equal(back[k], want[k], err_msg=k)
@@ -37,15 +37,15 @@ def test_round_trip_reproduces_the_reference_state_dict(state):
 def test_round_trip_from_our_variables(nvp, num_classes):
   model = toy.tiny_model(nvp=nvp, num_classes=num_classes)
   variables = toy.random_variables(model)
-  again = convert.from_reference(model, convert.to_reference(model, variables))
+  again = reference.from_reference(model, reference.to_reference(model, variables))
   jax.tree.map(np.testing.assert_array_equal, again, variables)
 
 
 def test_prefixes_of_wrappers_are_stripped(state):
   model = TarFlow(**COND_SMALL)
   wrapped = {'module._orig_mod.' + k[len('state/'):]: v for k, v in state.items()}
-  jax.tree.map(np.testing.assert_array_equal, convert.from_reference(model, wrapped),
-               convert.from_reference(model, state))
+  jax.tree.map(np.testing.assert_array_equal, reference.from_reference(model, wrapped),
+               reference.from_reference(model, state))
 
 
 @pytest.mark.parametrize('prefix', ['', 'module.', '_orig_mod.', 'module._orig_mod.'])
@@ -53,9 +53,9 @@ def test_describe_state_dict_takes_what_from_reference_takes(state, prefix):
   want = {'num_blocks': 2, 'layers_per_block': 2, 'num_tokens': 16, 'channels': 128, 'token_dim': 4, 'nvp': True,
           'num_classes': 3, 'expansion': 4}
   wrapped = {prefix + k[len('state/'):]: v for k, v in state.items()}
-  assert convert.describe_state_dict(wrapped) == want
-  assert convert.describe_state_dict(state) == want  # the fixture's own 'state/' prefix
-  convert.from_reference(TarFlow(**COND_SMALL), wrapped)
+  assert reference.describe_state_dict(wrapped) == want
+  assert reference.describe_state_dict(state) == want  # the fixture's own 'state/' prefix
+  reference.from_reference(TarFlow(**COND_SMALL), wrapped)
 
 
 @pytest.mark.parametrize('change, match', [
@@ -70,27 +70,27 @@ def test_describe_state_dict_takes_what_from_reference_takes(state, prefix):
 ])
 def test_checkpoint_of_another_architecture_is_refused(state, change, match):
   model = TarFlow(**{**COND_SMALL, **change})
-  with pytest.raises(convert.ArchitectureMismatch, match=match):
-    convert.from_reference(model, state)
+  with pytest.raises(reference.ArchitectureMismatch, match=match):
+    reference.from_reference(model, state)
 
 
 def test_missing_and_unexpected_keys_are_named(state):
   model = TarFlow(**COND_SMALL)
   missing = dict(state)
   del missing['state/blocks.1.attn_blocks.0.mlp.norm.bias']
-  with pytest.raises(convert.ArchitectureMismatch, match=r"first 'blocks.1.attn_blocks.0.mlp.norm.bias'"):
-    convert.from_reference(model, missing)
+  with pytest.raises(reference.ArchitectureMismatch, match=r"first 'blocks.1.attn_blocks.0.mlp.norm.bias'"):
+    reference.from_reference(model, missing)
   extra = dict(state, **{'state/blocks.0.extra.weight': np.zeros(3)})
-  with pytest.raises(convert.ArchitectureMismatch, match=r"does not, first 'blocks.0.extra.weight'"):
-    convert.from_reference(model, extra)
+  with pytest.raises(reference.ArchitectureMismatch, match=r"does not, first 'blocks.0.extra.weight'"):
+    reference.from_reference(model, extra)
   bad_shape = dict(state, **{'state/blocks.0.attn_blocks.1.attention.qkv.bias': np.zeros(383)})
-  with pytest.raises(convert.ArchitectureMismatch, match=r'attention.qkv.bias: checkpoint shape \(383,\)'):
-    convert.from_reference(model, bad_shape)
+  with pytest.raises(reference.ArchitectureMismatch, match=r'attention.qkv.bias: checkpoint shape \(383,\)'):
+    reference.from_reference(model, bad_shape)
 
 
 def test_missing_file_is_a_clear_error():
   with pytest.raises(FileNotFoundError, match='No checkpoint at'):
-    convert.read_state_dict('/nonexistent/model.pth')
+    state_dict.read_state_dict('/nonexistent/model.pth')
 
 
 def _files(root) -> dict:
@@ -111,7 +111,7 @@ def test_cli_writes_a_checkpoint_the_tools_can_load(tmp_path):
   '''))
   out = tmp_path / 'converted'
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd()] + sys.path))
-  result = subprocess.run([sys.executable, '-m', 'tarflow_jax.convert', f'--config={config}',
+  result = subprocess.run([sys.executable, '-m', 'tarflow_jax.cli.convert', f'--config={config}',
                            f'--checkpoint={FIXTURE}.npz', f'--output={out}'], capture_output=True, text=True, env=env)
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'parameters' in result.stdout
@@ -123,13 +123,13 @@ def test_cli_writes_a_checkpoint_the_tools_can_load(tmp_path):
     np.testing.assert_allclose(z, data['forward/y/z'], atol=1e-5)
 
   # Other weights onto the same --output: refused, and the directory keeps the first ones...
-  other = {k: v * 1.5 for k, v in convert.read_state_dict(FIXTURE + '.npz').items()}
+  other = {k: v * 1.5 for k, v in state_dict.read_state_dict(FIXTURE + '.npz').items()}
   np.savez(tmp_path / 'other.npz', **other)
   before = _files(out)
-  again = [sys.executable, '-m', 'tarflow_jax.convert', f'--config={config}', f'--checkpoint={tmp_path}/other.npz',
+  again = [sys.executable, '-m', 'tarflow_jax.cli.convert', f'--config={config}', f'--checkpoint={tmp_path}/other.npz',
            f'--output={out}']
   result = subprocess.run(again, capture_output=True, text=True, env=env)
-  assert result.returncode == 1
+  assert result.returncode == 2 and 'error: ' in result.stderr and 'Traceback' not in result.stderr
   assert 'already holds a checkpoint (steps [0]) and nothing was written' in result.stderr
   assert '--overwrite' in result.stderr and 'Wrote' not in result.stdout
   assert _files(out) == before

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tarflow_jax import config_lib, data, evaluate, sharding
+from tarflow_jax import config_lib, data, evaluation, sharding
 from tarflow_jax import model as model_lib
 import toy
 
@@ -127,7 +127,7 @@ def load_config(name, arg=None):
 
 @pytest.mark.parametrize('name', sorted(os.path.basename(p) for p in glob.glob(os.path.join(REPO, 'configs', '*.py'))))
 def test_every_config_divides_over_1_2_4_and_8_devices(name):
-  for arg in (None, 'smoke'):
+  for arg in (None, 'smoke', 'cpu_digits'):
     for devices in (1, 2, 4, 8):
       data.check_batch_sizes(load_config(name, arg), devices)
 
@@ -156,11 +156,11 @@ def test_demo_eval_runs_on_8_devices():
   data.check_batch_sizes(c, mesh.size)
   model = model_lib.from_config(c.model)
   variables = toy.random_variables(model, scale=0.002)
-  bpd = evaluate.split_bits_per_dim(model, variables, c, mesh, c.data.eval_split,
+  bpd = evaluation.split_bits_per_dim(model, variables, c, mesh, c.data.eval_split,
                                     num_examples=c.data.num_eval_examples, batch_size=c.eval_batch_size, seed=2)
   assert bpd.shape == (500,) and np.isfinite(bpd).all()
   # The same digits in one unpadded batch on one device.
   one = sharding.make_mesh(c.mesh, jax.devices()[:1])
-  whole = evaluate.split_bits_per_dim(model, variables, c, one, c.data.eval_split, batch_size=500, seed=2)
+  whole = evaluation.split_bits_per_dim(model, variables, c, one, c.data.eval_split, batch_size=500, seed=2)
   np.testing.assert_allclose(bpd[:256], whole[:256], rtol=1e-5)  # the same dequantisation noise
   np.testing.assert_allclose(bpd, whole, atol=2e-3)  # the padded batch's noise differs: ~5e-4 apart, images ~1e-2

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from tarflow_jax import fid, sharding
+from tarflow_jax import fid, inception, sharding
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -130,7 +130,7 @@ def torch_weights(tmp_path_factory):
 def rgb(torch_weights):
   """Two RGB images and their features, over a 2-device mesh."""
   x = images(2, 48, 3, 1)
-  return x, fid.features(fid.load_weights(torch_weights[1]), x, MESH2)
+  return x, fid.features(inception.load_weights(torch_weights[1]), x, MESH2)
 
 
 MESH2 = sharding.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=1)), jax.devices()[:2])
@@ -142,7 +142,7 @@ def test_features_match_plain_torch_on_rgb_and_grayscale(torch_weights, rgb):
   assert len(state) == 472  # 94 conv + batch-norm layers and the fc, as pytorch-fid's file
   reference = TorchInception({k: v.double() for k, v in state.items()})
   gray = images(1, 32, 1, 2)  # also pads the batch to the 2 devices
-  for x, got in (rgb, (gray, fid.features(fid.load_weights(path), gray, MESH2))):
+  for x, got in (rgb, (gray, fid.features(inception.load_weights(path), gray, MESH2))):
     with torch.no_grad():
       want = reference(x)
     assert got.shape == (len(x), 2048) and got.dtype == np.float32
@@ -155,7 +155,7 @@ def test_resize_is_torch_bilinear_without_antialiasing():
   torch = pytest.importorskip('torch')
   for shape in ((2, 37, 64, 3), (1, 400, 350, 1)):
     x = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
-    got = np.asarray(fid.preprocess(x))
+    got = np.asarray(inception.preprocess(x))
     t = torch.from_numpy(x).permute(0, 3, 1, 2).float().expand(-1, 3, -1, -1) / 255
     want = 2 * torch.nn.functional.interpolate(t, size=(299, 299), mode='bilinear', align_corners=False) - 1
     np.testing.assert_allclose(got, want.permute(0, 2, 3, 1).numpy(), atol=1e-6)
@@ -164,7 +164,7 @@ def test_resize_is_torch_bilinear_without_antialiasing():
 @pytest.fixture(scope='module')
 def numpy_state():
   """Random weights under pytorch-fid's key names and shapes, from the network's variables (no torch)."""
-  abstract = jax.eval_shape(fid.InceptionV3().init, jax.random.key(0), jnp.zeros((1, 299, 299, 3)))
+  abstract = jax.eval_shape(inception.InceptionV3().init, jax.random.key(0), jnp.zeros((1, 299, 299, 3)))
   torch_name = dict(kernel='weight', scale='weight', bias='bias', mean='running_mean', var='running_var')
   rng, state = np.random.default_rng(0), {'fc.weight': np.zeros((1008, 2048)), 'fc.bias': np.zeros(1008)}
   for path, leaf in jax.tree_util.tree_leaves_with_path(abstract):
@@ -176,7 +176,7 @@ def numpy_state():
 
 def test_npz_weights(numpy_state, tmp_path):
   np.savez(tmp_path / 'inception.npz', **numpy_state, **{'Conv2d_1a_3x3.bn.num_batches_tracked': np.zeros(())})
-  variables = fid.load_weights(str(tmp_path / 'inception.npz'))
+  variables = inception.load_weights(str(tmp_path / 'inception.npz'))
   conv = variables['params']['Mixed_6b']['branch7x7_2']  # a (1, 7) kernel: OIHW -> HWIO
   np.testing.assert_array_equal(conv['conv']['kernel'],
                                 numpy_state['Mixed_6b.branch7x7_2.conv.weight'].transpose(2, 3, 1, 0))
@@ -188,15 +188,15 @@ def test_npz_weights(numpy_state, tmp_path):
 
 def test_weight_file_errors(numpy_state, tmp_path):
   with pytest.raises(FileNotFoundError, match='pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05'):
-    fid.load_weights(str(tmp_path / 'missing.pth'))
+    inception.load_weights(str(tmp_path / 'missing.pth'))
   wrong = dict(numpy_state)
   wrong['Mixed_6b.branch7x7_2.conv.weight'] = wrong['Mixed_6b.branch7x7_2.conv.weight'].transpose(0, 1, 3, 2)
   np.savez(tmp_path / 'wrong_shape.npz', **wrong)
   with pytest.raises(ValueError, match=r'Mixed_6b.branch7x7_2.conv.weight has shape \(128, 128, 7, 1\)'):
-    fid.load_weights(str(tmp_path / 'wrong_shape.npz'))
+    inception.load_weights(str(tmp_path / 'wrong_shape.npz'))
   np.savez(tmp_path / 'other.npz', **{'conv.weight': np.zeros((3, 3, 1, 1))})
   with pytest.raises(ValueError, match='not the FID Inception state dict'):
-    fid.load_weights(str(tmp_path / 'other.npz'))
+    inception.load_weights(str(tmp_path / 'other.npz'))
 
 
 def random_statistics(rng, dim, n):
@@ -241,7 +241,7 @@ def test_fid_cli(torch_weights, rgb, tmp_path):
   np.savez(tmp_path / 'samples.npz', images=samples, labels=np.zeros(len(samples), np.int32))
   mu_ref = np.random.default_rng(0).normal(size=2048)
   fid.save_statistics(str(tmp_path / 'stats.npz'), mu_ref, np.eye(2048))
-  result = subprocess.run([sys.executable, '-m', 'tarflow_jax.evaluate', 'fid', f'--samples={tmp_path}',
+  result = subprocess.run([sys.executable, '-m', 'tarflow_jax.cli.evaluate', 'fid', f'--samples={tmp_path}',
                            f'--stats={tmp_path}/stats.npz', f'--inception={torch_weights[1]}',
                            f'--output={tmp_path}/fid.json'],
                           capture_output=True, text=True, cwd=REPO, timeout=600,

@@ -40,7 +40,7 @@ def test_tpu_pod_slice_dry_run():
   assert '--worker=all' in install and 'pip install --user -q uv' in install
   assert 'uv venv -q --python 3.11 .venv' in install and "uv pip install -q --python .venv/bin/python -e '.[tpu]'" in install
   # Every worker starts jax.distributed as training does, and must see the slice's 16 chips.
-  assert '--worker=all' in check and 'main.initialize_distributed()' in check and 'n == 16' in check
+  assert '--worker=all' in check and 'distributed.initialize_distributed()' in check and 'n == 16' in check
   assert '--worker=all' in train and '.venv/bin/python -m tarflow_jax.main --config=configs/imagenet64.py' in train
   assert '--config.mesh.fsdp=4' in train
 

@@ -16,7 +16,7 @@ from jax._src.clusters import cloud_tpu_cluster
 import numpy as np
 import pytest
 
-from tarflow_jax import checkpoint, main
+from tarflow_jax import checkpoint, distributed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,7 +28,7 @@ WORKER = textwrap.dedent("""
     jax.distributed.initialize(coordinator_address=f'localhost:{port}', num_processes=2, process_id=process_id)
     import numpy as np
     from tarflow_jax import checkpoint, config_lib, data, train
-    c = config_lib.smoke(config_lib.default())
+    c = config_lib.cpu_digits(config_lib.default())
     c.model.num_classes = 10
     c.update(dict(num_train_steps=4, eval_every=4, sample_every=4, checkpoint_every=2, log_every=2))
     out = train.train_and_evaluate(c, workdir)
@@ -142,8 +142,8 @@ def no_cluster(monkeypatch):
 
 def test_a_single_machine_starts_no_distributed_client_and_asks_no_server(no_cluster):
   start = time.time()
-  assert main.cluster_environment() == ('', 1)
-  main.initialize_distributed()
+  assert distributed.cluster_environment() == ('', 1)
+  distributed.initialize_distributed()
   assert no_cluster == [] and time.time() - start < 1
 
 
@@ -151,14 +151,14 @@ def test_explicit_variables_start_the_client_with_their_count_and_id(no_cluster,
   monkeypatch.setenv('JAX_COORDINATOR_ADDRESS', '10.0.0.1:1234')
   monkeypatch.setenv('JAX_NUM_PROCESSES', '2')
   monkeypatch.setenv('JAX_PROCESS_ID', '1')
-  main.initialize_distributed()
+  distributed.initialize_distributed()
   assert no_cluster == [dict(num_processes=2, process_id=1)]
   monkeypatch.delenv('JAX_PROCESS_ID')
   with pytest.raises(ValueError, match='JAX_PROCESS_ID'):
-    main.initialize_distributed()
+    distributed.initialize_distributed()
   monkeypatch.delenv('JAX_NUM_PROCESSES')
   with pytest.raises(ValueError, match='no cluster was detected'):
-    main.initialize_distributed()
+    distributed.initialize_distributed()
 
 
 @pytest.mark.parametrize('tasks, started', [('4', True), ('1', False)])
@@ -167,14 +167,14 @@ def test_slurm_and_open_mpi_jobs_start_the_client_only_with_several_tasks(no_clu
                SLURM_LOCALID='0')
   for name, value in slurm.items():
     monkeypatch.setenv(name, value)
-  assert main.cluster_environment() == ('SlurmCluster', int(tasks))
-  main.initialize_distributed()
+  assert distributed.cluster_environment() == ('SlurmCluster', int(tasks))
+  distributed.initialize_distributed()
   assert no_cluster == ([{}] if started else [])
   for name in slurm:
     monkeypatch.delenv(name)
   monkeypatch.setenv('OMPI_MCA_orte_hnp_uri', '1531576320.0;tcp://10.96.0.1:34911')
   monkeypatch.setenv('OMPI_COMM_WORLD_SIZE', tasks)
-  assert main.cluster_environment() == ('OmpiCluster', int(tasks))
+  assert distributed.cluster_environment() == ('OmpiCluster', int(tasks))
 
 
 @pytest.mark.parametrize('workers', [4, 1])
@@ -184,10 +184,10 @@ def test_cloud_tpu_vm_workers_come_from_the_metadata_server(no_cluster, monkeypa
               'tpu-env': "ACCELERATOR_TYPE: 'v4-32'"}
   monkeypatch.setattr(cloud_tpu_cluster, 'running_in_cloud_tpu_vm', True)
   monkeypatch.setattr(cloud_tpu_cluster, 'get_metadata', lambda key: (metadata[key], 200))
-  assert main.cluster_environment() == ('GceTpuCluster', workers)
-  main.initialize_distributed()
+  assert distributed.cluster_environment() == ('GceTpuCluster', workers)
+  distributed.initialize_distributed()
   assert no_cluster == ([{}] if workers > 1 else [])
   # GKE: the metadata server has no worker number; the workers are in the environment.
   monkeypatch.setattr(cloud_tpu_cluster, 'get_metadata', lambda key: ('', 404))
   monkeypatch.setenv('TPU_WORKER_HOSTNAMES', 'w0,w1')
-  assert main.cluster_environment() == ('GkeTpuCluster', 2)
+  assert distributed.cluster_environment() == ('GkeTpuCluster', 2)

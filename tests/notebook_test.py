@@ -97,7 +97,7 @@ def test_official_checkpoint_smoke_converts_and_samples(tmp_path, monkeypatch):
   assert glob.glob(str(tmp_path / 'out' / 'smoke_reference.*'))  # the stand-in checkpoint, in the official format
   assert 'largest difference 0.0' in text
   with np.load(tmp_path / 'out' / 'samples.npz') as f:
-    assert f['images'].shape == (6, 16, 16, 1) and f['images'].dtype == np.uint8  # afhq256.py:smoke
+    assert f['images'].shape == (6, 16, 16, 1) and f['images'].dtype == np.uint8  # afhq256.py:cpu_digits
     np.testing.assert_array_equal(f['labels'], np.arange(6) % 3)
   assert (tmp_path / 'out' / 'samples.png').stat().st_size > 100
   assert images_shown(nb) == 2

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tarflow_jax import convert, likelihood, sampling
+from tarflow_jax import likelihood, reference, sampling
 from tarflow_jax.model import TarFlow
 
 FIXTURES = os.environ.get('TARFLOW_FIXTURES', os.path.join(os.path.dirname(__file__), 'fixtures'))
@@ -48,7 +48,7 @@ class Case:
       self.data = {k: f[k] for k in f.files}
     self.stem = stem
     self.model = TarFlow(**{k: self.spec[k] for k in ARCH_FIELDS})
-    self.variables = convert.load_reference_checkpoint(self.model, stem + '.npz')
+    self.variables = reference.load_reference_checkpoint(self.model, stem + '.npz')
     self.x = nhwc(self.data['inputs/x'])
     self.y = jnp.asarray(self.data['inputs/y']) if 'inputs/y' in self.data else None
 
@@ -113,6 +113,6 @@ def test_pth_reader_matches_npz(case):
   pth = case.stem + '.pth'
   if not os.path.exists(pth):
     pytest.skip(f'{pth} not recorded')
-  variables = convert.load_reference_checkpoint(case.model, pth)
+  variables = reference.load_reference_checkpoint(case.model, pth)
   z, _, _ = case.model.apply(variables, case.x, case.y)
   assert_close(z, case.data['forward/y_none/z' if case.y is None else 'forward/y/z'], FORWARD_TOL, '.pth forward z')

@@ -16,7 +16,7 @@ import numpy as np
 import optax
 import pytest
 
-from tarflow_jax import config_lib, convert, train
+from tarflow_jax import config_lib, reference, train
 from tarflow_jax.model import TarFlow
 
 FIXTURES = os.environ.get('TARFLOW_FIXTURES', os.path.join(os.path.dirname(__file__), 'fixtures'))
@@ -31,7 +31,7 @@ ARCH_FIELDS = ('in_channels', 'img_size', 'patch_size', 'channels', 'num_blocks'
 
 def recorded_variables(model, data, prefix):
   """The reference state dict stored under `prefix/` in the .npz, as our variables."""
-  return convert.from_reference(model, {k[len(prefix):]: v for k, v in data.items() if k.startswith(prefix)})
+  return reference.from_reference(model, {k[len(prefix):]: v for k, v in data.items() if k.startswith(prefix)})
 
 
 def assert_trees_close(actual, expected, tol, what):

@@ -38,7 +38,7 @@ def test_mesh_sizes_from_config():
 
 
 def _setup():
-  config = config_lib.smoke(config_lib.default())
+  config = config_lib.cpu_digits(config_lib.default())
   config.model.update(channels=128, num_classes=10)
   config.label_drop = 0.1
   model = model_lib.from_config(config.model)

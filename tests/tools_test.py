@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tarflow_jax import checkpoint, config_lib, evaluate, likelihood, sampling, sharding
+from tarflow_jax import checkpoint, config_lib, evaluation, likelihood, sampling, sharding
 from tarflow_jax import model as model_lib
 import toy
 
@@ -17,7 +17,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def digits_config():
-  c = config_lib.smoke(config_lib.default())
+  c = config_lib.cpu_digits(config_lib.default())
   c.model.update(img_size=8, patch_size=4, num_classes=10, channels=32, head_dim=16)
   c.noise.std = 0.1
   return c
@@ -47,7 +47,7 @@ def test_sample_cli_decodes_given_latents_exactly(saved, tmp_path):
   np.savez(tmp_path / 'latents.npz', noise=noise, labels=labels)
   for decoder, extra in (('sequential', []), ('sequential', ['--microbatch=2', '--chunks=3']), ('jacobi', [])):
     out = tmp_path / f'{decoder}{len(extra)}'
-    result = run_tool('tarflow_jax.sample', f'--checkpoint={directory}', f'--output={out}',
+    result = run_tool('tarflow_jax.cli.sample', f'--checkpoint={directory}', f'--output={out}',
                       f'--latents={tmp_path}/latents.npz', '--guidance=1.5', '--denoise=false', '--batch_size=4',  # 4 + 2 padded
                       f'--decoder={decoder}', '--jacobi_tol=0', *extra)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -63,7 +63,7 @@ def test_sample_cli_decodes_given_latents_exactly(saved, tmp_path):
 
 def test_sample_cli_labels_and_denoising(saved, tmp_path):
   directory = saved[0]
-  result = run_tool('tarflow_jax.sample', f'--checkpoint={directory}', f'--output={tmp_path}', '--num=16',
+  result = run_tool('tarflow_jax.cli.sample', f'--checkpoint={directory}', f'--output={tmp_path}', '--num=16',
                     '--batch_size=8', '--labels=rows', '--denoise')
   assert result.returncode == 0, result.stderr[-3000:]
   got = np.load(tmp_path / 'samples.npz')
@@ -78,19 +78,19 @@ def test_sample_cli_labels_and_denoising(saved, tmp_path):
     (['--num=6', '--batch_size=6', '--microbatch=4'], '--microbatch=4 must divide the batch of 6 samples'),
 ])
 def test_sample_cli_bad_input(saved, tmp_path, args, message):
-  result = run_tool('tarflow_jax.sample', f'--checkpoint={saved[0]}', f'--output={tmp_path}', '--num=2', *args)
+  result = run_tool('tarflow_jax.cli.sample', f'--checkpoint={saved[0]}', f'--output={tmp_path}', '--num=2', *args)
   assert result.returncode != 0 and message.replace('\\', '') in result.stderr.replace('\\', '')
 
 
 def test_sample_cli_missing_checkpoint(tmp_path):
-  result = run_tool('tarflow_jax.sample', f'--checkpoint={tmp_path}/nothing', f'--output={tmp_path}')
+  result = run_tool('tarflow_jax.cli.sample', f'--checkpoint={tmp_path}/nothing', f'--output={tmp_path}')
   assert result.returncode != 0 and 'No checkpoint in' in result.stderr
 
 
 def test_split_bits_per_dim_is_the_reference_formula_per_image(saved):
   _, model, variables, config = saved
   mesh = sharding.make_mesh(config.mesh)
-  bpd = evaluate.split_bits_per_dim(model, variables, config, mesh, 'test', batch_size=64, seed=3)
+  bpd = evaluation.split_bits_per_dim(model, variables, config, mesh, 'test', batch_size=64, seed=3)
   assert bpd.shape == (500,)
   from tarflow_jax import data  # pylint: disable=g-import-not-at-top
   first = next(data.get_split(config, 'test', 64, train=False).batches)
@@ -102,12 +102,12 @@ def test_split_bits_per_dim_is_the_reference_formula_per_image(saved):
   log_normal = -0.5 * (z**2 + np.log(2 * np.pi))
   want = (-(log_normal.reshape(64, -1).sum(1) - np.log(128) * n) / n - logdets) / np.log(2)
   np.testing.assert_allclose(bpd[:64], want, rtol=1e-5)
-  mean, stderr = evaluate.mean_and_stderr(bpd)
+  mean, stderr = evaluation.mean_and_stderr(bpd)
   assert mean == pytest.approx(bpd.mean()) and stderr == pytest.approx(bpd.std(ddof=1) / np.sqrt(500))
 
 
 def test_bpd_cli_writes_per_image_values(saved, tmp_path):
-  result = run_tool('tarflow_jax.evaluate', 'bpd', f'--checkpoint={saved[0]}', '--num_examples=128',
+  result = run_tool('tarflow_jax.cli.evaluate', 'bpd', f'--checkpoint={saved[0]}', '--num_examples=128',
                     '--batch_size=64', f'--output={tmp_path}/bpd.npz')
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'bits/dim on mnist_5k:test (128 images)' in result.stdout and '+-' in result.stdout
@@ -117,7 +117,7 @@ def test_bpd_cli_writes_per_image_values(saved, tmp_path):
 def test_classifier_is_argmax_of_class_conditional_likelihood(saved):
   _, model, variables, config = saved
   mesh = sharding.make_mesh(config.mesh)
-  preds, labels = evaluate.classify_split(model, variables, config, mesh, 'test', num_examples=64, batch_size=64)
+  preds, labels = evaluation.classify_split(model, variables, config, mesh, 'test', num_examples=64, batch_size=64)
   from tarflow_jax import data  # pylint: disable=g-import-not-at-top
   batch = next(data.get_split(config, 'test', 64, train=False, limit=64).batches)
   x = jnp.asarray(batch['image'], jnp.float32) / 127.5 - 1
@@ -130,4 +130,4 @@ def test_classifier_refuses_an_unconditional_model(saved):
   _, _, _, config = saved
   model = toy.tiny_model()
   with pytest.raises(ValueError, match='class-conditional'):
-    evaluate.classify_split(model, toy.random_variables(model), config, sharding.make_mesh(config.mesh), 'test')
+    evaluation.classify_split(model, toy.random_variables(model), config, sharding.make_mesh(config.mesh), 'test')

@@ -1,6 +1,6 @@
 r"""Compiles training and sampling for a TPU slice ahead of time, on any machine with libtpu.
 
-  python -m tarflow_jax.aot --config=configs/imagenet64.py --topology=v5e:2x4 [--what=train,sample]
+  python -m tarflow_jax.cli.aot --config=configs/imagenet64.py --topology=v5e:2x4 [--what=train,sample]
       [--config.<field>=<value> ...] [--max_batch] [--json=FILE]
 
 Prints per-chip memory against the chip's HBM (and whether it fits), model FLOPs per chip and
@@ -18,6 +18,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from tarflow_jax import compilation
+from tarflow_jax.cli import _common
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config (configs/*.py[:arg]).', lock_config=True)
@@ -41,5 +42,9 @@ def main(argv):
       json.dump(result, f, indent=1)
 
 
+def run():
+  _common.run(main)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  run()

@@ -1,6 +1,6 @@
 r"""Draws samples from a trained or converted TarFlow.
 
-  python -m tarflow_jax.sample --checkpoint=runs/demo --output=runs/demo/generated \
+  python -m tarflow_jax.cli.sample --checkpoint=runs/demo --output=runs/demo/generated \
       --num=100 --labels=rows --guidance=1.0 [--decoder=jacobi --jacobi_tol=1e-3]
 
 Writes `samples.png` (a grid), `samples.npz` (uint8 images NHWC and labels) and logs images/s.
@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tarflow_jax import checkpoint, images, sampling, sharding
+from tarflow_jax import checkpoint, errors, images, sampling, sharding
+from tarflow_jax.cli import _common
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('checkpoint', None, 'Training workdir, its checkpoints/, or a converted checkpoint.')
@@ -43,13 +44,14 @@ flags.DEFINE_integer('jacobi_max_iters', 0, 'Jacobi: iteration cap per segment (
 flags.DEFINE_float('jacobi_tol', 1e-3, 'Jacobi: stop a segment when no value changes by more than this.')
 flags.DEFINE_string('latents', None, '.npz with `noise` (N, T, D) (and optionally `labels`) to decode instead of '
                     'fresh noise, for exact comparisons.')
+flags.mark_flags_as_required(['checkpoint', 'output'])
 
 
 def labels_for(spec: str, num: int, num_classes: int, rng: np.random.Generator):
   """Labels (num,) from the --labels spec, or None for an unconditional model."""
   if not num_classes:
     if spec not in ('random', 'none'):
-      raise ValueError(f'--labels={spec} given, but the model is unconditional.')
+      raise errors.UserError(f'--labels={spec} given, but the model is unconditional.')
     return None
   if spec == 'random':
     return rng.integers(0, num_classes, num).astype(np.int32)
@@ -60,9 +62,9 @@ def labels_for(spec: str, num: int, num_classes: int, rng: np.random.Generator):
   try:
     ids = np.array([int(v) for v in spec.split(',')], np.int32)
   except ValueError as e:
-    raise ValueError(f'--labels must be random, rows, none or comma-separated integers, got {spec!r}.') from e
+    raise errors.UserError(f'--labels must be random, rows, none or comma-separated integers, got {spec!r}.') from e
   if ids.min() < 0 or ids.max() >= num_classes:
-    raise ValueError(f'--labels must lie in [0, {num_classes - 1}], got {spec!r}.')
+    raise errors.UserError(f'--labels must lie in [0, {num_classes - 1}], got {spec!r}.')
   return np.resize(ids, num)
 
 
@@ -71,8 +73,24 @@ def _pad(a: np.ndarray, size: int, value) -> np.ndarray:
   return np.concatenate([a, np.full((size - len(a),) + a.shape[1:], value, a.dtype)]) if len(a) < size else a
 
 
+def check_flags() -> None:
+  """Raises errors.UserError for flag values that cannot work, before the checkpoint is read."""
+  positive = ['batch_size', 'chunks'] + ([] if FLAGS.latents else ['num'])
+  for name in positive:
+    if FLAGS[name].value <= 0:
+      raise errors.UserError(f'--{name}={FLAGS[name].value} must be positive.')
+  for name in ('microbatch', 'jacobi_segment', 'jacobi_max_iters', 'jacobi_tol', 'guidance', 'sigma',
+               'denoise_scale'):
+    if FLAGS[name].value is not None and FLAGS[name].value < 0:
+      raise errors.UserError(f'--{name}={FLAGS[name].value} must be >= 0.')
+  if FLAGS.attn_temp is not None and FLAGS.attn_temp <= 0:
+    raise errors.UserError(f'--attn_temp={FLAGS.attn_temp} must be positive.')
+
+
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  check_flags()
   model, variables, config = checkpoint.load_model(FLAGS.checkpoint)
   s = config.sample
   pick = lambda flag, default: default if flag is None else flag
@@ -84,7 +102,7 @@ def main(argv):
   denoise = pick(FLAGS.denoise, s.denoise and gaussian)
   sigma = pick(FLAGS.sigma, config.noise.std)
   if denoise and not sigma:
-    raise ValueError('--denoise needs --sigma (the model was not trained with Gaussian noise).')
+    raise errors.UserError('--denoise needs --sigma (the model was not trained with Gaussian noise).')
 
   rng = np.random.default_rng(FLAGS.seed)
   if FLAGS.latents:
@@ -105,7 +123,7 @@ def main(argv):
   batch_size = min(FLAGS.batch_size, num)
   microbatch = min(FLAGS.microbatch, batch_size) or None
   if microbatch and batch_size % microbatch:
-    raise ValueError(f'--microbatch={FLAGS.microbatch} must divide the batch of {batch_size} samples '
+    raise errors.UserError(f'--microbatch={FLAGS.microbatch} must divide the batch of {batch_size} samples '
                      '(--batch_size, or --num when smaller).')
   out, iterations, seconds = [], [], []
   for start in range(0, num, batch_size):
@@ -147,6 +165,9 @@ def main(argv):
     print(f'Wrote {FLAGS.output}/samples.png and samples.npz')
 
 
+def run():
+  _common.run(main)
+
+
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['checkpoint', 'output'])
-  app.run(main)
+  run()

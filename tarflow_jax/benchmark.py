@@ -1,27 +1,23 @@
-r"""Benchmark of training, sampling and likelihood evaluation for any config.
-
-  python -m tarflow_jax.bench --config=configs/mnist.py [--what=train,sample,jacobi,eval] [--json=out.json]
+"""Benchmark of training, sampling and likelihood evaluation for any config.
 
 Times each compiled function after warm-up over repeated runs (median and spread) and relates
 achieved FLOP/s (XLA's cost analysis of the compiled function) to a large matmul timed in the
-same process, a utilisation ratio that survives noisy shared machines.
+same process, a utilisation ratio that survives noisy shared machines. The command line is
+`python -m tarflow_jax.cli.bench`.
 """
 
 import functools
-import json
 import resource
 import time
 from typing import Optional
 
-from absl import app, flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tarflow_jax import flops as flops_lib
 from tarflow_jax import likelihood, sampling, sharding, train
 from tarflow_jax import model as model_lib
-
-FLAGS = flags.FLAGS
 
 
 def timed(fn, *args, repeats: int) -> dict:
@@ -62,21 +58,6 @@ def matmul_rate(dtype, repeats: int, n: int = 2048) -> float:
   a = jax.random.normal(jax.random.key(0), (n, n), dtype)
   r = timed(lambda a, b: a @ b, a, a, repeats=repeats)
   return 2 * n**3 / r['median_s']
-
-
-def decode_flops(model, batch: int, chunks: int = 8) -> float:
-  """Matmul FLOPs of sequential decoding (every block, every token), counted from the architecture.
-
-  XLA's cost analysis counts a loop body once, so the decode is counted here: per token and
-  layer the qkv, output, and MLP projections, and attention over the cache as the sampler
-  holds it (as long as the end of the token's decoding chunk, masked past the token).
-  """
-  c, d = model.channels, model.token_dim
-  per_layer = 2 * (3 * c * c + c * c + 2 * model.expansion * c * c)
-  per_token = model.layers_per_block * per_layer + 2 * d * c + 2 * c * (2 * d if model.nvp else d)
-  bounds = sampling.decode_chunks(model.num_tokens, chunks)
-  attention = model.layers_per_block * 2 * 2 * c * sum((stop - start) * stop for start, stop in bounds)
-  return float(batch * model.num_blocks * ((model.num_tokens - 1) * per_token + attention))
 
 
 def peak_memory_bytes() -> int:
@@ -133,7 +114,7 @@ def run(config, what, repeats: int, sample_batch: int, chunks: int = 8, microbat
   for name, fn in decoders.items():
     r = timed(fn, variables, noise, repeats=max(1, repeats // 2))
     # Utilisation against the sequential decode's FLOPs (2B rows with guidance), for Jacobi too.
-    flops = decode_flops(model, 2 * sample_batch if name == 'sample_guided' else sample_batch, chunks)
+    flops = flops_lib.decode_flops(model, 2 * sample_batch if name == 'sample_guided' else sample_batch, chunks)
     r.update(flops=flops, flops_per_s=flops / r['median_s'])
     out[name] = {**r, 'batch': sample_batch, 'images_per_s': sample_batch / r['median_s'],
                  'utilisation': r['flops_per_s'] / peak}
@@ -154,29 +135,3 @@ def table(result: dict) -> str:
               f'{result["backend"]} device(s); MiB: XLA buffers per call; process peak '
               f'{result["peak_memory_bytes"] / 2**20:.0f} MiB')
   return '\n'.join(rows)
-
-
-def main(argv):
-  del argv
-  what = set(FLAGS.what.split(','))
-  unknown = what - {'train', 'sample', 'jacobi', 'eval'}
-  if unknown:
-    raise app.UsageError(f'--what takes train, sample, jacobi, eval; got {sorted(unknown)}')
-  result = run(FLAGS.config, what, FLAGS.repeats, FLAGS.sample_batch, FLAGS.chunks, FLAGS.microbatch or None)
-  print(table(result))
-  if FLAGS.json:
-    with open(FLAGS.json, 'w') as f:
-      json.dump(result, f, indent=1)
-
-
-if __name__ == '__main__':
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file('config', None, 'Experiment config (configs/*.py[:smoke]).', lock_config=True)
-  flags.DEFINE_string('what', 'train,sample,jacobi,eval', 'Comma-separated: train, sample, jacobi, eval.')
-  flags.DEFINE_string('json', None, 'Write the figures to this JSON file.')
-  flags.DEFINE_integer('repeats', 5, 'Timed calls per measurement (after one warm-up call).')
-  flags.DEFINE_integer('sample_batch', 16, 'Samples per sampling call.')
-  flags.DEFINE_integer('chunks', 8, 'Sequential decoding chunks per block (sampling.sample).')
-  flags.DEFINE_integer('microbatch', 0, 'Samples decoded at a time within a sampling call (0: all).')
-  flags.mark_flag_as_required('config')
-  app.run(main)

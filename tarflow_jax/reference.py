@@ -1,25 +1,18 @@
 """Official PyTorch TarFlow state dicts (apple/ml-tarflow) to our variables, and back.
 
-Command line: convert a released `.pth` into a checkpoint directory that the
-sampling and evaluation tools read (Orbax checkpoint plus its config):
-
-  python -m tarflow_jax.convert --config=configs/afhq256.py \
-      --checkpoint=afhq_model_8_768_8_8_0.07.pth --output=/tmp/afhq256
+The command line that converts a released `.pth` into a checkpoint directory is
+`python -m tarflow_jax.cli.convert` (tarflow_jax/cli/convert.py).
 """
 
 import dataclasses
-import os
 import re
 from typing import Callable, Iterator, Mapping
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from tarflow_jax.model import TarFlow, abstract_variables
-
-# Prefixes that wrappers add to state-dict keys: our .npz fixtures, DDP, torch.compile.
-_PREFIXES = ('state/', 'module.', '_orig_mod.')
+from tarflow_jax.state_dict import read_state_dict, strip_prefixes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,17 +114,6 @@ def _check_architecture(model: TarFlow, state: Mapping[str, np.ndarray]) -> None
           'Set the config\'s model fields to the checkpoint\'s architecture.')
 
 
-def strip_prefixes(state: Mapping[str, np.ndarray]) -> dict:
-  """Drops the key prefixes that .npz recordings, DDP and torch.compile add."""
-  out = {}
-  for k, v in state.items():
-    for p in _PREFIXES:
-      if k.startswith(p):
-        k = k[len(p):]
-    out[k] = v
-  return out
-
-
 def from_reference(model: TarFlow, state: Mapping[str, np.ndarray]) -> dict:
   """Converts a reference state dict to our variables {'params', 'prior'}.
 
@@ -172,24 +154,6 @@ def to_reference(model: TarFlow, variables) -> dict:
   return state
 
 
-def read_state_dict(path: str) -> dict:
-  """Reads a reference state dict from a `.pth` (needs torch) or an `.npz` with the same keys."""
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'No checkpoint at {path!r}.')
-  if path.endswith('.npz'):
-    with np.load(path) as f:
-      return {k: f[k] for k in f.files if k.startswith('state/') or not '/' in k}
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ImportError(f'Reading {path!r} needs PyTorch: pip install "tarflow_jax[torch]" '
-                      '(or save the state dict as .npz).') from e
-  state = torch.load(path, map_location='cpu', weights_only=True)
-  if not isinstance(state, Mapping):
-    raise ValueError(f'{path!r} does not hold a state dict (a mapping of names to tensors).')
-  return {k: v.detach().float().numpy() for k, v in state.items()}
-
-
 def load_reference_checkpoint(model: TarFlow, path: str) -> dict:
   """Reads a reference `.pth` / `.npz` file into variables for `model`."""
   return from_reference(model, read_state_dict(path))
@@ -217,30 +181,3 @@ def _set(tree, path, value):
   for k in path[:-1]:
     tree = tree.setdefault(k, {})
   tree[path[-1]] = value
-
-
-def main(argv):
-  del argv
-  from tarflow_jax import checkpoint, model as model_lib  # pylint: disable=g-import-not-at-top
-  config = _FLAGS.config
-  model = model_lib.from_config(config.model)
-  variables = load_reference_checkpoint(model, _FLAGS.checkpoint)
-  try:
-    checkpoint.save_model(_FLAGS.output, variables, config, overwrite=_FLAGS.overwrite)
-  except FileExistsError as e:
-    raise app.UsageError(str(e)) from e
-  print(f'Wrote {_FLAGS.output}: {sum(np.size(v) for v in jax.tree.leaves(variables["params"])):,} parameters.')
-
-
-if __name__ == '__main__':
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-
-  _FLAGS = flags.FLAGS
-  config_flags.DEFINE_config_file('config', None, 'Config file whose `model` fields match the checkpoint.',
-                                  lock_config=True)
-  flags.DEFINE_string('checkpoint', None, 'Reference state dict (.pth or .npz).')
-  flags.DEFINE_string('output', None, 'Directory to write the converted checkpoint to.')
-  flags.DEFINE_bool('overwrite', False, 'Replace the checkpoint that --output already holds.')
-  flags.mark_flags_as_required(['config', 'checkpoint', 'output'])
-  app.run(main)

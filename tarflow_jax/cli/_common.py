@@ -1,0 +1,177 @@
+"""What every command line shares: quiet start-up, flag parsing, and the user-error boundary.
+
+`run(main)` is `absl.app.run(main)` with one difference: a mistake in the user's input (a flag,
+a config value, a path, a dataset not prepared, a damaged or foreign checkpoint) ends the
+program with one line, `error: ...`, on stderr and exit status 2, instead of a traceback. Real
+bugs keep their traceback; `--traceback` (or TARFLOW_TRACEBACK=1) shows it for user errors too.
+"""
+
+import difflib
+import functools
+import logging as py_logging
+import os
+import re
+import sys
+import traceback
+from typing import Callable, Optional
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # tf.data only; its C++ start-up notes are noise
+
+from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
+from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
+from tarflow_jax import config_lib, errors  # pylint: disable=g-import-not-at-top
+
+FLAGS = flags.FLAGS
+flags.DEFINE_bool('traceback', False, 'Show the traceback of user errors too (also: TARFLOW_TRACEBACK=1).')
+
+EXIT_USER_ERROR = 2
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_OVERRIDE = re.compile(r'--config\.(?P<field>[\w.]+)(=|$)')
+
+
+class DropOrbaxInfo(py_logging.Filter):
+  """Drops the per-save INFO chatter of Orbax so that the training log stays readable."""
+
+  def filter(self, record):
+    return record.levelno >= py_logging.WARNING or '/orbax/' not in record.pathname
+
+
+def run(main: Callable[[list], Optional[int]]) -> None:
+  """Runs `main(argv)` as absl.app.run does, with user errors reported as one `error: ...` line."""
+  app.run(functools.partial(_guarded, main), flags_parser=_parse_flags)
+
+
+def _guarded(main, argv):
+  logging.get_absl_handler().addFilter(DropOrbaxInfo())
+  try:
+    return main(argv)
+  except Exception as e:  # pylint: disable=broad-except
+    message = user_error_message(e)
+    if message is None or _show_traceback():
+      raise
+    _exit(message)
+
+
+def _show_traceback() -> bool:
+  return os.environ.get('TARFLOW_TRACEBACK', '') not in ('', '0') or (FLAGS.is_parsed() and FLAGS.traceback)
+
+
+def _exit(message: str, hint: str = '') -> None:
+  line = ' '.join(message.split())  # one line, whatever the message's own line breaks
+  print(f'error: {line}{f" ({hint})" if hint else ""}', file=sys.stderr)
+  sys.exit(EXIT_USER_ERROR)
+
+
+def user_error_message(e: BaseException) -> Optional[str]:
+  """The message to show for `e` if it is a user error, else None (a bug: keep the traceback).
+
+  User errors: app.UsageError, errors.UserError and the library's specific errors (a dataset not
+  prepared, a damaged checkpoint, another architecture); a ValueError, OSError, ImportError,
+  ArithmeticError or RuntimeError that the package's own code raised, which is how it rejects bad
+  input; and an OSError about a named file.
+  """
+  if isinstance(e, app.UsageError):
+    return f'{e} (--helpshort lists the flags)'
+  if isinstance(e, _library_errors()):
+    return str(e)
+  if isinstance(e, (ValueError, OSError, ImportError, ArithmeticError, RuntimeError)) and _raised_by_package(e):
+    return str(e)
+  if isinstance(e, OSError) and e.filename:
+    return f'{e.strerror or e}: {e.filename}'
+  return None
+
+
+_LIBRARY_ERRORS = (('tarflow_jax.data', 'DatasetNotFoundError'), ('tarflow_jax.checkpoint', 'DamagedCheckpointError'),
+                   ('tarflow_jax.reference', 'ArchitectureMismatch'))
+
+
+def _library_errors() -> tuple:
+  """errors.UserError and the specific error types of the library modules loaded (only they raise them)."""
+  loaded = [getattr(sys.modules[module], name) for module, name in _LIBRARY_ERRORS if module in sys.modules]
+  return (errors.UserError, *loaded)
+
+
+def _raised_by_package(e: BaseException) -> bool:
+  """Whether the innermost frame of `e`'s traceback is code of tarflow_jax."""
+  frames = traceback.extract_tb(e.__traceback__)
+  return bool(frames) and os.path.abspath(frames[-1].filename).startswith(_PACKAGE_DIR + os.sep)
+
+
+def _parse_flags(argv: list) -> list:
+  """absl's flag parsing, with its errors and config files that cannot be loaded as one `error:` line."""
+  try:
+    parsed = FLAGS(argv)
+  except Exception as e:  # pylint: disable=broad-except  # ml_collections raises more than flags.Error
+    spec = _config_spec(argv)
+    message = spec and (_config_file_error(spec) or _unknown_field(spec, argv))
+    if message:
+      _exit(message)
+    if not isinstance(e, flags.Error) and user_error_message(e) is None:
+      raise
+    caused = e.__cause__ or e.__context__  # a config file's own error needs no hint about flags
+    _exit(_root_message(e), '' if caused else '--helpshort lists the flags')
+  spec = _config_spec(argv)
+  message = spec and _config_file_error(spec)
+  if message:
+    _exit(message)
+  return parsed
+
+
+def _config_spec(argv: list) -> Optional[str]:
+  """The value of --config in `argv` if the program has a config-file flag named so and it is given."""
+  if 'config' not in FLAGS or not config_flags.config_flags.is_config_flag(FLAGS['config']):
+    return None
+  spec = None
+  for i, arg in enumerate(argv[1:], 1):
+    if arg.startswith('--config='):
+      spec = arg.partition('=')[2]
+    elif arg == '--config' and i + 1 < len(argv):
+      spec = argv[i + 1]
+  return spec
+
+
+def _config_file_error(spec: str) -> Optional[str]:
+  """Why the config file `spec` cannot be loaded, or None."""
+  try:
+    config_lib.load(spec)
+  except Exception as e:  # pylint: disable=broad-except  # whatever the file raises is the user's to fix
+    return _root_message(e)
+  return None
+
+
+def _unknown_field(spec: str, argv: list) -> Optional[str]:
+  """The first `--config.<field>=` override in `argv` that names no field of the config, as a message."""
+  config = config_lib.load(spec)
+  for arg in argv[1:]:
+    match = _OVERRIDE.match(arg)
+    if not match:
+      continue
+    node, path = config, match.group('field').split('.')
+    for depth, name in enumerate(path):
+      if not hasattr(node, 'keys') or name not in node:
+        known = list(node.keys()) if hasattr(node, 'keys') else []
+        close = difflib.get_close_matches(name, known, n=1)
+        parent = 'config' + ''.join(f'.{p}' for p in path[:depth])
+        hint = f' (did you mean --{parent}.{close[0]}?)' if close else f' (its fields: {", ".join(sorted(known))})'
+        return f'--config.{match.group("field")}: {parent} has no field {name!r}{hint}.'
+      node = node[name]
+  return None
+
+
+def _root_message(e: BaseException) -> str:
+  """The message of the first user error in `e` and its chain of causes, else `e`'s own."""
+  for cause in _chain(e):
+    message = user_error_message(cause)
+    if message is not None:
+      return message
+  return str(e)
+
+
+def _chain(e: BaseException):
+  """`e`, then its causes (`raise ... from`) and contexts, innermost last."""
+  seen = []
+  while e is not None and e not in seen:
+    seen.append(e)
+    e = e.__cause__ or e.__context__
+  return seen

@@ -1,0 +1,217 @@
+"""The command lines' user-error boundary: each bad input ends in one `error:` line, exit status 2, and
+leaves the workdir as it was; real bugs keep their traceback. Also: libraries define no flags."""
+
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tarflow_jax import checkpoint, config_lib, errors
+from tarflow_jax import model as model_lib
+import toy
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE = os.path.join(REPO, 'tarflow_jax')
+DEMO = f'{REPO}/configs/demo.py:smoke'
+
+
+def run(module, *args):
+  env = dict(os.environ, PYTHONPATH=REPO)
+  env.pop('TARFLOW_TRACEBACK', None)
+  return subprocess.run([sys.executable, '-m', module, *args], capture_output=True, text=True, cwd=REPO, env=env,
+                        timeout=600)
+
+
+def assert_user_error(result, message):
+  """Exit status 2, one `error:` line holding `message` (a regex), and no traceback."""
+  assert result.returncode == 2, result.stderr[-3000:]
+  lines = [l for l in result.stderr.splitlines() if l.startswith('error: ')]
+  assert len(lines) == 1 and re.search(message, lines[0]), result.stderr[-3000:]
+  assert 'Traceback' not in result.stderr
+
+
+def snapshot(root) -> dict:
+  """Every file under `root` with its bytes."""
+  return {str(p.relative_to(root)): p.read_bytes() for p in sorted(pathlib.Path(root).rglob('*')) if p.is_file()}
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  """A workdir of configs/demo.py:smoke with checkpoints at steps 1 and 2."""
+  from tarflow_jax import train  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path_factory.mktemp('trained')
+  config = config_lib.load(DEMO)
+  config.update(num_train_steps=2, checkpoint_every=1, log_every=1, eval_every=0, sample_every=0)
+  train.train_and_evaluate(config, str(workdir))
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['1', '2']
+  return workdir
+
+
+@pytest.fixture
+def workdir(trained, tmp_path):
+  """A copy of the trained workdir for one run to (not) change."""
+  return pathlib.Path(shutil.copytree(trained, tmp_path / 'run'))
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--config.checkpoint_every=0'], r'config\.checkpoint_every=0 must be positive'),
+    (['--config.log_every=0'], r'config\.log_every=0 must be positive'),
+    (['--config.batch_size=0'], r'config\.batch_size=0 must be positive'),
+    (['--config.batch_size=-16'], r'config\.batch_size=-16 must be positive'),
+    (['--config.sample.guidance=-1'], r'config\.sample\.guidance=-1\.0 must be >= 0'),
+    (['--config.noise.type=gauss'], r"config\.noise\.type='gauss' is not one of 'gaussian', 'uniform'"),
+    (['--config.optim.lrr=0.1'], r"config\.optim has no field 'lrr' \(did you mean --config\.optim\.lr\?\)"),
+    (['--config.data.data_dir=/data'], r'data_dir=.*"embedded_mnist".*reads no directory.*:smoke'),
+    (['--config.mesh.data=3'], r'Mesh data=3 x fsdp=1 does not use the \d+ devices'),
+    (['--config.model.channels=128'], r'another architecture \(channels: checkpoint 64, config 128\)'),
+])
+def test_train_rejects_bad_config_and_leaves_the_workdir(workdir, args, message):
+  before = snapshot(workdir)
+  assert_user_error(run('tarflow_jax.main', f'--config={DEMO}', f'--workdir={workdir}', *args), message)
+  assert snapshot(workdir) == before
+
+
+def test_train_with_a_mistyped_config_path_creates_no_workdir(tmp_path):
+  result = run('tarflow_jax.main', f'--config={REPO}/configs/dmeo.py', f'--workdir={tmp_path}/run',
+               '--config.batch_size=8')
+  assert_user_error(result, r"No config file '.*configs/dmeo\.py'")
+  assert not (tmp_path / 'run').exists()
+  assert_user_error(run('tarflow_jax.main', f'--config={REPO}/configs/demo.py:smok', f'--workdir={tmp_path}/run'),
+                    r"Unknown config argument 'smok'.*:cpu_digits")
+  assert not (tmp_path / 'run').exists()
+
+
+def test_smoke_keeps_the_experiments_data_and_its_data_dir(workdir, tmp_path):
+  empty = tmp_path / 'no_datasets_here'
+  empty.mkdir()
+  before = snapshot(workdir)
+  result = run('tarflow_jax.main', f'--config={REPO}/configs/mnist.py:smoke', f'--workdir={workdir}',
+               f'--config.data.data_dir={empty}')
+  assert_user_error(result, rf"'mnist' is not prepared in '{empty}'.*tfds build mnist")
+  assert snapshot(workdir) == before
+
+
+def test_train_into_an_unwritable_workdir(tmp_path):
+  (tmp_path / 'a_file').write_text('')
+  result = run('tarflow_jax.main', f'--config={DEMO}', f'--workdir={tmp_path}/a_file/run')
+  assert_user_error(result, r'Cannot write to --workdir=.*a_file/run')
+  assert os.listdir(tmp_path) == ['a_file']
+
+
+@pytest.fixture(scope='module')
+def saved(tmp_path_factory):
+  """A converted-style checkpoint of a small class-conditional model (10 classes)."""
+  config = config_lib.cpu_digits(config_lib.default())
+  config.model.update(img_size=8, patch_size=4, num_classes=10, channels=32, head_dim=16)
+  model = model_lib.from_config(config.model)
+  directory = tmp_path_factory.mktemp('ckpt')
+  checkpoint.save_model(str(directory), toy.random_variables(model), config)
+  return directory
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--num=0'], r'--num=0 must be positive'),
+    (['--num=-3'], r'--num=-3 must be positive'),
+    (['--batch_size=0'], r'--batch_size=0 must be positive'),
+    (['--guidance=-1'], r'--guidance=-1\.0 must be >= 0'),
+    (['--labels=12'], r'--labels must lie in \[0, 9\]'),
+    (['--labels=cats'], r'--labels must be random, rows, none or comma-separated integers'),
+    (['--latents=/nonexistent/latents.npz'], r'No such file or directory: /nonexistent/latents\.npz'),
+])
+def test_sample_rejects_bad_arguments(saved, tmp_path, args, message):
+  before = snapshot(saved)
+  assert_user_error(run('tarflow_jax.cli.sample', f'--checkpoint={saved}', f'--output={tmp_path}/out', *args),
+                    message)
+  assert snapshot(saved) == before and not (tmp_path / 'out').exists()
+
+
+def test_sample_names_a_missing_checkpoint(tmp_path):
+  assert_user_error(run('tarflow_jax.cli.sample', f'--checkpoint={tmp_path}/nothing', f'--output={tmp_path}/out'),
+                    r'No checkpoint in')
+
+
+@pytest.mark.parametrize('args, message', [
+    (['bpd', '--batch_size=0'], r'--batch_size=0 must be positive'),
+    (['bpd', '--num_examples=0'], r'--num_examples=0 must be positive, or -1 for all'),
+    (['classify', '--split=valid'], r'splits "train" and "test", not \'valid\''),
+    (['bpd', '--data_dir=/data'], r'reads no directory'),
+    (['perplexity'], r'give one command: .*bpd\|classify\|fid_stats\|fid.*--helpshort'),
+])
+def test_evaluate_rejects_bad_arguments(saved, args, message):
+  before = snapshot(saved)
+  assert_user_error(run('tarflow_jax.cli.evaluate', *args, f'--checkpoint={saved}'), message)
+  assert snapshot(saved) == before
+
+
+@pytest.fixture(scope='module')
+def small_config(tmp_path_factory):
+  path = tmp_path_factory.mktemp('config') / 'small.py'
+  path.write_text('import ml_collections\n'
+                  'def get_config():\n'
+                  '  return ml_collections.ConfigDict({"model": dict(in_channels=1, img_size=8, patch_size=4, '
+                  'channels=32, num_blocks=2, layers_per_block=1, head_dim=16, num_classes=0)})\n')
+  return path
+
+
+def test_convert_names_a_file_that_is_not_a_checkpoint(small_config, tmp_path):
+  for name in ('notes.npz', 'notes.pth'):
+    (tmp_path / name).write_text('not a state dict')
+    result = run('tarflow_jax.cli.convert', f'--config={small_config}', f'--checkpoint={tmp_path}/{name}',
+                 f'--output={tmp_path}/out')
+    assert_user_error(result, rf"'{tmp_path}/{name}' is not an? (\.npz|PyTorch) state dict")
+  assert_user_error(run('tarflow_jax.cli.convert', f'--config={small_config}', f'--checkpoint={tmp_path}/none.pth',
+                        f'--output={tmp_path}/out'), r"No checkpoint at '.*none\.pth'")
+  assert not (tmp_path / 'out').exists()
+
+
+def test_convert_refuses_another_architecture(small_config, tmp_path):
+  model = model_lib.TarFlow(in_channels=1, img_size=8, patch_size=4, channels=64, num_blocks=2, layers_per_block=1,
+                            head_dim=16)
+  from tarflow_jax import reference  # pylint: disable=g-import-not-at-top
+  np.savez(tmp_path / 'wide.npz', **reference.to_reference(model, toy.random_variables(model)))
+  result = run('tarflow_jax.cli.convert', f'--config={small_config}', f'--checkpoint={tmp_path}/wide.npz',
+               f'--output={tmp_path}/out')
+  assert_user_error(result, r'the checkpoint has channels=64, the model has channels=32')
+  assert not (tmp_path / 'out').exists()
+
+
+def test_traceback_flag_and_variable_show_the_traceback_of_a_user_error(saved, tmp_path):
+  args = ('tarflow_jax.cli.sample', f'--checkpoint={saved}', f'--output={tmp_path}', '--num=0')
+  result = run(*args, '--traceback')
+  assert result.returncode == 1 and 'Traceback' in result.stderr and 'UserError: --num=0' in result.stderr
+  env = dict(os.environ, PYTHONPATH=REPO, TARFLOW_TRACEBACK='1')
+  result = subprocess.run([sys.executable, '-m', *args], capture_output=True, text=True, cwd=REPO, env=env)
+  assert result.returncode == 1 and 'Traceback' in result.stderr
+
+
+def test_only_user_errors_lose_their_traceback():
+  from tarflow_jax.cli import _common  # pylint: disable=g-import-not-at-top
+  assert _common.user_error_message(errors.UserError('bad --num')) == 'bad --num'
+  assert _common.user_error_message(FileNotFoundError(2, 'No such file or directory', '/x.npz')) == \
+      'No such file or directory: /x.npz'
+  assert _common.user_error_message(ZeroDivisionError('division by zero')) is None
+  assert _common.user_error_message(ValueError('raised outside the package')) is None  # no traceback: not ours
+  bad = config_lib.cpu_digits(config_lib.default())
+  bad.log_every = 0
+  with pytest.raises(errors.UserError) as raised:
+    config_lib.validate(bad)
+  assert _common.user_error_message(raised.value) == 'config.log_every=0 must be positive.'
+
+
+def test_libraries_define_no_flags_and_read_no_argv():
+  offenders = []
+  for path in pathlib.Path(PACKAGE).rglob('*.py'):
+    relative = path.relative_to(PACKAGE).as_posix()
+    if relative.startswith('cli/') or relative == 'main.py':
+      continue
+    source = path.read_text()
+    if re.search(r'flags\.DEFINE|config_flags\.DEFINE|sys\.argv|app\.run\(|FLAGS\b', source):
+      offenders.append(relative)
+  assert not offenders, f'flags or argv outside tarflow_jax/cli/: {offenders}'
+  for path in pathlib.Path(PACKAGE, 'cli').glob('[!_]*.py'):
+    assert '_common.run(main)' in path.read_text(), path  # every command line goes through the boundary
