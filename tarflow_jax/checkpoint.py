@@ -17,10 +17,9 @@ from etils import epath
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 
-from tarflow_jax import config_lib
+from tarflow_jax import config_lib, sharding
 from tarflow_jax import model as model_lib
 
 
@@ -104,8 +103,7 @@ def load_model(directory: str, step: Optional[int] = None):
   config.model = ml_collections.ConfigDict(saved['model'])  # as saved: the model's own defaults fill the rest
   model = model_lib.from_config(config.model)
   # Replicated over all devices, whatever mesh the checkpoint was written from.
-  everywhere = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(jax.devices()), ('all',)),
-                                          jax.sharding.PartitionSpec())
+  everywhere = sharding.replicated(sharding.default_mesh())
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=everywhere),
                           model_lib.abstract_variables(model))
   try:
@@ -154,16 +152,11 @@ def _existing(directory: str) -> ocp.CheckpointManager:
   return mngr
 
 
-# Fields of config.model that change the variables' shapes (dtype does not).
-ARCHITECTURE_FIELDS = ('in_channels', 'img_size', 'patch_size', 'channels', 'num_blocks', 'layers_per_block',
-                       'head_dim', 'expansion', 'nvp', 'num_classes')
-
-
 def check_same_architecture(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
                             directory: str) -> None:
   """Raises unless the checkpoint's model has the architecture of `config.model`."""
   diffs = [f'{k}: checkpoint {saved.model.get(k)!r}, config {config.model.get(k)!r}'
-           for k in ARCHITECTURE_FIELDS if saved.model.get(k) != config.model.get(k)]
+           for k in config_lib.ARCHITECTURE_FIELDS if saved.model.get(k) != config.model.get(k)]
   if diffs:
     raise ValueError(f'The checkpoint in {directory!r} is of another architecture ({"; ".join(diffs)}). '
                      'Use a new --workdir for this config, or the config the checkpoint was trained with.')

@@ -60,6 +60,11 @@ def default() -> ml_collections.ConfigDict:
   return c
 
 
+# Fields of config.model that fix the variables' shapes (dtype, remat, scan_layers and the kernel do not).
+ARCHITECTURE_FIELDS = ('in_channels', 'img_size', 'patch_size', 'channels', 'num_blocks', 'layers_per_block',
+                       'head_dim', 'expansion', 'nvp', 'num_classes')
+
+
 def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Shrinks any experiment to a CPU-sized run of a few steps on the embedded digits."""
   c.model.update(in_channels=1, img_size=16, patch_size=4, channels=64, num_blocks=2, layers_per_block=1,

@@ -1,7 +1,6 @@
 """Training: noise augmentation, the jitted step over a device mesh, checkpoints, metrics and samples."""
 
 import functools
-import math
 import os
 import signal
 
@@ -17,10 +16,6 @@ import optax
 
 from tarflow_jax import checkpoint, data, evaluate, images, likelihood, sampling, sharding
 from tarflow_jax import model as model_lib
-
-# Per-dim constant of the standard normal's log-density, in nats.
-_GAUSS_CONST = 0.5 * math.log(2 * math.pi)
-
 
 def schedule(config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
   """Linear warm-up from min_lr over `warmup_epochs`, then cosine decay to min_lr at `total_steps`."""
@@ -51,11 +46,11 @@ def model_inputs(batch: dict, rng: jax.Array, config: ml_collections.ConfigDict,
   dequantisation); a fraction `label_drop` of labels replaced by -1.
   """
   noise_rng, drop_rng = jax.random.split(rng)
-  x_int = batch['image'].astype(jnp.float32)
+  shape = batch['image'].shape
   if config.noise.type == 'uniform':
-    x = likelihood.dequantize(x_int, jax.random.uniform(noise_rng, x_int.shape))
+    x = likelihood.dequantize(batch['image'].astype(jnp.float32), jax.random.uniform(noise_rng, shape))
   elif config.noise.type == 'gaussian':
-    x = x_int / 127.5 - 1.0 + config.noise.std * jax.random.normal(noise_rng, x_int.shape)
+    x = images.from_uint8(batch['image']) + config.noise.std * jax.random.normal(noise_rng, shape)
   else:
     raise ValueError(f'Unknown noise.type {config.noise.type!r}: use "gaussian" or "uniform".')
   y = None
@@ -120,7 +115,7 @@ def train_step(state: dict, batch: dict, *, model, tx, config, lr: optax.Schedul
       **{f'latent_norm/block{i}': n for i, n in enumerate(stats['latent_norms'])},
   }
   if config.noise.type == 'uniform':  # the loss is then a bound on the bits/dim of the 8-bit data
-    metrics['bits_per_dim'] = (loss + _GAUSS_CONST - likelihood.LOG_BIN_WIDTH) / math.log(2.0)
+    metrics['bits_per_dim'] = likelihood.to_bits_per_dim(loss + likelihood.GAUSS_CONST)
   return new, metrics
 
 
@@ -189,6 +184,11 @@ def _check_finite(history: list, writer) -> None:
       raise FloatingPointError(
           f'Non-finite {what} at step {step} (loss={m["loss"]}, grad_norm={m["grad_norm"]}). Training stopped; '
           f'that step was not applied and the checkpoints on disk are as they were: {hint}.')
+
+
+def _due(step: int, every: int, total: int) -> bool:
+  """Whether a periodic action (every `every` steps, and at the last step) runs after `step`; never if every <= 0."""
+  return every > 0 and (step % every == 0 or step == total)
 
 
 def _steps(config, num_train_examples: int):
@@ -273,22 +273,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       history.append((step, metrics))
       progress(step)
       stop = preemption.reached(step)
-      if step % config.log_every == 0 or step == total_steps or stop:
+      if stop or _due(step, config.log_every, total_steps):
         history = [(s, jax.device_get(m)) for s, m in history]
         _check_finite(history, writer)
         last = {k: float(np.mean([m[k] for _, m in history])) for k in history[-1][1] if k != 'finite'}
         writer.write_scalars(step, {f'train/{k}': v for k, v in last.items()})
         history = []
-      if step % config.checkpoint_every == 0 or step == total_steps or stop:
+      if stop or _due(step, config.checkpoint_every, total_steps):
         _check_finite([(s, jax.device_get(m)) for s, m in history], writer)
         ckpt.save(step, state, config, train_data.batches)
       if stop:
         logging.warning('Stopped at step %d after a preemption notice (SIGTERM); rerun the same command to resume.',
                         step)
         break
-      if config.sample_every > 0 and (step % config.sample_every == 0 or step == total_steps):
+      if _due(step, config.sample_every, total_steps):
         write_samples(step)
-      if config.eval_every > 0 and (step % config.eval_every == 0 or step == total_steps):
+      if _due(step, config.eval_every, total_steps):
         run_eval(step)
   finally:
     preemption.restore()

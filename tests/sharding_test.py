@@ -37,6 +37,11 @@ def test_mesh_sizes_from_config():
     mesh_of(data=3, fsdp=-1)
 
 
+def test_default_mesh_is_the_default_config_mesh():
+  assert dict(sharding.default_mesh().shape) == {'data': 8, 'fsdp': 1}
+  assert dict(sharding.default_mesh(jax.devices()[:2]).shape) == {'data': 2, 'fsdp': 1}
+
+
 def _setup():
   config = config_lib.smoke(config_lib.default())
   config.model.update(channels=128, num_classes=10)

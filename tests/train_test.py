@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tarflow_jax import checkpoint, config_lib, data, sharding, train
+from tarflow_jax import checkpoint, config_lib, data, likelihood, sharding, train
 from tarflow_jax import model as model_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -250,6 +250,26 @@ def test_gradient_accumulation_gives_the_update_of_one_batch(nvp):
   assert float(jnp.abs(acc['params']['block_0']['proj_out']['kernel']).max()) > 0  # the step really updated
   if not nvp:
     assert float(jnp.abs(acc['prior']['var'] - 1).max()) > 1e-3
+
+
+def test_the_bits_per_dim_metric_is_the_likelihood_of_the_step_inputs():
+  config = smoke_config(**{'noise.type': 'uniform', 'label_drop': 0.0})
+  model = model_lib.from_config(config.model)
+  lr = train.schedule(config, 10, 100)
+  tx = train.optimizer(config, lr)
+  state = train.init_state(model, tx, 0)
+  batch = {'image': np.random.default_rng(0).integers(0, 256, (16, 16, 16, 1), dtype=np.uint8),
+           'label': np.arange(16, dtype=np.int32) % 10}
+  _, metrics = jax.jit(functools.partial(train.train_step, model=model, tx=tx, config=config, lr=lr))(state, batch)
+  x, y = train.model_inputs(batch, jax.random.fold_in(state['rng'], 0), config)
+  u = (x + 1.0) * 128.0 - batch['image']  # the step's dequantisation noise
+  bpd = likelihood.bits_per_dim(model, {'params': state['params'], 'prior': state['prior']}, batch['image'], u, y)
+  np.testing.assert_allclose(metrics['bits_per_dim'], jnp.mean(bpd), rtol=1e-5)
+
+
+def test_a_periodic_action_is_due_every_n_steps_and_at_the_last():
+  assert [s for s in range(1, 11) if train._due(s, 4, 10)] == [4, 8, 10]  # pylint: disable=protected-access
+  assert [s for s in range(1, 11) if train._due(s, 0, 10)] == []  # pylint: disable=protected-access
 
 
 def test_gradient_accumulation_must_divide_the_batch_over_the_devices():
