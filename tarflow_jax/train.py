@@ -3,6 +3,7 @@
 import functools
 import os
 import signal
+from typing import Callable, NamedTuple
 
 from absl import logging
 from clu import metric_writers, periodic_actions
@@ -16,6 +17,7 @@ import optax
 
 from tarflow_jax import checkpoint, data, evaluate, images, likelihood, sampling, sharding
 from tarflow_jax import model as model_lib
+
 
 def schedule(config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
   """Linear warm-up from min_lr over `warmup_epochs`, then cosine decay to min_lr at `total_steps`."""
@@ -32,10 +34,14 @@ def optimizer(config: ml_collections.ConfigDict, lr: optax.Schedule) -> optax.Gr
 
 
 def init_state(model: model_lib.TarFlow, tx: optax.GradientTransformation, seed: int) -> dict:
-  """The train state: a plain dict of arrays."""
+  """The train state, a plain dict of arrays: {'variables': {'params', 'prior'}, 'opt', 'step', 'rng'}.
+
+  'variables' is what the model applies and checkpoint item 'model' holds; 'opt', 'step' and
+  'rng' are checkpoint item 'train' (`checkpoint.TrainCheckpointer`).
+  """
   rng = jax.random.PRNGKey(seed)
   variables = model_lib.init_variables(model, jax.random.fold_in(rng, 0))
-  return {'params': variables['params'], 'prior': variables['prior'], 'opt': tx.init(variables['params']),
+  return {'variables': variables, 'opt': tx.init(variables['params']),
           'step': jnp.zeros((), jnp.int32), 'rng': jax.random.fold_in(rng, 1)}
 
 
@@ -85,25 +91,28 @@ def train_step(state: dict, batch: dict, *, model, tx, config, lr: optax.Schedul
     x = batch['image']
     y = batch['label'].astype(jnp.int32) if config.model.num_classes else None
 
+  prior = state['variables']['prior']
+
   def loss_fn(params, x, y):
-    z, logdets, outputs = model.apply({'params': params, 'prior': state['prior']}, x, y)
+    z, logdets, outputs = model.apply({'params': params, 'prior': prior}, x, y)
     stats = {'z2': jnp.mean(jax.lax.stop_gradient(z) ** 2, axis=0), 'logdet': jnp.mean(logdets),
              'latent_norms': [jnp.mean(o**2) for o in outputs]}
     return likelihood.loss(z, logdets), stats
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   k = config.get('grad_accum_steps', 1)
+  params = state['variables']['params']
   if k == 1:
-    (loss, stats), grads = grad_fn(state['params'], x, y)
+    (loss, stats), grads = grad_fn(params, x, y)
   else:
-    (loss, stats), grads = _accumulate(grad_fn, state['params'], x, y, k)
-  updates, opt = tx.update(grads, state['opt'], state['params'])
-  params = optax.apply_updates(state['params'], updates)
-  prior = state['prior']
+    (loss, stats), grads = _accumulate(grad_fn, params, x, y, k)
+  updates, opt = tx.update(grads, state['opt'], params)
+  params = optax.apply_updates(params, updates)
   if not config.model.nvp:  # running average of E[z^2] per token and dim, as the reference
     prior = {'var': prior['var'] + config.prior_var_lr * (stats['z2'] - prior['var'])}
   grad_norm = optax.tree.norm(grads)
-  new = {'params': params, 'prior': prior, 'opt': opt, 'step': state['step'] + 1, 'rng': state['rng']}
+  new = {'variables': {'params': params, 'prior': prior}, 'opt': opt, 'step': state['step'] + 1,
+         'rng': state['rng']}
   # A finite gradient can still overflow in the update (a huge learning rate, an Adam moment past
   # float32's range): such a step must not reach the state, or the next checkpoint holds it.
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & checkpoint.all_finite(new)
@@ -136,6 +145,29 @@ def _accumulate(grad_fn, params, x, y, k: int):
 
   total, _ = jax.lax.scan(add, zeros, (micro_x, micro_y))
   return jax.tree.map(lambda t: t / k, total)
+
+
+class Program(NamedTuple):
+  """What a training run compiles, from `build`: training and the ahead-of-time compile share it."""
+  model: model_lib.TarFlow
+  abstract_state: dict  # ShapeDtypeStructs of `init_state`, with their shardings
+  state_shardings: dict
+  init: Callable[[], dict]  # jitted: a fresh state, on its shardings
+  step: Callable[[dict, dict], tuple[dict, dict]]  # jitted `train_step` on the mesh; donates the state
+
+
+def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, lr: optax.Schedule) -> Program:
+  """The model, state shardings (FSDP rule) and the jitted init and step of `config` on `mesh` (AdamW at `lr`)."""
+  model = model_lib.from_config(config.model)
+  tx = optimizer(config, lr)
+  init = functools.partial(init_state, model, tx, config.seed)
+  abstract = jax.eval_shape(init)
+  shardings = sharding.state_shardings(abstract, mesh)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  step = jax.jit(functools.partial(train_step, model=model, tx=tx, config=config, lr=lr),
+                 in_shardings=(shardings, sharding.batch_sharding(mesh)),
+                 out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+  return Program(model, abstract, shardings, jax.jit(init, out_shardings=shardings), step)
 
 
 class _Preemption:
@@ -204,37 +236,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     {'train': the last logged training metrics, 'eval': {step: held-out bits/dim}} of this run.
   """
   _check_workdir(workdir)
-  model = model_lib.from_config(config.model)
   mesh = sharding.make_mesh(config.mesh)
   data.check_batch_sizes(config, mesh.size)
   train_data = data.get_split(config, config.data.train_split, config.batch_size, train=True, seed=config.seed)
   steps_per_epoch, total_steps = _steps(config, train_data.num_examples)
-  lr = schedule(config, steps_per_epoch, total_steps)
-  tx = optimizer(config, lr)
+  program = build(config, mesh, schedule(config, steps_per_epoch, total_steps))
+  model = program.model
 
-  init = functools.partial(init_state, model, tx, config.seed)
-  abstract = jax.eval_shape(init)
-  state_sharding = sharding.state_shardings(abstract, mesh)
   ckpt = checkpoint.TrainCheckpointer(workdir, config.keep_checkpoints)
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding)
   start, state = ckpt.restore_latest(
-      abstract, train_data.batches,
+      program.abstract_state, train_data.batches,
       check_config=lambda saved: checkpoint.check_same_architecture(saved, config, ckpt.directory))
   if start is None:
-    state = jax.jit(init, out_shardings=state_sharding)()
+    state = program.init()
     start = 0
   else:
     logging.info('Resumed from step %d of %s.', start, ckpt.directory)
-
-  step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx, config=config, lr=lr),
-                    in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
-                    out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
 
   is_main = jax.process_index() == 0
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
   if start == 0:
     writer.write_hparams(_flat_hparams(config))
-    params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state['params']))
+    params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state['variables']['params']))
     logging.info('Model: %s parameters; %d steps (%d per epoch), global batch %d on %d devices.',
                  f'{params:,}', total_steps, steps_per_epoch, config.batch_size, jax.device_count())
   progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer, every_steps=config.log_every)
@@ -245,9 +268,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   def run_eval(step):
     with progress.timed('eval'):
-      variables = {'params': state['params'], 'prior': state['prior']}
       evals[step] = float(np.mean(evaluate.split_bits_per_dim(
-          model, variables, config, mesh, config.data.eval_split, num_examples=config.data.num_eval_examples,
+          model, state['variables'], config, mesh, config.data.eval_split, num_examples=config.data.num_eval_examples,
           batch_size=config.eval_batch_size, seed=config.seed + 2)))
       writer.write_scalars(step, {'eval/bits_per_dim': evals[step]})
 
@@ -268,7 +290,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     while step < total_steps:
       batch = sharding.global_batch(mesh, next(train_data.batches))
       with jax.set_mesh(mesh):  # attention kernels split over the mesh (attention.causal_attention)
-        state, metrics = step_fn(state, batch)
+        state, metrics = program.step(state, batch)
       step += 1
       history.append((step, metrics))
       progress(step)
@@ -303,7 +325,7 @@ def generate(model, state, config, noise, mesh) -> np.ndarray:
   y = None
   if model.num_classes:
     y = jnp.arange(noise.shape[0]) % model.num_classes
-  variables = {'params': state['params'], 'prior': state['prior']}
+  variables = state['variables']
   if noise.shape[0] % mesh.size == 0:
     noise = jax.device_put(noise, sharding.batch_sharding(mesh))
   guidance = s.guidance if (model.num_classes or s.attn_temp != 1.0) else 0.0
