@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tarflow_jax import flops as flops_lib
-from tarflow_jax import likelihood, sampling, sharding, train
+from tarflow_jax import images, likelihood, sampling, sharding, train
 from tarflow_jax import model as model_lib
 
 
@@ -79,7 +79,7 @@ def run(config, what, repeats: int, sample_batch: int, chunks: int = 8, microbat
   lr = train.schedule(config, 100, 1000)
   tx = train.optimizer(config, lr)
   state = train.init_state(model, tx, config.seed)
-  variables = {'params': state['params'], 'prior': state['prior']}
+  variables = state['variables']
   rng = np.random.default_rng(0)
   b = config.batch_size
   batch = sharding.global_batch(mesh, {
@@ -98,7 +98,7 @@ def run(config, what, repeats: int, sample_batch: int, chunks: int = 8, microbat
     r = measure(lambda m: functools.partial(train.train_step, model=m, tx=tx, config=config, lr=lr), state, batch)
     out['train'] = {**r, 'batch': b, 'images_per_s': b / r['median_s'], 'utilisation': r['flops_per_s'] / peak}
   if 'eval' in what:
-    r = measure(lambda m: lambda v, x: likelihood.log_prob(m, v, x.astype(jnp.float32) / 127.5 - 1.0),
+    r = measure(lambda m: lambda v, x: likelihood.log_prob(m, v, images.from_uint8(x)),
                 variables, batch['image'])
     out['eval'] = {**r, 'batch': b, 'images_per_s': b / r['median_s'], 'utilisation': r['flops_per_s'] / peak}
   noise = jax.random.normal(jax.random.key(1), (sample_batch, model.num_tokens, model.token_dim))

@@ -2,8 +2,8 @@
 
 A checkpoint directory is an Orbax `CheckpointManager` directory whose steps
 hold up to three items:
-  'model':  {'params', 'prior'}, everything needed to sample or evaluate;
-  'train':  optimiser state, step and RNG (absent in converted checkpoints);
+  'model':  {'params', 'prior'}, everything needed to sample or evaluate (the train state's 'variables');
+  'train':  {'opt', 'step', 'rng'}, the rest of the train state (absent in converted checkpoints);
   'config': the experiment's config as JSON.
 Tools that only sample or evaluate restore 'model' and 'config'.
 """
@@ -17,10 +17,9 @@ from etils import epath
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 
-from tarflow_jax import config_lib
+from tarflow_jax import config_lib, sharding
 from tarflow_jax import model as model_lib
 
 
@@ -104,8 +103,7 @@ def load_model(directory: str, step: Optional[int] = None):
   config.model = ml_collections.ConfigDict(saved['model'])  # as saved: the model's own defaults fill the rest
   model = model_lib.from_config(config.model)
   # Replicated over all devices, whatever mesh the checkpoint was written from.
-  everywhere = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(jax.devices()), ('all',)),
-                                          jax.sharding.PartitionSpec())
+  everywhere = sharding.replicated(sharding.default_mesh())
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=everywhere),
                           model_lib.abstract_variables(model))
   try:
@@ -154,19 +152,19 @@ def _existing(directory: str) -> ocp.CheckpointManager:
   return mngr
 
 
-# Fields of config.model that change the variables' shapes (dtype does not).
-ARCHITECTURE_FIELDS = ('in_channels', 'img_size', 'patch_size', 'channels', 'num_blocks', 'layers_per_block',
-                       'head_dim', 'expansion', 'nvp', 'num_classes')
-
-
 def check_same_architecture(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
                             directory: str) -> None:
   """Raises unless the checkpoint's model has the architecture of `config.model`."""
   diffs = [f'{k}: checkpoint {saved.model.get(k)!r}, config {config.model.get(k)!r}'
-           for k in ARCHITECTURE_FIELDS if saved.model.get(k) != config.model.get(k)]
+           for k in config_lib.ARCHITECTURE_FIELDS if saved.model.get(k) != config.model.get(k)]
   if diffs:
     raise ValueError(f'The checkpoint in {directory!r} is of another architecture ({"; ".join(diffs)}). '
                      'Use a new --workdir for this config, or the config the checkpoint was trained with.')
+
+
+def _items(state: dict) -> tuple[dict, dict]:
+  """A train state {'variables', 'opt', 'step', 'rng'} as the checkpoint items 'model' and 'train'."""
+  return state['variables'], {k: state[k] for k in ('opt', 'step', 'rng')}
 
 
 class TrainCheckpointer:
@@ -187,15 +185,14 @@ class TrainCheckpointer:
         self.mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config)
 
   def save(self, step: int, state: dict, config: ml_collections.ConfigDict, batches=None) -> None:
-    """Saves the state {'params', 'prior', 'opt', 'step', 'rng'} (asynchronously) and the data position.
+    """Saves the train state (`train.init_state`) asynchronously, and the data position.
 
     Raises FloatingPointError, writing and pruning nothing, if the state is not finite.
     """
     if not bool(_all_finite(state)):
       raise FloatingPointError(f'Checkpoint {step} was not written: its parameters or optimiser state are not '
                                f'finite. The checkpoints in {self.directory!r} are as they were.')
-    model_item = {'params': state['params'], 'prior': state['prior']}
-    train_item = {'opt': state['opt'], 'step': state['step'], 'rng': state['rng']}
+    model_item, train_item = _items(state)
     self.mngr.save(step, args=ocp.args.Composite(
         model=ocp.args.StandardSave(model_item), train=ocp.args.StandardSave(train_item),
         config=ocp.args.JsonSave(json.loads(config.to_json()))), force=True)
@@ -205,10 +202,9 @@ class TrainCheckpointer:
 
   def restore(self, step: int, abstract_state: dict, batches=None) -> dict:
     """Restores the state onto the shardings of `abstract_state` (ShapeDtypeStructs with shardings)."""
-    a = abstract_state
+    model_item, train_item = _items(abstract_state)
     restored = self.mngr.restore(step, args=ocp.args.Composite(
-        model=ocp.args.StandardRestore({'params': a['params'], 'prior': a['prior']}),
-        train=ocp.args.StandardRestore({'opt': a['opt'], 'step': a['step'], 'rng': a['rng']})))
+        model=ocp.args.StandardRestore(model_item), train=ocp.args.StandardRestore(train_item)))
     if batches is not None:
       if epath.Path(self._data_path(step) + '.index').exists():
         batches.restore(self._data_path(step))
@@ -216,7 +212,7 @@ class TrainCheckpointer:
         logging.warning('No input position saved for step %d (%s is missing): the input pipeline starts afresh, '
                         'so this run sees other batches, in another order, than an uninterrupted run would; the '
                         'model and optimiser state are restored exactly.', step, self._data_path(step))
-    return {**restored.model, **restored.train}
+    return {'variables': restored.model, **restored.train}
 
   def restore_latest(self, abstract_state: dict, batches=None,
                      check_config=None) -> tuple[Optional[int], Optional[dict]]:

@@ -1,7 +1,6 @@
 """Ahead-of-time compilation for a TPU slice on any host with libtpu: memory, FLOPs, step time, collectives."""
 
 import dataclasses
-import functools
 import re
 from typing import Any, Optional
 
@@ -68,22 +67,14 @@ def hbm_bytes(devices) -> int:
 
 
 def train_program(config: ml_collections.ConfigDict, mesh, batch: Optional[int] = None):
-  """(jitted train step, abstract args) as `train.train_and_evaluate` builds them."""
+  """(jitted train step, abstract args): the step of `train.build`, as `train.train_and_evaluate` runs it."""
   batch = config.batch_size if batch is None else batch
-  model = model_lib.from_config(config.model)
-  lr = train.schedule(config, 1000, 100_000)
-  tx = train.optimizer(config, lr)
-  abstract = jax.eval_shape(functools.partial(train.init_state, model, tx, config.seed))
-  state_sharding = sharding.state_shardings(abstract, mesh)
-  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding)
+  program = train.build(config, mesh, train.schedule(config, 1000, 100_000))
   m = config.model
   batch_sharding = sharding.batch_sharding(mesh)
   images = jax.ShapeDtypeStruct((batch, m.img_size, m.img_size, m.in_channels), jnp.uint8, sharding=batch_sharding)
   labels = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=batch_sharding)
-  step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, config=config, lr=lr),
-                 in_shardings=(state_sharding, batch_sharding),
-                 out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
-  return step, (state, {'image': images, 'label': labels})
+  return program.step, (program.abstract_state, {'image': images, 'label': labels})
 
 
 def sample_program(config: ml_collections.ConfigDict, mesh, batch: Optional[int] = None):

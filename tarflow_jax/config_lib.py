@@ -62,6 +62,11 @@ def default() -> ml_collections.ConfigDict:
   return c
 
 
+# Fields of config.model that fix the variables' shapes (dtype, remat, scan_layers and the kernel do not).
+ARCHITECTURE_FIELDS = ('in_channels', 'img_size', 'patch_size', 'channels', 'num_blocks', 'layers_per_block',
+                       'head_dim', 'expansion', 'nvp', 'num_classes')
+
+
 def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Shrinks an experiment to a CPU run of a few steps that keeps its own data path.
 

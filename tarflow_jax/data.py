@@ -45,19 +45,36 @@ def check_batch_sizes(config: ml_collections.ConfigDict, num_devices: int) -> No
     check_batch_size(config.eval_batch_size, num_devices, 'eval_batch_size')
 
 
+def pad_batch(a, size: int, value=0) -> np.ndarray:
+  """a (n, ...) with rows of `value` appended up to (size, ...): a short last batch in the shape of the others."""
+  a = np.asarray(a)
+  if len(a) >= size:
+    return a
+  return np.concatenate([a, np.full((size - len(a),) + a.shape[1:], value, a.dtype)])
+
+
+def check_microbatch(batch_size: int, microbatch: int, setting: str = 'microbatch') -> None:
+  """Raises a ValueError naming `setting` unless micro-batches of `microbatch` examples make up the batch."""
+  if microbatch <= 0 or batch_size % microbatch:
+    raise ValueError(f'{setting}={microbatch} must divide the batch of {batch_size} samples.')
+
+
 class Batches:
   """Iterator over numpy batches whose position can be saved and restored (exact resume)."""
 
-  def __init__(self, dataset):
+  def __init__(self, dataset, pad_to: int = 0):
+    """`pad_to` > 0: a shorter batch is padded with zeros (`mask` False) to that many examples."""
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     self._iterator = iter(dataset)
     self._checkpoint = tf.train.Checkpoint(iterator=self._iterator)
+    self._pad_to = pad_to
 
   def __iter__(self):
     return self
 
   def __next__(self) -> dict:
-    return {k: v.numpy() for k, v in next(self._iterator).items()}
+    batch = {k: v.numpy() for k, v in next(self._iterator).items()}
+    return {k: pad_batch(v, self._pad_to) for k, v in batch.items()} if self._pad_to else batch
 
   def save(self, path: str) -> None:
     """Writes the position in the stream (shuffle buffer included) to `path` (a file prefix)."""
@@ -133,7 +150,7 @@ def get_split(config: ml_collections.ConfigDict, split: str, batch_size: int, *,
   if train:
     ds = ds.batch(local_batch, drop_remainder=True)
   else:
-    ds = ds.batch(local_batch).map(lambda b: _pad_batch(b, local_batch))
+    ds = ds.batch(local_batch)  # the last one padded by `Batches`
     # A split that does not divide over the processes leaves some a shorter share: every process
     # yields as many batches as the largest share needs (the extra ones fully masked), or the
     # others would wait forever for its part of the last global batch.
@@ -141,7 +158,7 @@ def get_split(config: ml_collections.ConfigDict, split: str, batch_size: int, *,
     blank = {k: tf.zeros([local_batch, *spec.shape[1:]], spec.dtype) for k, spec in ds.element_spec.items()}
     ds = ds.concatenate(tf.data.Dataset.from_tensors(blank).repeat()).take(-(-largest_share // local_batch))
   ds = ds.prefetch(tf.data.AUTOTUNE)
-  return Split(batches=Batches(ds), num_examples=num_examples)
+  return Split(batches=Batches(ds, pad_to=0 if train else local_batch), num_examples=num_examples)
 
 
 def _resize_and_crop(image, size: int):
@@ -156,13 +173,6 @@ def _resize_and_crop(image, size: int):
   image = tf.image.resize(image, (tf.maximum(new_h, size), tf.maximum(new_w, size)), antialias=True)
   image = tf.image.resize_with_crop_or_pad(image, size, size)
   return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
-
-
-def _pad_batch(batch, local_batch):
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  n = tf.shape(batch['mask'])[0]
-  pad = lambda x: tf.concat([x, tf.zeros(tf.concat([[local_batch - n], tf.shape(x)[1:]], 0), x.dtype)], 0)
-  return {k: pad(v) for k, v in batch.items()}
 
 
 def _source(data: ml_collections.ConfigDict, split: str, n_proc: int, proc: int):

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tarflow_jax import data, fid, inception, likelihood, sharding
+from tarflow_jax import data, fid, images, inception, likelihood, sharding
 
 
 def split_bits_per_dim(model, variables, config, mesh, split: str, *, num_examples: int = -1,
@@ -57,7 +57,7 @@ def classify_split(model, variables, config, mesh, split: str, *, num_examples: 
   preds, labels = [], []
   with jax.set_mesh(mesh):
     for i, (batch, mask) in enumerate(_global_batches(config, mesh, split, batch_size, num_examples)):
-      x = batch['image'].astype(jnp.float32) / 127.5 - 1.0
+      x = images.from_uint8(batch['image'])
       if noise_std > 0:
         x = x + noise_std * jax.random.normal(jax.random.fold_in(rng, i), x.shape)
       s = np.stack([sharding.fetch(scores(variables, x, jnp.full((x.shape[0],), k, jnp.int32)))

@@ -15,7 +15,7 @@ from typing import Optional
 import jax
 import numpy as np
 
-from tarflow_jax import config_lib, inception, sharding
+from tarflow_jax import data, inception, sharding
 
 
 def features(variables, images: np.ndarray, mesh: Optional[jax.sharding.Mesh] = None, *,
@@ -28,16 +28,15 @@ def features(variables, images: np.ndarray, mesh: Optional[jax.sharding.Mesh] = 
   """
   if not len(images):
     raise ValueError('No images to compute features of.')
-  mesh = mesh or sharding.make_mesh(config_lib.default().mesh)
+  mesh = mesh or sharding.default_mesh()
   variables = jax.device_put(variables, sharding.replicated(mesh))
   n_dev, n_proc, proc = mesh.size, jax.process_count(), jax.process_index()
   batch_size = -(-min(batch_size, len(images)) // n_dev) * n_dev
   local = batch_size // n_proc
   out = []
   for start in range(0, len(images), batch_size):
-    batch = np.zeros((batch_size,) + images.shape[1:], images.dtype)
     chunk = images[start:start + batch_size]
-    batch[:len(chunk)] = chunk
+    batch = data.pad_batch(chunk, batch_size)
     x = sharding.global_batch(mesh, batch[proc * local:(proc + 1) * local])
     out.append(sharding.fetch(inception.batch_features(variables, x))[:len(chunk)])
   return np.concatenate(out)

@@ -1,10 +1,17 @@
-"""Images on the [-1, 1] scale to uint8, grids and PNG files."""
+"""Pixels between uint8 and the model's [-1, 1] scale, grids and PNG files."""
 
 import math
 
 from etils import epath
+import jax
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
+
+
+def from_uint8(x) -> jax.Array:
+  """(..., H, W, C) pixels 0..255 (any numeric dtype) to float32 on [-1, 1]; the inverse of `to_uint8`."""
+  return jnp.asarray(x).astype(jnp.float32) / 127.5 - 1.0
 
 
 def to_uint8(x) -> np.ndarray:

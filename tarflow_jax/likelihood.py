@@ -12,10 +12,12 @@ Array = jax.Array
 
 # Width of one 8-bit pixel bin on the [-1, 1] scale is 2 / 256 = 1 / 128.
 LOG_BIN_WIDTH = -math.log(128.0)
+# Per-dim constant of the standard normal's log-density, in nats: what `loss` leaves out of -log p(x) / N.
+GAUSS_CONST = 0.5 * math.log(2 * math.pi)
 
 
 def loss(z: Array, logdets: Array) -> Array:
-  """The training objective, per dimension: `0.5 * mean(z**2) - mean(logdets)`."""
+  """The training objective, per dimension: `0.5 * mean(z**2) - mean(logdets)` (-log p(x) / N - GAUSS_CONST)."""
   return 0.5 * jnp.mean(z**2) - jnp.mean(logdets)
 
 
@@ -41,6 +43,14 @@ def dequantize(x_int: Array, u: Array) -> Array:
   return (x_int + u) / 256.0 * 2.0 - 1.0
 
 
+def to_bits_per_dim(nll: Array) -> Array:
+  """-log p(x) / N in nats, of dequantised images on [-1, 1], to bits per dimension of the 8-bit images.
+
+  `(nll - log(1/128)) / log 2`: each dimension's 8-bit bin is 1/128 wide on the [-1, 1] scale.
+  """
+  return (nll - LOG_BIN_WIDTH) / math.log(2.0)
+
+
 def bits_per_dim(model: TarFlow, variables, x_int: Array, u: Array, y: Optional[Array] = None) -> Array:
   """Bits per dimension (B,) of 8-bit images under uniform dequantisation.
 
@@ -48,8 +58,8 @@ def bits_per_dim(model: TarFlow, variables, x_int: Array, u: Array, y: Optional[
     x_int: (B, H, W, C) integer pixel values 0..255 (any numeric dtype).
     u: (B, H, W, C) uniform noise in [0, 1).
   Returns:
-    `(-log p(x) / N - log(1/128)) / log 2` per image, N = H * W * C.
+    `to_bits_per_dim(-log p(x) / N)` per image, N = H * W * C.
   """
   x = dequantize(x_int.astype(jnp.float32), u.astype(jnp.float32))
   n = math.prod(x.shape[1:])
-  return (-log_prob(model, variables, x, y) / n - LOG_BIN_WIDTH) / math.log(2.0)
+  return to_bits_per_dim(-log_prob(model, variables, x, y) / n)

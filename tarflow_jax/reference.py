@@ -11,6 +11,7 @@ from typing import Callable, Iterator, Mapping
 import jax.numpy as jnp
 import numpy as np
 
+from tarflow_jax import config_lib
 from tarflow_jax.model import TarFlow, abstract_variables
 from tarflow_jax.state_dict import read_state_dict, strip_prefixes
 
@@ -85,9 +86,9 @@ def describe_state_dict(state: Mapping[str, np.ndarray]) -> dict:
 
 
 def _describe_model(model: TarFlow) -> dict:
-  return {'num_blocks': model.num_blocks, 'layers_per_block': model.layers_per_block,
-          'num_tokens': model.num_tokens, 'channels': model.channels, 'token_dim': model.token_dim,
-          'nvp': model.nvp, 'num_classes': model.num_classes, 'expansion': model.expansion}
+  """The model's architecture fields, and the two that a state dict shows instead of img_size and patch_size."""
+  fields = {k: getattr(model, k) for k in config_lib.ARCHITECTURE_FIELDS}
+  return {**fields, 'num_tokens': model.num_tokens, 'token_dim': model.token_dim}
 
 
 _FIELD_HINTS = {

@@ -5,6 +5,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from tarflow_jax import config_lib
+
 BATCH_AXES = ('data', 'fsdp')
 
 
@@ -24,6 +26,11 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> jax.shard
     raise ValueError(f'Mesh data={sizes[0]} x fsdp={sizes[1]} does not use the {n} devices; use -1 for one axis.')
   return jax.make_mesh(tuple(sizes), BATCH_AXES, devices=devices,
                        axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+def default_mesh(devices=None) -> jax.sharding.Mesh:
+  """The mesh of `config_lib.default()` (every device on the 'data' axis), for tools without an experiment config."""
+  return make_mesh(config_lib.default().mesh, devices)
 
 
 # Arrays smaller than this stay replicated: sharding them saves little memory and costs collectives.

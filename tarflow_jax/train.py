@@ -1,9 +1,9 @@
 """Training: noise augmentation, the jitted step over a device mesh, checkpoints, metrics and samples."""
 
 import functools
-import math
 import os
 import signal
+from typing import Callable, NamedTuple
 
 from absl import logging
 from clu import metric_writers, periodic_actions
@@ -17,9 +17,6 @@ import optax
 
 from tarflow_jax import checkpoint, config_lib, data, evaluation, images, likelihood, sampling, sharding
 from tarflow_jax import model as model_lib
-
-# Per-dim constant of the standard normal's log-density, in nats.
-_GAUSS_CONST = 0.5 * math.log(2 * math.pi)
 
 
 def schedule(config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
@@ -37,10 +34,14 @@ def optimizer(config: ml_collections.ConfigDict, lr: optax.Schedule) -> optax.Gr
 
 
 def init_state(model: model_lib.TarFlow, tx: optax.GradientTransformation, seed: int) -> dict:
-  """The train state: a plain dict of arrays."""
+  """The train state, a plain dict of arrays: {'variables': {'params', 'prior'}, 'opt', 'step', 'rng'}.
+
+  'variables' is what the model applies and checkpoint item 'model' holds; 'opt', 'step' and
+  'rng' are checkpoint item 'train' (`checkpoint.TrainCheckpointer`).
+  """
   rng = jax.random.PRNGKey(seed)
   variables = model_lib.init_variables(model, jax.random.fold_in(rng, 0))
-  return {'params': variables['params'], 'prior': variables['prior'], 'opt': tx.init(variables['params']),
+  return {'variables': variables, 'opt': tx.init(variables['params']),
           'step': jnp.zeros((), jnp.int32), 'rng': jax.random.fold_in(rng, 1)}
 
 
@@ -51,11 +52,11 @@ def model_inputs(batch: dict, rng: jax.Array, config: ml_collections.ConfigDict,
   dequantisation); a fraction `label_drop` of labels replaced by -1.
   """
   noise_rng, drop_rng = jax.random.split(rng)
-  x_int = batch['image'].astype(jnp.float32)
+  shape = batch['image'].shape
   if config.noise.type == 'uniform':
-    x = likelihood.dequantize(x_int, jax.random.uniform(noise_rng, x_int.shape))
+    x = likelihood.dequantize(batch['image'].astype(jnp.float32), jax.random.uniform(noise_rng, shape))
   elif config.noise.type == 'gaussian':
-    x = x_int / 127.5 - 1.0 + config.noise.std * jax.random.normal(noise_rng, x_int.shape)
+    x = images.from_uint8(batch['image']) + config.noise.std * jax.random.normal(noise_rng, shape)
   else:
     raise ValueError(f'Unknown noise.type {config.noise.type!r}: use "gaussian" or "uniform".')
   y = None
@@ -90,25 +91,28 @@ def train_step(state: dict, batch: dict, *, model, tx, config, lr: optax.Schedul
     x = batch['image']
     y = batch['label'].astype(jnp.int32) if config.model.num_classes else None
 
+  prior = state['variables']['prior']
+
   def loss_fn(params, x, y):
-    z, logdets, outputs = model.apply({'params': params, 'prior': state['prior']}, x, y)
+    z, logdets, outputs = model.apply({'params': params, 'prior': prior}, x, y)
     stats = {'z2': jnp.mean(jax.lax.stop_gradient(z) ** 2, axis=0), 'logdet': jnp.mean(logdets),
              'latent_norms': [jnp.mean(o**2) for o in outputs]}
     return likelihood.loss(z, logdets), stats
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   k = config.get('grad_accum_steps', 1)
+  params = state['variables']['params']
   if k == 1:
-    (loss, stats), grads = grad_fn(state['params'], x, y)
+    (loss, stats), grads = grad_fn(params, x, y)
   else:
-    (loss, stats), grads = _accumulate(grad_fn, state['params'], x, y, k)
-  updates, opt = tx.update(grads, state['opt'], state['params'])
-  params = optax.apply_updates(state['params'], updates)
-  prior = state['prior']
+    (loss, stats), grads = _accumulate(grad_fn, params, x, y, k)
+  updates, opt = tx.update(grads, state['opt'], params)
+  params = optax.apply_updates(params, updates)
   if not config.model.nvp:  # running average of E[z^2] per token and dim, as the reference
     prior = {'var': prior['var'] + config.prior_var_lr * (stats['z2'] - prior['var'])}
   grad_norm = optax.tree.norm(grads)
-  new = {'params': params, 'prior': prior, 'opt': opt, 'step': state['step'] + 1, 'rng': state['rng']}
+  new = {'variables': {'params': params, 'prior': prior}, 'opt': opt, 'step': state['step'] + 1,
+         'rng': state['rng']}
   # A finite gradient can still overflow in the update (a huge learning rate, an Adam moment past
   # float32's range): such a step must not reach the state, or the next checkpoint holds it.
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & checkpoint.all_finite(new)
@@ -120,7 +124,7 @@ def train_step(state: dict, batch: dict, *, model, tx, config, lr: optax.Schedul
       **{f'latent_norm/block{i}': n for i, n in enumerate(stats['latent_norms'])},
   }
   if config.noise.type == 'uniform':  # the loss is then a bound on the bits/dim of the 8-bit data
-    metrics['bits_per_dim'] = (loss + _GAUSS_CONST - likelihood.LOG_BIN_WIDTH) / math.log(2.0)
+    metrics['bits_per_dim'] = likelihood.to_bits_per_dim(loss + likelihood.GAUSS_CONST)
   return new, metrics
 
 
@@ -141,6 +145,29 @@ def _accumulate(grad_fn, params, x, y, k: int):
 
   total, _ = jax.lax.scan(add, zeros, (micro_x, micro_y))
   return jax.tree.map(lambda t: t / k, total)
+
+
+class Program(NamedTuple):
+  """What a training run compiles, from `build`: training and the ahead-of-time compile share it."""
+  model: model_lib.TarFlow
+  abstract_state: dict  # ShapeDtypeStructs of `init_state`, with their shardings
+  state_shardings: dict
+  init: Callable[[], dict]  # jitted: a fresh state, on its shardings
+  step: Callable[[dict, dict], tuple[dict, dict]]  # jitted `train_step` on the mesh; donates the state
+
+
+def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, lr: optax.Schedule) -> Program:
+  """The model, state shardings (FSDP rule) and the jitted init and step of `config` on `mesh` (AdamW at `lr`)."""
+  model = model_lib.from_config(config.model)
+  tx = optimizer(config, lr)
+  init = functools.partial(init_state, model, tx, config.seed)
+  abstract = jax.eval_shape(init)
+  shardings = sharding.state_shardings(abstract, mesh)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  step = jax.jit(functools.partial(train_step, model=model, tx=tx, config=config, lr=lr),
+                 in_shardings=(shardings, sharding.batch_sharding(mesh)),
+                 out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+  return Program(model, abstract, shardings, jax.jit(init, out_shardings=shardings), step)
 
 
 class _Preemption:
@@ -191,6 +218,11 @@ def _check_finite(history: list, writer) -> None:
           f'that step was not applied and the checkpoints on disk are as they were: {hint}.')
 
 
+def _due(step: int, every: int, total: int) -> bool:
+  """Whether a periodic action (every `every` steps, and at the last step) runs after `step`; never if every <= 0."""
+  return every > 0 and (step % every == 0 or step == total)
+
+
 def _steps(config, num_train_examples: int):
   steps_per_epoch = max(1, num_train_examples // config.batch_size)
   total = config.num_train_steps if config.num_train_steps > 0 else int(config.num_epochs * steps_per_epoch)
@@ -205,36 +237,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   config_lib.validate(config, jax.devices(), jax.process_count())
   _check_workdir(workdir)
-  model = model_lib.from_config(config.model)
   mesh = sharding.make_mesh(config.mesh)
   train_data = data.get_split(config, config.data.train_split, config.batch_size, train=True, seed=config.seed)
   steps_per_epoch, total_steps = _steps(config, train_data.num_examples)
-  lr = schedule(config, steps_per_epoch, total_steps)
-  tx = optimizer(config, lr)
+  program = build(config, mesh, schedule(config, steps_per_epoch, total_steps))
+  model = program.model
 
-  init = functools.partial(init_state, model, tx, config.seed)
-  abstract = jax.eval_shape(init)
-  state_sharding = sharding.state_shardings(abstract, mesh)
   ckpt = checkpoint.TrainCheckpointer(workdir, config.keep_checkpoints)
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding)
   start, state = ckpt.restore_latest(
-      abstract, train_data.batches,
+      program.abstract_state, train_data.batches,
       check_config=lambda saved: checkpoint.check_same_architecture(saved, config, ckpt.directory))
   if start is None:
-    state = jax.jit(init, out_shardings=state_sharding)()
+    state = program.init()
     start = 0
   else:
     logging.info('Resumed from step %d of %s.', start, ckpt.directory)
-
-  step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx, config=config, lr=lr),
-                    in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
-                    out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
 
   is_main = jax.process_index() == 0
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
   if start == 0:
     writer.write_hparams(_flat_hparams(config))
-    params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state['params']))
+    params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state['variables']['params']))
     logging.info('Model: %s parameters; %d steps (%d per epoch), global batch %d on %d devices.',
                  f'{params:,}', total_steps, steps_per_epoch, config.batch_size, jax.device_count())
   progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer, every_steps=config.log_every)
@@ -245,9 +268,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   def run_eval(step):
     with progress.timed('eval'):
-      variables = {'params': state['params'], 'prior': state['prior']}
       evals[step] = float(np.mean(evaluation.split_bits_per_dim(
-          model, variables, config, mesh, config.data.eval_split, num_examples=config.data.num_eval_examples,
+          model, state['variables'], config, mesh, config.data.eval_split, num_examples=config.data.num_eval_examples,
           batch_size=config.eval_batch_size, seed=config.seed + 2)))
       writer.write_scalars(step, {'eval/bits_per_dim': evals[step]})
 
@@ -268,27 +290,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     while step < total_steps:
       batch = sharding.global_batch(mesh, next(train_data.batches))
       with jax.set_mesh(mesh):  # attention kernels split over the mesh (attention.causal_attention)
-        state, metrics = step_fn(state, batch)
+        state, metrics = program.step(state, batch)
       step += 1
       history.append((step, metrics))
       progress(step)
       stop = preemption.reached(step)
-      if step % config.log_every == 0 or step == total_steps or stop:
+      if stop or _due(step, config.log_every, total_steps):
         history = [(s, jax.device_get(m)) for s, m in history]
         _check_finite(history, writer)
         last = {k: float(np.mean([m[k] for _, m in history])) for k in history[-1][1] if k != 'finite'}
         writer.write_scalars(step, {f'train/{k}': v for k, v in last.items()})
         history = []
-      if step % config.checkpoint_every == 0 or step == total_steps or stop:
+      if stop or _due(step, config.checkpoint_every, total_steps):
         _check_finite([(s, jax.device_get(m)) for s, m in history], writer)
         ckpt.save(step, state, config, train_data.batches)
       if stop:
         logging.warning('Stopped at step %d after a preemption notice (SIGTERM); rerun the same command to resume.',
                         step)
         break
-      if config.sample_every > 0 and (step % config.sample_every == 0 or step == total_steps):
+      if _due(step, config.sample_every, total_steps):
         write_samples(step)
-      if config.eval_every > 0 and (step % config.eval_every == 0 or step == total_steps):
+      if _due(step, config.eval_every, total_steps):
         run_eval(step)
   finally:
     preemption.restore()
@@ -303,7 +325,7 @@ def generate(model, state, config, noise, mesh) -> np.ndarray:
   y = None
   if model.num_classes:
     y = jnp.arange(noise.shape[0]) % model.num_classes
-  variables = {'params': state['params'], 'prior': state['prior']}
+  variables = state['variables']
   if noise.shape[0] % mesh.size == 0:
     noise = jax.device_put(noise, sharding.batch_sharding(mesh))
   guidance = s.guidance if (model.num_classes or s.attn_temp != 1.0) else 0.0

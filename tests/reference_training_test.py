@@ -61,8 +61,8 @@ def test_train_step_reproduces_reference_trajectory(stem):
   tx = train.optimizer(config, lr)
 
   variables = recorded_variables(model, data, 'init/')
-  state = {'params': variables['params'], 'prior': variables['prior'], 'opt': tx.init(variables['params']),
-           'step': jnp.zeros((), jnp.int32), 'rng': jax.random.PRNGKey(0)}
+  state = {'variables': variables, 'opt': tx.init(variables['params']), 'step': jnp.zeros((), jnp.int32),
+           'rng': jax.random.PRNGKey(0)}
   step_fn = jax.jit(functools.partial(train.train_step, model=model, tx=tx, config=config, lr=lr, augment=False))
   steps = spec['steps']
   xs = jnp.asarray(data['inputs/x']).transpose(0, 1, 3, 4, 2)  # (K, B, C, H, W) -> (K, B, H, W, C)
@@ -73,8 +73,9 @@ def test_train_step_reproduces_reference_trajectory(stem):
     assert abs(loss - want) <= LOSS_TOL, f'{stem} step {k}: loss {loss:.7g}, reference {want:.7g}'
     if k in (0, steps - 1):
       expected = recorded_variables(model, data, f'step{k}/')
-      assert_trees_close(state['params'], expected['params'], PARAM_TOL, f'{stem} parameters after step {k}')
-      assert_trees_close(state['prior'], expected['prior'], PARAM_TOL, f'{stem} prior after step {k}')
+      variables = state['variables']
+      assert_trees_close(variables['params'], expected['params'], PARAM_TOL, f'{stem} parameters after step {k}')
+      assert_trees_close(variables['prior'], expected['prior'], PARAM_TOL, f'{stem} prior after step {k}')
 
 
 def test_optimizer_is_torch_adamw():

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from tarflow_jax import checkpoint, config_lib, sharding, train
+from tarflow_jax import checkpoint, compilation, config_lib, sharding, train
 from tarflow_jax import model as model_lib
 
 
@@ -35,6 +35,29 @@ def test_mesh_sizes_from_config():
     mesh_of(data=2, fsdp=2)
   with pytest.raises(ValueError, match='cannot be split'):
     mesh_of(data=3, fsdp=-1)
+
+
+def test_default_mesh_is_the_default_config_mesh():
+  assert dict(sharding.default_mesh().shape) == {'data': 8, 'fsdp': 1}
+  assert dict(sharding.default_mesh(jax.devices()[:2]).shape) == {'data': 2, 'fsdp': 1}
+
+
+def test_the_compiled_program_is_the_training_program():
+  # Width 128: the attention and MLP matrices are large enough to be sharded (sharding.MIN_FSDP_SIZE).
+  config, *_, batch = _setup()
+  mesh = mesh_of(data=2, fsdp=4)
+  program = train.build(config, mesh, train.schedule(config, 1000, 100_000))
+  state = program.init()
+  jax.tree.map(lambda a, s: a.sharding.is_equivalent_to(s, a.ndim) or pytest.fail(f'{a.sharding} != {s}'),
+               state, program.state_shardings)
+  assert jax.tree.map(lambda a: (a.shape, a.dtype), state) == jax.tree.map(lambda a: (a.shape, a.dtype),
+                                                                          program.abstract_state)
+  step, (abstract, abstract_batch) = compilation.train_program(config, mesh)
+  assert abstract == program.abstract_state
+  assert abstract_batch['image'].shape == (config.batch_size,) + batch['image'].shape[1:]
+  with jax.set_mesh(mesh):
+    compiled = step.lower(abstract, abstract_batch).as_text()
+    assert compiled == program.step.lower(abstract, abstract_batch).as_text()
 
 
 def _setup():
@@ -68,7 +91,7 @@ def test_sharded_step_equals_one_device(axes):
   state, metrics = _run_step(mesh, *setup)
   np.testing.assert_allclose(metrics['loss'], one_metrics['loss'], rtol=1e-5)
   jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-6), state, one_state)
-  qkv = state['params']['block_0']['layer_0']['attention']['qkv']['kernel']  # (128, 384)
+  qkv = state['variables']['params']['block_0']['layer_0']['attention']['qkv']['kernel']  # (128, 384)
   mu = state['opt'][0].mu['block_0']['layer_0']['attention']['qkv']['kernel']
   if axes['fsdp'] > 1:  # really sharded, parameters and optimiser moments alike
     assert qkv.sharding.spec == P(None, 'fsdp') and mu.sharding.spec == P(None, 'fsdp')

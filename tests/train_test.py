@@ -2,6 +2,7 @@
 
 import functools
 import glob
+import json
 import os
 import shutil
 import signal
@@ -12,9 +13,10 @@ from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
-from tarflow_jax import checkpoint, config_lib, data, sharding, train
+from tarflow_jax import checkpoint, config_lib, data, likelihood, sharding, train
 from tarflow_jax import model as model_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -213,14 +215,15 @@ def test_volume_preserving_model_learns_its_prior_variance():
   lr = train.schedule(config, 10, 100)
   tx = train.optimizer(config, lr)
   state = train.init_state(model, tx, 0)
-  state['params'] = jax.tree.map(lambda p: p + 0.05, state['params'])  # not the identity
+  variables = state['variables']
+  variables['params'] = jax.tree.map(lambda p: p + 0.05, variables['params'])  # not the identity
   batch = {'image': np.random.default_rng(0).integers(0, 256, (16, 16, 16, 1), dtype=np.uint8),
            'label': np.arange(16, dtype=np.int32) % 10}
   new, _ = jax.jit(functools.partial(train.train_step, model=model, tx=tx, config=config, lr=lr))(state, batch)
   x, y = train.model_inputs(batch, jax.random.fold_in(state['rng'], 0), config)
-  z, _, _ = model.apply({'params': state['params'], 'prior': state['prior']}, x, y)
+  z, _, _ = model.apply(variables, x, y)
   want = 0.9 * 1.0 + 0.1 * jnp.mean(z**2, axis=0)
-  np.testing.assert_allclose(new['prior']['var'], want, rtol=1e-5)
+  np.testing.assert_allclose(new['variables']['prior']['var'], want, rtol=1e-5)
   assert float(jnp.abs(want - 1.0).max()) > 1e-2
 
 
@@ -232,8 +235,9 @@ def test_gradient_accumulation_gives_the_update_of_one_batch(nvp):
   lr = train.schedule(config, 10, 100)
   tx = train.optimizer(config, lr)
   state = train.init_state(model, tx, 0)
-  state['params'] = jax.tree.map(lambda p: p + 0.02 * jax.random.normal(jax.random.key(p.size), p.shape),
-                                 state['params'])  # no block is the identity
+  variables = state['variables']
+  variables['params'] = jax.tree.map(lambda p: p + 0.02 * jax.random.normal(jax.random.key(p.size), p.shape),
+                                     variables['params'])  # no block is the identity
   rng = np.random.default_rng(0)
   batch = {'image': rng.integers(0, 256, (16, 16, 16, 1), dtype=np.uint8),
            'label': rng.integers(0, 10, (16,), dtype=np.int32)}
@@ -247,12 +251,33 @@ def test_gradient_accumulation_gives_the_update_of_one_batch(nvp):
   # Adam's moments hold the gradient (and its square): equal up to float32 summation order.
   close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.abs(b).max()))
   jax.tree.map(close, acc['opt'], one['opt'])
+  acc, one = acc['variables'], one['variables']
   jax.tree.map(close, acc['prior'], one['prior'])
   # Adam's first update is about lr * sign(gradient): where a gradient is ~0, its rounding shows (lr = 1e-3).
   jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=0, atol=2e-5), acc['params'], one['params'])
   assert float(jnp.abs(acc['params']['block_0']['proj_out']['kernel']).max()) > 0  # the step really updated
   if not nvp:
     assert float(jnp.abs(acc['prior']['var'] - 1).max()) > 1e-3
+
+
+def test_the_bits_per_dim_metric_is_the_likelihood_of_the_step_inputs():
+  config = smoke_config(**{'noise.type': 'uniform', 'label_drop': 0.0})
+  model = model_lib.from_config(config.model)
+  lr = train.schedule(config, 10, 100)
+  tx = train.optimizer(config, lr)
+  state = train.init_state(model, tx, 0)
+  batch = {'image': np.random.default_rng(0).integers(0, 256, (16, 16, 16, 1), dtype=np.uint8),
+           'label': np.arange(16, dtype=np.int32) % 10}
+  _, metrics = jax.jit(functools.partial(train.train_step, model=model, tx=tx, config=config, lr=lr))(state, batch)
+  x, y = train.model_inputs(batch, jax.random.fold_in(state['rng'], 0), config)
+  u = (x + 1.0) * 128.0 - batch['image']  # the step's dequantisation noise
+  bpd = likelihood.bits_per_dim(model, state['variables'], batch['image'], u, y)
+  np.testing.assert_allclose(metrics['bits_per_dim'], jnp.mean(bpd), rtol=1e-5)
+
+
+def test_a_periodic_action_is_due_every_n_steps_and_at_the_last():
+  assert [s for s in range(1, 11) if train._due(s, 4, 10)] == [4, 8, 10]  # pylint: disable=protected-access
+  assert [s for s in range(1, 11) if train._due(s, 0, 10)] == []  # pylint: disable=protected-access
 
 
 def test_gradient_accumulation_must_divide_the_batch_over_the_devices():
@@ -339,11 +364,32 @@ def test_resume_skips_a_damaged_checkpoint_and_keeps_it(workdir, checkpointed, c
 
 
 def _abstract_state(config):
-  model = model_lib.from_config(config.model)
-  tx = train.optimizer(config, train.schedule(config, 10, 10))
-  abstract = jax.eval_shape(functools.partial(train.init_state, model, tx, config.seed))
-  shardings = sharding.state_shardings(abstract, sharding.make_mesh(config.mesh))
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  return train.build(config, sharding.make_mesh(config.mesh), train.schedule(config, 10, 10)).abstract_state
+
+
+def test_a_checkpoint_written_with_the_flat_train_state_resumes(tmp_path):
+  # Before the state nested its variables it was {'params', 'prior', 'opt', 'step', 'rng'}; its
+  # checkpoints were written as the same items 'model' and 'train', which this writes as it did.
+  config = _checkpointed_config()
+  abstract = _abstract_state(config)
+  nested = train.init_state(model_lib.from_config(config.model),
+                            train.optimizer(config, train.schedule(config, 10, 10)), config.seed)
+  nested['step'] = jnp.asarray(3, jnp.int32)
+  flat = {**nested.pop('variables'), **nested}
+  old = checkpoint.manager(str(tmp_path / 'checkpoints'))
+  old.save(3, args=ocp.args.Composite(
+      model=ocp.args.StandardSave({'params': flat['params'], 'prior': flat['prior']}),
+      train=ocp.args.StandardSave({'opt': flat['opt'], 'step': flat['step'], 'rng': flat['rng']}),
+      config=ocp.args.JsonSave(json.loads(config.to_json()))))
+  old.wait_until_finished()
+  old.close()
+
+  ckpt = checkpoint.TrainCheckpointer(str(tmp_path), keep=3)
+  step, state = ckpt.restore_latest(abstract)
+  ckpt.close()
+  assert step == 3 and set(state) == {'variables', 'opt', 'step', 'rng'} and int(state['step']) == 3
+  jax.tree.map(np.testing.assert_array_equal, state['variables'], {'params': flat['params'], 'prior': flat['prior']})
+  jax.tree.map(np.testing.assert_array_equal, state['opt'], flat['opt'])
 
 
 def test_a_damaged_config_item_is_named_and_skipped(workdir, caplog):

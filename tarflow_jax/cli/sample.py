@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tarflow_jax import checkpoint, errors, images, sampling, sharding
+from tarflow_jax import checkpoint, data, errors, images, sampling, sharding
 from tarflow_jax.cli import _common
 
 FLAGS = flags.FLAGS
@@ -68,11 +68,6 @@ def labels_for(spec: str, num: int, num_classes: int, rng: np.random.Generator):
   return np.resize(ids, num)
 
 
-def _pad(a: np.ndarray, size: int, value) -> np.ndarray:
-  """a (n, ...) padded with `value` rows to (size, ...)."""
-  return np.concatenate([a, np.full((size - len(a),) + a.shape[1:], value, a.dtype)]) if len(a) < size else a
-
-
 def check_flags() -> None:
   """Raises errors.UserError for flag values that cannot work, before the checkpoint is read."""
   positive = ['batch_size', 'chunks'] + ([] if FLAGS.latents else ['num'])
@@ -122,14 +117,13 @@ def main(argv):
   jacobi = sampling.Jacobi(FLAGS.jacobi_segment, FLAGS.jacobi_max_iters, FLAGS.jacobi_tol)
   batch_size = min(FLAGS.batch_size, num)
   microbatch = min(FLAGS.microbatch, batch_size) or None
-  if microbatch and batch_size % microbatch:
-    raise errors.UserError(f'--microbatch={FLAGS.microbatch} must divide the batch of {batch_size} samples '
-                     '(--batch_size, or --num when smaller).')
+  if microbatch:
+    data.check_microbatch(batch_size, microbatch, '--microbatch')
   out, iterations, seconds = [], [], []
   for start in range(0, num, batch_size):
     # The last batch is padded to the batch size: one compiled shape for every batch.
-    z = _pad(noise[start:start + batch_size], batch_size, 0.0)
-    y = None if labels is None else jnp.asarray(_pad(labels[start:start + batch_size], batch_size, -1))
+    z = data.pad_batch(noise[start:start + batch_size], batch_size)
+    y = None if labels is None else jnp.asarray(data.pad_batch(labels[start:start + batch_size], batch_size, -1))
     real = min(batch_size, num - start)
     if batch_size % mesh.size == 0:
       z = jax.device_put(z, sharding.batch_sharding(mesh))
