@@ -3,6 +3,7 @@
 import functools
 from typing import Any, Callable, Optional, Sequence
 
+import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -25,22 +26,13 @@ def patchify(x: Array, patch_size: int) -> Array:
   row-in-patch, col-in-patch) with channel slowest, as torch's `unfold` in the
   reference, so that latents and converted weights line up with it.
   """
-  b, h, w, c = x.shape
-  p = patch_size
-  x = x.reshape(b, h // p, p, w // p, p, c)
-  x = x.transpose(0, 1, 3, 5, 2, 4)  # (B, h, w, C, p, p)
-  return x.reshape(b, (h // p) * (w // p), c * p * p)
+  return einops.rearrange(x, 'b (h p) (w q) c -> b (h w) (c p q)', p=patch_size, q=patch_size)
 
 
 def unpatchify(x: Array, patch_size: int, img_size: int) -> Array:
   """Patch tokens (B, T, C*p*p) to images (B, H, W, C); inverse of `patchify`."""
-  b, _, d = x.shape
-  p = patch_size
-  g = img_size // p
-  c = d // (p * p)
-  x = x.reshape(b, g, g, c, p, p)
-  x = x.transpose(0, 1, 4, 2, 5, 3)  # (B, h, p, w, p, C)
-  return x.reshape(b, img_size, img_size, c)
+  grid = img_size // patch_size
+  return einops.rearrange(x, 'b (h w) (c p q) -> b (h p) (w q) c', h=grid, p=patch_size, q=patch_size)
 
 
 def flow_dtype(dtype: Dtype) -> Dtype:
@@ -96,15 +88,15 @@ class Attention(nn.Module):
   def _qkv(self, x: Array):
     h = self.norm(x).astype(self.dtype)
     qkv = sharding.constrain_batch(self.qkv(h))  # (B, T, 3C): all query heads, then all keys, then all values.
-    qkv = qkv.reshape(*x.shape[:-1], 3, self.num_heads, self.head_dim)
-    return qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]  # each (B, T, H, hd)
+    split_heads = lambda a: einops.rearrange(a, 'b t (h d) -> b t h d', h=self.num_heads)
+    return tuple(split_heads(a) for a in jnp.split(qkv, 3, axis=-1))  # q, k, v, each (B, T, H, hd)
 
   def _apply_temperature(self, q: Array, temperature: Optional[Array]) -> Array:
     """Queries (B, S, H, hd) divided by the per-example attention temperature (B,), if given."""
     return q if temperature is None else q / temperature.astype(q.dtype)[:, None, None, None]
 
   def _out(self, out: Array) -> Array:
-    return self.proj(out.reshape(*out.shape[:-2], self.channels))  # (B, S, H, hd) -> (B, S, C)
+    return self.proj(einops.rearrange(out, 'b s h d -> b s (h d)'))  # (B, S, C)
 
   def __call__(self, x: Array, temperature: Optional[Array] = None) -> Array:
     """Causal attention over x (B, T, C); returns (B, T, C)."""

@@ -214,6 +214,7 @@ class _Conditioning:
 
 
 def _conditioning(model, labels, batch, weight, attn_temp, *, guided, guide_what, annealed) -> _Conditioning:
+  """The rows to run for `batch` samples with labels (B,) or None, and the guidance weight of each token."""
   temperature = None
   if guided:
     if model.num_classes:
