@@ -152,7 +152,7 @@ def sample(model: TarFlow, variables, noise: Array, labels: Optional[Array] = No
     first) of int arrays with one entry per Jacobi segment, or, for
     `Sequential`, per chunk (one iteration per token).
   """
-  _check_sample_args(model, noise, labels, guidance)
+  _check_sample_args(model, noise, labels, guidance, decoder)
   args = (model, variables, noise, labels, jnp.float32(guidance.weight), jnp.float32(guidance.attn_temp))
   static = dict(guided=guidance.enabled, guide_what=guidance.guide_what, annealed=guidance.annealed,
                 decoder=decoder)
@@ -165,7 +165,10 @@ def sample(model: TarFlow, variables, noise: Array, labels: Optional[Array] = No
   return (images, iterations) if return_iterations else images
 
 
-def _check_sample_args(model, noise, labels, guidance):
+def _check_sample_args(model, noise, labels, guidance, decoder):
+  if not isinstance(decoder, (Sequential, Jacobi)):
+    raise TypeError(f'decoder must be Sequential(chunks, microbatch) or Jacobi(segment, max_iters, tol), '
+                    f'got {decoder!r}.')
   want = (model.num_tokens, model.token_dim)
   if noise.ndim != 3 or tuple(noise.shape[1:]) != want:
     raise ValueError(f'Expected noise of shape (batch, {want[0]}, {want[1]}) (tokens, patch dim), '

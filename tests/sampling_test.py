@@ -166,6 +166,8 @@ def test_bad_sampler_input_is_refused():
   noise = jnp.zeros((2, model.num_tokens, model.token_dim))
   with pytest.raises(ValueError, match=r'Expected noise of shape \(batch, 4, 8\)'):
     sampling.sample(model, variables, jnp.zeros((2, 4, 4)))
+  with pytest.raises(TypeError, match='decoder must be Sequential'):
+    sampling.sample(model, variables, noise, decoder=8)  # the former chunks argument
   with pytest.raises(ValueError, match=r'Labels must lie in \[0, 1\]'):
     sampling.sample(model, variables, noise, jnp.array([0, 2]))
   uncond = toy.tiny_model()
