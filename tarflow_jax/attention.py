@@ -5,7 +5,6 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
-import numpy as np
 
 from tarflow_jax import sharding
 

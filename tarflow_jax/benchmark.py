@@ -103,14 +103,16 @@ def run(config, what, repeats: int, sample_batch: int, chunks: int = 8, microbat
     out['eval'] = {**r, 'batch': b, 'images_per_s': b / r['median_s'], 'utilisation': r['flops_per_s'] / peak}
   noise = jax.random.normal(jax.random.key(1), (sample_batch, model.num_tokens, model.token_dim))
   y = jnp.arange(sample_batch) % model.num_classes if model.num_classes else None
-  guided = dict(guidance=1.0, attn_temp=1.0 if model.num_classes else 0.7)
+  guidance = sampling.guidance_from_config(config)
+  if not guidance.enabled:  # guided decoding is timed even where the experiment samples without it
+    guidance = sampling.Guidance(weight=1.0, attn_temp=1.0 if model.num_classes else 0.7)
   decoders = {}
   if 'sample' in what:
-    decode = dict(chunks=chunks, microbatch=microbatch)
-    decoders['sample'] = lambda v, z: sampling.sample(model, v, z, y, **decode)
-    decoders['sample_guided'] = lambda v, z: sampling.sample(model, v, z, y, **guided, **decode)
+    sequential = sampling.Sequential(chunks=chunks, microbatch=microbatch)
+    decoders['sample'] = lambda v, z: sampling.sample(model, v, z, y, decoder=sequential)
+    decoders['sample_guided'] = lambda v, z: sampling.sample(model, v, z, y, guidance=guidance, decoder=sequential)
   if 'jacobi' in what:
-    decoders['jacobi'] = lambda v, z: sampling.sample_jacobi(model, v, z, y, jacobi=sampling.Jacobi(tol=1e-3))[0]
+    decoders['jacobi'] = lambda v, z: sampling.sample(model, v, z, y, decoder=sampling.Jacobi(tol=1e-3))
   for name, fn in decoders.items():
     r = timed(fn, variables, noise, repeats=max(1, repeats // 2))
     # Utilisation against the sequential decode's FLOPs (2B rows with guidance), for Jacobi too.

@@ -87,11 +87,9 @@ def sample_program(config: ml_collections.ConfigDict, mesh, batch: Optional[int]
   batch_sharding = sharding.batch_sharding(mesh)
   noise = jax.ShapeDtypeStruct((batch, model.num_tokens, model.token_dim), jnp.float32, sharding=batch_sharding)
   labels = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=batch_sharding) if model.num_classes else None
-  s = config.sample
-  guidance = s.guidance if (model.num_classes or s.attn_temp != 1.0) else 0.0
-  fn = jax.jit(lambda v, z, y: sampling.sample(model, v, z, y, guidance=guidance, guide_what=s.guide_what,
-                                               attn_temp=s.attn_temp, annealed_guidance=s.annealed_guidance))
-  flops = flops_lib.decode_flops(model, 2 * batch if guidance > 0 else batch)
+  guidance = sampling.guidance_from_config(config)
+  fn = jax.jit(lambda v, z, y: sampling.sample(model, v, z, y, guidance=guidance))
+  flops = flops_lib.decode_flops(model, 2 * batch if guidance.enabled else batch)
   return fn, (variables, noise, labels), flops
 
 

@@ -1,8 +1,9 @@
 """TarFlow in Flax Linen: causal Transformer blocks as autoregressive affine flows over patches."""
 
 import functools
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
+import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -25,22 +26,13 @@ def patchify(x: Array, patch_size: int) -> Array:
   row-in-patch, col-in-patch) with channel slowest, as torch's `unfold` in the
   reference, so that latents and converted weights line up with it.
   """
-  b, h, w, c = x.shape
-  p = patch_size
-  x = x.reshape(b, h // p, p, w // p, p, c)
-  x = x.transpose(0, 1, 3, 5, 2, 4)  # (B, h, w, C, p, p)
-  return x.reshape(b, (h // p) * (w // p), c * p * p)
+  return einops.rearrange(x, 'b (h p) (w q) c -> b (h w) (c p q)', p=patch_size, q=patch_size)
 
 
 def unpatchify(x: Array, patch_size: int, img_size: int) -> Array:
   """Patch tokens (B, T, C*p*p) to images (B, H, W, C); inverse of `patchify`."""
-  b, _, d = x.shape
-  p = patch_size
-  g = img_size // p
-  c = d // (p * p)
-  x = x.reshape(b, g, g, c, p, p)
-  x = x.transpose(0, 1, 4, 2, 5, 3)  # (B, h, p, w, p, C)
-  return x.reshape(b, img_size, img_size, c)
+  grid = img_size // patch_size
+  return einops.rearrange(x, 'b (h w) (c p q) -> b (h p) (w q) c', h=grid, p=patch_size, q=patch_size)
 
 
 def flow_dtype(dtype: Dtype) -> Dtype:
@@ -96,20 +88,20 @@ class Attention(nn.Module):
   def _qkv(self, x: Array):
     h = self.norm(x).astype(self.dtype)
     qkv = sharding.constrain_batch(self.qkv(h))  # (B, T, 3C): all query heads, then all keys, then all values.
-    qkv = qkv.reshape(*x.shape[:-1], 3, self.num_heads, self.head_dim)
-    return qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]  # each (B, T, H, hd)
+    split_heads = lambda a: einops.rearrange(a, 'b t (h d) -> b t h d', h=self.num_heads)
+    return tuple(split_heads(a) for a in jnp.split(qkv, 3, axis=-1))  # q, k, v, each (B, T, H, hd)
 
-  def _temper(self, q: Array, temperature: Optional[Array]) -> Array:
+  def _apply_temperature(self, q: Array, temperature: Optional[Array]) -> Array:
     """Queries (B, S, H, hd) divided by the per-example attention temperature (B,), if given."""
     return q if temperature is None else q / temperature.astype(q.dtype)[:, None, None, None]
 
   def _out(self, out: Array) -> Array:
-    return self.proj(out.reshape(*out.shape[:-2], self.channels))  # (B, S, H, hd) -> (B, S, C)
+    return self.proj(einops.rearrange(out, 'b s h d -> b s (h d)'))  # (B, S, C)
 
   def __call__(self, x: Array, temperature: Optional[Array] = None) -> Array:
     """Causal attention over x (B, T, C); returns (B, T, C)."""
     q, k, v = self._qkv(x)
-    out = attention_lib.causal_attention(self._temper(q, temperature), k, v, scale=self.head_dim**-0.5,
+    out = attention_lib.causal_attention(self._apply_temperature(q, temperature), k, v, scale=self.head_dim**-0.5,
                                          kernel=self.kernel)
     return self._out(out)
 
@@ -126,7 +118,7 @@ class Attention(nn.Module):
     k_cache, v_cache = write(cache['k'], k), write(cache['v'], v)
     positions = t + jnp.arange(x.shape[1])
     mask = jnp.arange(k_cache.shape[2])[None, :] <= positions[:, None]  # (S, T)
-    out = dot_product_attention(self._temper(q, temperature), k_cache, v_cache, scale=self.head_dim**-0.5,
+    out = dot_product_attention(self._apply_temperature(q, temperature), k_cache, v_cache, scale=self.head_dim**-0.5,
                                 mask=mask)
     return self._out(out), {'k': k_cache, 'v': v_cache}
 
@@ -205,6 +197,11 @@ class FlowBlock(nn.Module):
   `(a_t, b_t)` come from a causal Transformer over tokens `< t` (token 0 gets
   `a = b = 0`). Parameters (`pos_embed`, ...) are stored in the original token
   order and flipped with the tokens.
+
+  `__call__` is the forward map over all tokens at once; `inverse_step` inverts
+  one token (sequential decoding) or one segment (a Jacobi iteration) over the
+  key/value cache of `init_cache`. Both take and return tokens in the original
+  order: the flip stays inside the block.
   """
 
   num_tokens: int
@@ -242,9 +239,21 @@ class FlowBlock(nn.Module):
     self.proj_out = dense(out_dim, self.channels, self.initializer, self.dtype, self.precision, 'proj_out',
                           zero_kernel=True)
 
-  def _order(self, x: Array, axis: int = 1) -> Array:
-    """Puts x into the block's reading order (an involution)."""
+  def _reading_order(self, x: Array, axis: int = 1) -> Array:
+    """x in the block's reading order; applied again, back in the original order."""
     return jnp.flip(x, axis) if self.flip else x
+
+  def _read(self, x: Array, t: Array, size: int) -> Array:
+    """Tokens t..t+size-1 of the reading order of x (B, T, D), in that order: (B, size, D)."""
+    if not self.flip:
+      return jax.lax.dynamic_slice_in_dim(x, t, size, axis=1)
+    return jnp.flip(jax.lax.dynamic_slice_in_dim(x, self.num_tokens - t - size, size, axis=1), 1)
+
+  def _write(self, x: Array, tokens: Array, t: Array) -> Array:
+    """x (B, T, D) with tokens t..t+S-1 of the reading order replaced by `tokens` (B, S, D)."""
+    if not self.flip:
+      return jax.lax.dynamic_update_slice_in_dim(x, tokens, t, axis=1)
+    return jax.lax.dynamic_update_slice_in_dim(x, jnp.flip(tokens, 1), self.num_tokens - t - tokens.shape[1], axis=1)
 
   def _class_embedding(self, y: Optional[Array]) -> Array:
     """(B, C) class embedding; label -1 or no labels means the mean embedding."""
@@ -266,7 +275,7 @@ class FlowBlock(nn.Module):
 
     Returns (a, b) in `flow_dtype`, each (B, T, D); row t depends only on rows < t.
     """
-    h = self.proj_in(x.astype(self.dtype)) + self._order(self.pos_embed, 0)  # (B, T, C)
+    h = self.proj_in(x.astype(self.dtype)) + self._reading_order(self.pos_embed, 0)  # (B, T, C)
     if self.num_classes:
       h = h + self._class_embedding(y)[:, None]
     if self.scan_layers and not self.is_initializing():
@@ -308,17 +317,17 @@ class FlowBlock(nn.Module):
     logdet is the mean of -a over tokens and dims, as in the reference; the
     log-determinant of the block is `T * D * logdet`.
     """
-    x = self._order(x).astype(flow_dtype(self.dtype))
+    x = self._reading_order(x).astype(flow_dtype(self.dtype))
     a, b = self.affine_params(x, y)
     z = (x - b) * jnp.exp(-a)
-    return self._order(z), -a.mean(axis=(1, 2))
+    return self._reading_order(z), -a.mean(axis=(1, 2))
 
-  def step(self, x: Array, t: Array, y: Optional[Array], cache: Sequence[dict],
-           temperature: Optional[Array] = None):
-    """(a, b) for tokens t+1..t+S from tokens t..t+S-1, x (B, S, D), of the reading order.
+  def affine_step(self, x: Array, t: Array, y: Optional[Array], cache: Sequence[dict],
+                  temperature: Optional[Array] = None):
+    """(a, b) for tokens t+1..t+S from tokens t..t+S-1, x (B, S, D), of the reading order, over a cache.
 
     Args:
-      x: (B, S, D) tokens at positions t..t+S-1, already inverted (or an
+      x: (B, S, D) tokens at reading positions t..t+S-1, already inverted (or an
         iterate of them, for Jacobi decoding).
       t: scalar int, position in reading order.
       y: (B,) labels or None.
@@ -327,7 +336,7 @@ class FlowBlock(nn.Module):
     Returns:
       (a, b) each (B, S, D) in `flow_dtype`, and the cache with tokens < t+S.
     """
-    pos = jax.lax.dynamic_slice_in_dim(self._order(self.pos_embed, 0), t, x.shape[1], axis=0)
+    pos = self._read(self.pos_embed[None], t, x.shape[1])[0]  # (S, C)
     h = self.proj_in(x.astype(self.dtype)) + pos  # (B, S, C)
     if self.num_classes:
       h = h + self._class_embedding(y)[:, None]
@@ -337,12 +346,54 @@ class FlowBlock(nn.Module):
       new_cache.append(layer_cache)
     return self._affine(self.proj_out(h)), new_cache
 
+  def inverse_step(self, x: Array, z: Array, t: Array, cache: Sequence[dict], y: Optional[Array] = None,
+                   temperature: Optional[Array] = None, guide: Optional[Callable] = None, size: int = 1):
+    """Inverts tokens t+1..t+size of the reading order from tokens t..t+size-1 of x: `x = z * exp(a) + b`.
+
+    The inverse of `__call__`, a step at a time: sequential decoding calls it
+    with size 1 for t = 0, 1, ..., T-2 (exact); a Jacobi iteration calls it on
+    a segment, x holding the current iterate of the segment's tokens, until the
+    iterate settles. x and z are in the original token order; the block reads
+    them in its own.
+
+    Args:
+      x: (B, T, D) the block's input so far: tokens up to reading position t
+        inverted (the rest are overwritten; token 0 is its own inverse).
+      z: (B, T, D) the block's output, the latent to invert.
+      t: scalar int, reading position of the first input token.
+      cache: per layer {'k', 'v'} (R, H, L, hd), L >= t+size, holding tokens < t
+        of the R rows that run (R = B, or 2B with `guide`).
+      y: (R,) labels or None.
+      temperature: (R,) attention temperature or None.
+      guide: None, or a function `(a, b, t) -> (a, b)` that maps the affine
+        parameters (2B, size, D) of the tokens run twice, as rows [x; x], to
+        those (B, size, D) to invert with (e.g. classifier-free guidance).
+      size: tokens inverted in this step.
+    Returns:
+      x with tokens t+1..t+size of the reading order replaced, and the cache
+      with tokens < t+size.
+    """
+    inputs = self._read(x, t, size)  # (B, S, D)
+    if guide is not None:
+      inputs = jnp.concatenate([inputs, inputs])  # (2B, S, D)
+    (a, b), cache = self.affine_step(inputs, t, y, cache, temperature)
+    if guide is not None:
+      a, b = guide(a, b, t)
+    tokens = self._read(z, t + 1, size) * jnp.exp(a) + b  # (B, S, D)
+    return self._write(x, tokens.astype(x.dtype), t + 1), cache
+
   def init_cache(self, batch: int, length: Optional[int] = None) -> list:
     """Zeroed key/value cache for `batch` sequences of `length` tokens (default: all of them)."""
     length = self.num_tokens if length is None else length
     shape = (batch, self.channels // self.head_dim, length, self.head_dim)  # (B, H, length, hd)
     return [{'k': jnp.zeros(shape, self.dtype), 'v': jnp.zeros(shape, self.dtype)}
             for _ in range(self.num_layers)]
+
+
+def extend_cache(cache: Sequence[dict], length: int) -> list:
+  """A block's key/value cache (see `FlowBlock.init_cache`) padded with zeros to `length` positions."""
+  pad = lambda c: jnp.pad(c, ((0, 0), (0, 0), (0, length - c.shape[2]), (0, 0)))  # (B, H, L, hd)
+  return jax.tree.map(pad, cache)
 
 
 class TarFlow(nn.Module):
@@ -409,27 +460,23 @@ class TarFlow(nn.Module):
     Returns:
       z: (B, T, D) latent in patch layout.
       logdets: (B,) sum over blocks of each block's mean of -a.
-      outputs: list of (B, T, D), the output of every block.
+      block_latents: list of (B, T, D), the output of every block, block 0 first.
     """
     check_images(x, self.img_size, self.in_channels)
     check_labels(y, self.num_classes)
     h = patchify(x.astype(flow_dtype(self.dtype)), self.patch_size)
     logdets = jnp.zeros(h.shape[0], h.dtype)
-    outputs = []
+    block_latents = []
     for block in self.blocks:
       h, logdet = block(h, y)
       logdets = logdets + logdet
-      outputs.append(h)
-    return h, logdets, outputs
+      block_latents.append(h)
+    return h, logdets, block_latents
 
-  def block_affine_params(self, i: int, x: Array, y=None, temperature=None):
-    return self.blocks[i].affine_params(x, y, temperature)
 
-  def block_step(self, i: int, x_t, t, y, cache, temperature=None):
-    return self.blocks[i].step(x_t, t, y, cache, temperature)
-
-  def block_init_cache(self, i: int, batch: int, length: Optional[int] = None):
-    return self.blocks[i].init_cache(batch, length)
+def on_block(i: int, method: Callable) -> Callable:
+  """A `FlowBlock` method (unbound) of block i, for `TarFlow.apply(variables, ..., method=on_block(i, ...))`."""
+  return lambda model, *args, **kwargs: method(model.blocks[i], *args, **kwargs)
 
 
 def check_images(x, img_size: int, in_channels: int) -> None:

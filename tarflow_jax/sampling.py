@@ -1,4 +1,9 @@
-"""Inverse of the TarFlow stack: compiled sequential and Jacobi decoding with guidance, and denoising."""
+"""Sampling: the TarFlow stack inverted block by block, with guidance, by a chosen decoder; and denoising.
+
+`sample(model, variables, noise, labels, guidance=Guidance(...), decoder=Sequential(...) | Jacobi(...))`.
+Each block's inverse step is the model's (`FlowBlock.inverse_step`); this module runs those steps over the
+tokens and the blocks, and combines the conditional and unconditional predictions for guidance.
+"""
 
 import dataclasses
 import functools
@@ -7,12 +12,94 @@ from typing import Optional, Union
 import jax
 import jax.numpy as jnp
 
-from tarflow_jax import likelihood
-from tarflow_jax.model import TarFlow, check_labels, flow_dtype, unpatchify
+from tarflow_jax import data, likelihood
+from tarflow_jax.model import FlowBlock, TarFlow, check_labels, extend_cache, flow_dtype, on_block, unpatchify
 
 Array = jax.Array
 
 GUIDE_WHAT = ('a', 'b', 'ab')
+
+
+@dataclasses.dataclass(frozen=True)
+class Guidance:
+  """Classifier-free guidance of the affine parameters.
+
+  With `weight` g > 0 the conditional and the unconditional branch (label -1,
+  the mean class embedding; attention temperature `attn_temp`) run as one batch
+  of 2B, and `a` and/or `b` (`guide_what`: 'a', 'b' or 'ab') are extrapolated
+  away from the unconditional prediction: `a + g * (a - a_u)`. `annealed` ramps
+  the weight linearly over tokens, `g (t + 1) / (T - 1)`. On an unconditional
+  model the branches differ only in attention temperature. g = 0 disables
+  guidance.
+
+  Changing `weight` or `attn_temp` does not recompile the sampler; changing
+  whether guidance is on, `guide_what` or `annealed` does.
+  """
+  weight: float = 0.0
+  guide_what: str = 'ab'
+  attn_temp: float = 1.0
+  annealed: bool = False
+
+  def __post_init__(self):
+    if self.guide_what not in GUIDE_WHAT:
+      raise ValueError(f'guide_what must be one of {GUIDE_WHAT}, got {self.guide_what!r}.')
+    if self.weight < 0:
+      raise ValueError(f'guidance must be >= 0, got {self.weight}.')
+
+  @property
+  def enabled(self) -> bool:
+    return bool(self.weight > 0)
+
+
+def guidance_from_config(config, **overrides) -> Guidance:
+  """The guidance of a config's `sample` fields, with `overrides` (`Guidance` fields) in place of some.
+
+  A weight from the config is dropped (0) for an unconditional model at
+  attention temperature 1, where the two branches would be the same model; a
+  weight in `overrides` is kept (and `sample` refuses it there).
+  """
+  s = config.sample
+  fields = dict(weight=s.guidance, guide_what=s.guide_what, attn_temp=s.attn_temp, annealed=s.annealed_guidance)
+  fields.update(overrides)
+  if 'weight' not in overrides and not config.model.num_classes and fields['attn_temp'] == 1.0:
+    fields['weight'] = 0.0
+  return Guidance(**fields)
+
+
+@dataclasses.dataclass(frozen=True)
+class Denoising:
+  """One score step after sampling (see `denoise`): on when `enabled`, with the training noise's `sigma`."""
+  enabled: bool = False
+  sigma: float = 0.0
+  step_scale: float = 1.0
+
+
+def denoising_from_config(config, **overrides) -> Denoising:
+  """The denoising of a config, with `overrides` (`Denoising` fields) in place of some.
+
+  On when `sample.denoise` is set and the model trained with Gaussian noise;
+  sigma is the training noise's std, `step_scale` is `sample.denoise_scale`.
+  """
+  gaussian = config.noise.type == 'gaussian' and config.noise.std > 0
+  denoising = Denoising(enabled=bool(config.sample.denoise and gaussian), sigma=config.noise.std,
+                        step_scale=config.sample.denoise_scale)
+  return dataclasses.replace(denoising, **overrides)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sequential:
+  """Exact decoding, token after token: one `lax.scan` per chunk of each block's tokens.
+
+  Each of the `chunks` chunks (`decode_chunks`) attends over a key/value cache
+  as long as the tokens up to its end, not the whole sequence: decoding reads
+  the cache at every token, so more chunks read less, for one compiled loop
+  body per chunk. `microbatch` decodes that many samples at a time (a divisor
+  of the batch), one after the other in the same compiled call; on a CPU, a
+  micro-batch whose cache fits the last-level cache decodes faster than the
+  whole batch. On accelerators, decode the whole batch (None).
+  """
+  chunks: int = 8
+  microbatch: Optional[int] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,143 +121,153 @@ class Jacobi:
 
   def for_block(self, i: int, num_tokens: int) -> tuple[int, int]:
     """(segment length, iteration cap) of block i."""
-    pick = lambda v: v[i] if isinstance(v, tuple) else v
-    segment = pick(self.segment) or num_tokens - 1
-    return min(segment, num_tokens - 1), pick(self.max_iters) or segment
+    segment = _setting_of_block(self.segment, i) or num_tokens - 1
+    return min(segment, num_tokens - 1), _setting_of_block(self.max_iters, i) or segment
 
 
-def sample(model: TarFlow, variables, noise: Array, y: Optional[Array] = None, *,
-           guidance: float = 0.0, guide_what: str = 'ab', attn_temp: float = 1.0,
-           annealed_guidance: bool = False, chunks: int = 8, microbatch: Optional[int] = None) -> Array:
+def _setting_of_block(setting: Union[int, tuple], i: int) -> int:
+  """A setting for every block (int) or one per block (tuple): block i's."""
+  return setting[i] if isinstance(setting, tuple) else setting
+
+
+Decoder = Union[Sequential, Jacobi]
+
+
+def sample(model: TarFlow, variables, noise: Array, labels: Optional[Array] = None, *,
+           guidance: Guidance = Guidance(), decoder: Decoder = Sequential(), return_iterations: bool = False):
   """Draws images from Gaussian noise by inverting every block, last to first.
-
-  Each block's inverse is a `lax.scan` over its tokens with a preallocated
-  key/value cache, in `chunks` chunks of tokens: each chunk attends over a
-  cache as long as the tokens up to its end, not the whole sequence. Decoding
-  reads the cache at every token, so 8 chunks read 1.8x less (at 1,024
-  tokens on a 2-core CPU, 16 images: 1.6x faster), for one compiled loop
-  body per chunk. With guidance, the conditional and the unconditional
-  (mean class embedding, attention temperature `attn_temp`) passes run as one
-  batch of 2B, and `a` and/or `b` are extrapolated away from the
-  unconditional prediction: `a + g * (a - a_u)`.
-
-  `microbatch` decodes that many samples at a time, one after the other in
-  the same compiled call. On a CPU, a micro-batch whose cache fits the
-  last-level cache decodes faster than the whole batch: ImageNet-64 layout
-  (1,024 tokens, width 256, 2x2 layers), 16 samples on a 2-core CPU with a
-  32 MiB L3: micro-batches of 4 (16 MiB of cache per block) are 1.35x to 1.5x
-  faster. On accelerators, decode the whole batch.
 
   Args:
     model: the TarFlow module.
     variables: its variables ({'params', 'prior'}).
     noise: (B, T, D) standard normal latent, patch layout; scaled by the
       prior's standard deviation here.
-    y: (B,) labels of a class-conditional model, -1 for "no label", or None.
-    guidance: guidance weight g >= 0; 0 disables guidance.
-    guide_what: 'a', 'b' or 'ab': which affine parameters are guided.
-    attn_temp: attention temperature of the unconditional branch.
-    annealed_guidance: ramp the weight linearly over tokens, `g (t + 1) / (T - 1)`.
-    chunks: decoding chunks per block (see above; at least 16 tokens each).
-    microbatch: samples decoded at a time (a divisor of B); None: all B.
+    labels: (B,) labels of a class-conditional model, -1 for "no label", or None.
+    guidance: see `Guidance`; the default is none.
+    decoder: `Sequential` (exact, the default) or `Jacobi`.
+    return_iterations: also return the iterations each block took.
   Returns:
-    (B, H, W, C) images on the [-1, 1] scale (not clipped).
-
-  Changing `guidance` or `attn_temp` does not recompile; changing whether
-  guidance is on, `guide_what`, `annealed_guidance` or shapes does.
+    (B, H, W, C) images on the [-1, 1] scale (not clipped). With
+    `return_iterations`, (images, iterations): a list over blocks (block 0
+    first) of int arrays with one entry per Jacobi segment, or, for
+    `Sequential`, per chunk (one iteration per token).
   """
-  _check_sample_args(model, noise, y, guidance, guide_what, attn_temp)
-  batch = noise.shape[0]
-  if microbatch is not None and (microbatch <= 0 or batch % microbatch):
-    raise ValueError(f'microbatch must divide the batch of {batch} samples, got {microbatch}.')
-  args = (model, variables, noise, y, jnp.float32(guidance), jnp.float32(attn_temp))
-  kwargs = dict(guided=bool(guidance > 0), guide_what=guide_what, annealed=annealed_guidance, decoder=chunks)
-  if microbatch is None or microbatch == batch:
-    return _sample(*args, **kwargs)[0]
-  return _sample_in_microbatches(*args, microbatch=microbatch, **kwargs)
+  _check_sample_args(model, noise, labels, guidance, decoder)
+  args = (model, variables, noise, labels, jnp.float32(guidance.weight), jnp.float32(guidance.attn_temp))
+  static = dict(guided=guidance.enabled, guide_what=guidance.guide_what, annealed=guidance.annealed,
+                decoder=decoder)
+  if isinstance(decoder, Jacobi):
+    images, iterations = _sample(*args, **static)
+  else:
+    images = _sample_sequentially(*args, **static)
+    chunk_lengths = jnp.asarray([stop - start for start, stop in decode_chunks(model.num_tokens, decoder.chunks)])
+    iterations = [chunk_lengths] * model.num_blocks
+  return (images, iterations) if return_iterations else images
 
 
-def sample_jacobi(model: TarFlow, variables, noise: Array, y: Optional[Array] = None, *,
-                  jacobi: Jacobi = Jacobi(), guidance: float = 0.0, guide_what: str = 'ab',
-                  attn_temp: float = 1.0, annealed_guidance: bool = False):
-  """`sample` with each block inverted by Jacobi iterations (see `Jacobi`).
-
-  Returns:
-    images (B, H, W, C), and the iterations used: a list over blocks (block 0
-    first) of int arrays with one entry per segment.
-  """
-  _check_sample_args(model, noise, y, guidance, guide_what, attn_temp)
-  return _sample(model, variables, noise, y, jnp.float32(guidance), jnp.float32(attn_temp),
-                 guided=bool(guidance > 0), guide_what=guide_what, annealed=annealed_guidance, decoder=jacobi)
-
-
-def _check_sample_args(model, noise, y, guidance, guide_what, attn_temp):
+def _check_sample_args(model, noise, labels, guidance, decoder):
+  if not isinstance(decoder, (Sequential, Jacobi)):
+    raise TypeError(f'decoder must be Sequential(chunks, microbatch) or Jacobi(segment, max_iters, tol), '
+                    f'got {decoder!r}.')
   want = (model.num_tokens, model.token_dim)
   if noise.ndim != 3 or tuple(noise.shape[1:]) != want:
     raise ValueError(f'Expected noise of shape (batch, {want[0]}, {want[1]}) (tokens, patch dim), '
                      f'got {tuple(noise.shape)}.')
-  check_labels(y, model.num_classes)
-  if guide_what not in GUIDE_WHAT:
-    raise ValueError(f'guide_what must be one of {GUIDE_WHAT}, got {guide_what!r}.')
-  if guidance < 0:
-    raise ValueError(f'guidance must be >= 0, got {guidance}.')
-  if guidance > 0 and not model.num_classes and attn_temp == 1.0:
+  check_labels(labels, model.num_classes)
+  if guidance.enabled and not model.num_classes and guidance.attn_temp == 1.0:
     raise ValueError('Guidance on an unconditional model compares the model with itself at attention '
                      'temperature attn_temp; with attn_temp=1.0 it does nothing. Set attn_temp (e.g. 0.5 to 0.9) '
                      'or guidance=0.')
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'guided', 'guide_what', 'annealed', 'decoder'))
-def _sample(model, variables, noise, y, guidance, attn_temp, *, guided, guide_what, annealed, decoder):
-  """decoder: the sequential decoder's number of chunks (int), or the `Jacobi` settings."""
-  batch, num_tokens, _ = noise.shape
-  x = noise.astype(flow_dtype(model.dtype)) * jnp.sqrt(variables['prior']['var'])
-  labels, temperature = y, None
+def _sample_sequentially(model, variables, noise, labels, weight, attn_temp, *, decoder, **static):
+  """`_sample` with a `Sequential` decoder, the whole batch at once or in micro-batches; the images."""
+  batch, microbatch = noise.shape[0], decoder.microbatch
+  if microbatch is not None:
+    data.check_microbatch(batch, microbatch)
+  args = (model, variables, noise, labels, weight, attn_temp)
+  if microbatch is None or microbatch == batch:
+    return _sample(*args, decoder=decoder, **static)[0]
+  return _sample_in_microbatches(*args, decoder=decoder, **static)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Conditioning:
+  """What every decoding step of every block shares: the rows the model runs and how guidance combines them."""
+  labels: Optional[Array]  # (B,), or guided (2B,): the conditional rows, then the unconditional
+  temperature: Optional[Array]  # guided: (2B,) attention temperature of each row; else None
+  weights: Array  # (T - 1,) guidance weight of each step (input token t gives token t + 1)
+  guided: bool
+  guide_what: str
+
+  @property
+  def branches(self) -> int:
+    """Rows the model runs per sample: 2 with guidance (conditional and unconditional), else 1."""
+    return 2 if self.guided else 1
+
+  def combine(self, a: Array, b: Array, t: Array):
+    """Guided (a, b) (B, S, D) for tokens t+1..t+S from both branches' (2B, S, D)."""
+    g = jax.lax.dynamic_slice_in_dim(self.weights, t, a.shape[1])[None, :, None]  # (1, S, 1)
+    (a, a_u), (b, b_u) = jnp.split(a, 2), jnp.split(b, 2)
+    if 'a' in self.guide_what:
+      a = a + g * (a - a_u)
+    if 'b' in self.guide_what:
+      b = b + g * (b - b_u)
+    return a, b
+
+
+def _conditioning(model, labels, batch, weight, attn_temp, *, guided, guide_what, annealed) -> _Conditioning:
+  """The rows to run for `batch` samples with labels (B,) or None, and the guidance weight of each token."""
+  temperature = None
   if guided:
     if model.num_classes:
-      cond = y if y is not None else jnp.full((batch,), -1, jnp.int32)
-      labels = jnp.concatenate([cond, jnp.full((batch,), -1, cond.dtype)])
-    temperature = jnp.concatenate([jnp.ones((batch,)), jnp.full((batch,), attn_temp)])
-  steps = jnp.arange(num_tokens - 1)
-  weights = guidance * (steps + 1) / (num_tokens - 1) if annealed else jnp.full(steps.shape, guidance)
+      cond = labels if labels is not None else jnp.full((batch,), -1, jnp.int32)
+      labels = jnp.concatenate([cond, jnp.full((batch,), -1, cond.dtype)])  # (2B,)
+    temperature = jnp.concatenate([jnp.ones((batch,)), jnp.full((batch,), attn_temp)])  # (2B,)
+  steps = jnp.arange(model.num_tokens - 1)
+  weights = weight * (steps + 1) / (model.num_tokens - 1) if annealed else jnp.full(steps.shape, weight)
+  return _Conditioning(labels, temperature, weights, guided, guide_what)
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'guided', 'guide_what', 'annealed', 'decoder'))
+def _sample(model, variables, noise, labels, weight, attn_temp, *, guided, guide_what, annealed, decoder):
+  """Images (B, H, W, C), and the iterations per block (Jacobi; None for each block otherwise)."""
+  batch, num_tokens, _ = noise.shape
+  x = noise.astype(flow_dtype(model.dtype)) * jnp.sqrt(variables['prior']['var'])  # (B, T, D)
+  cond = _conditioning(model, labels, batch, weight, attn_temp, guided=guided, guide_what=guide_what,
+                       annealed=annealed)
   iterations = [None] * model.num_blocks
   for i in reversed(range(model.num_blocks)):
-    args = (model, variables, i, x, labels, temperature, weights, guided, guide_what)
+    step = _inverse_step_of_block(model, variables, i, cond)
+    cache = model.apply(variables, batch * cond.branches, 0, method=on_block(i, FlowBlock.init_cache))
     if isinstance(decoder, Jacobi):
-      x, iterations[i] = _jacobi_invert_block(*args, *decoder.for_block(i, num_tokens), decoder.tol)
+      x, iterations[i] = _invert_block_by_jacobi(step, cache, x, *decoder.for_block(i, num_tokens), decoder.tol)
     else:
-      x = _invert_block(*args, decoder)
+      x = _invert_block_sequentially(step, cache, x, decoder.chunks)
   return unpatchify(x, model.patch_size, model.img_size), iterations
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'guided', 'guide_what', 'annealed', 'decoder', 'microbatch'))
-def _sample_in_microbatches(model, variables, noise, y, guidance, attn_temp, *, microbatch, **static):
+@functools.partial(jax.jit, static_argnames=('model', 'guided', 'guide_what', 'annealed', 'decoder'))
+def _sample_in_microbatches(model, variables, noise, labels, weight, attn_temp, *, decoder, **static):
   """`_sample` over micro-batches in turn (`lax.map`); returns the images (B, H, W, C)."""
-  batch = noise.shape[0]
+  batch, microbatch = noise.shape[0], decoder.microbatch
   groups = batch // microbatch
   # Group j holds samples j, j + groups, ...: a batch split over devices stays split in every group.
   split = lambda a: None if a is None else jnp.swapaxes(a.reshape(microbatch, groups, *a.shape[1:]), 0, 1)
-  decode = lambda group: _sample(model, variables, *group, guidance, attn_temp, **static)[0]
-  x = jax.lax.map(decode, (split(noise), split(y)))  # (groups, microbatch, H, W, C)
+  decode = lambda group: _sample(model, variables, *group, weight, attn_temp, decoder=decoder, **static)[0]
+  x = jax.lax.map(decode, (split(noise), split(labels)))  # (groups, microbatch, H, W, C)
   return jnp.swapaxes(x, 0, 1).reshape(batch, *x.shape[2:])
 
 
-def _guided_affine(model, variables, i, x, t, labels, cache, temperature, g, guided, guide_what):
-  """(a, b) (B, S, D) for tokens t+1..t+S of block i from tokens t..t+S-1, x (B, S, D).
+def _inverse_step_of_block(model, variables, i, cond: _Conditioning):
+  """Block i's `FlowBlock.inverse_step` with the shared conditioning: `(x, z, t, cache, size) -> (x, cache)`."""
+  method = on_block(i, FlowBlock.inverse_step)
+  guide = cond.combine if cond.guided else None
 
-  With guidance the conditional and unconditional branches run as one batch of
-  2B; g (S,) is the guidance weight of each token.
-  """
-  x_in = jnp.concatenate([x, x]) if guided else x
-  (a, b), cache = model.apply(variables, i, x_in, t, labels, cache, temperature, method=TarFlow.block_step)
-  if guided:
-    g = g[None, :, None]
-    (a, a_u), (b, b_u) = jnp.split(a, 2), jnp.split(b, 2)
-    if 'a' in guide_what:
-      a = a + g * (a - a_u)
-    if 'b' in guide_what:
-      b = b + g * (b - b_u)
-  return (a, b), cache
+  def step(x, z, t, cache, size=1):
+    return model.apply(variables, x, z, t, cache, cond.labels, cond.temperature, guide, size, method=method)
+
+  return step
 
 
 MIN_CHUNK = 16  # tokens: shorter chunks save little reading and cost compile time.
@@ -187,73 +284,55 @@ def decode_chunks(num_tokens: int, chunks: int) -> list[tuple[int, int]]:
   return list(zip(bounds[:-1], bounds[1:]))
 
 
-def _grow(cache, length: int):
-  """Pads every (B, H, L, hd) cache entry with zeros to `length` positions."""
-  pad = lambda c: jnp.pad(c, ((0, 0), (0, 0), (0, length - c.shape[2]), (0, 0)))
-  return jax.tree.map(pad, cache)
-
-
-def _invert_block(model, variables, i, x, labels, temperature, weights, guided, guide_what, chunks):
-  """Inverts block i: x (B, T, D) latent in the original token order -> its input.
+def _invert_block_sequentially(step, cache, z: Array, chunks: int) -> Array:
+  """A block's input from its output z (B, T, D), token after token; both in the original order.
 
   One `lax.scan` over the tokens of each chunk of `decode_chunks`, with the
-  cache grown to the chunk's end before it.
+  cache extended to the chunk's end before it.
   """
-  flip = i % 2 == 1
-  x = jnp.flip(x, 1) if flip else x
-  batch = x.shape[0]
-  cache = model.apply(variables, i, 2 * batch if guided else batch, 0, method=TarFlow.block_init_cache)
+  x = z  # token 0 (in the block's order) is its own inverse; the others are overwritten in turn
 
-  def decode(carry, inputs):
-    x_t, cache = carry  # (B, D): token t, already inverted.
-    t, z_next, g = inputs
-    (a, b), cache = _guided_affine(model, variables, i, x_t[:, None], t, labels, cache, temperature, g[None],
-                                   guided, guide_what)
-    x_next = z_next * jnp.exp(a[:, 0]) + b[:, 0]
-    return (x_next, cache), x_next
+  def decode(carry, t):
+    x, cache = carry
+    return step(x, z, t, cache), None
 
-  out = [x[:, :1]]
-  for start, stop in decode_chunks(x.shape[1], chunks):
-    inputs = (jnp.arange(start, stop), jnp.swapaxes(x[:, start + 1:stop + 1], 0, 1), weights[start:stop])
-    (_, cache), rest = jax.lax.scan(decode, (out[-1][:, -1], _grow(cache, stop)), inputs)  # rest: (S, B, D)
-    out.append(jnp.swapaxes(rest, 0, 1))
-  x = jnp.concatenate(out, axis=1)
-  return jnp.flip(x, 1) if flip else x
+  for start, stop in decode_chunks(z.shape[1], chunks):
+    (x, cache), _ = jax.lax.scan(decode, (x, extend_cache(cache, stop)), jnp.arange(start, stop))
+  return x
 
 
-def _jacobi_invert_block(model, variables, i, x, labels, temperature, weights, guided, guide_what,
-                         segment, max_iters, tol):
-  """Inverts block i by Jacobi iterations over segments of tokens; returns (x, iterations per segment)."""
-  flip = i % 2 == 1
-  z = jnp.flip(x, 1) if flip else x  # (B, T, D) latent of this block in its reading order
-  batch, num_tokens, _ = z.shape
-  cache = model.apply(variables, i, 2 * batch if guided else batch, 0, method=TarFlow.block_init_cache)
-  out, iterations = z, []
-  for start in range(0, num_tokens - 1, segment):  # inputs start..start+s-1 give tokens start+1..start+s
-    s = min(segment, num_tokens - 1 - start)
-    z_seg, g = z[:, start + 1:start + 1 + s], weights[start:start + s]
+def _invert_block_by_jacobi(step, cache, z: Array, segment: int, max_iters: int, tol: float):
+  """A block's input from its output z (B, T, D) by Jacobi iterations over segments of tokens.
 
-    def update(x_seg, cache, start=start, z_seg=z_seg, g=g):
-      inputs = jnp.concatenate([out[:, start:start + 1], x_seg[:, :-1]], axis=1)  # tokens start..start+s-1
-      (a, b), cache = _guided_affine(model, variables, i, inputs, start, labels, cache, temperature, g,
-                                     guided, guide_what)
-      return z_seg * jnp.exp(a) + b, cache
-
-    def not_done(carry, max_iters=min(max_iters, s)):
-      k, _, delta, _ = carry
-      return (k < max_iters) & (delta > tol)
-
-    def iterate(carry, update=update):
-      k, x_seg, _, cache = carry
-      new, cache = update(x_seg, cache)
-      return k + 1, new, jnp.max(jnp.abs(new - x_seg)), cache
-
-    cache = _grow(cache, start + s)  # each segment attends over the tokens before its end only
-    k, x_seg, _, cache = jax.lax.while_loop(not_done, iterate, (0, z_seg, jnp.inf, cache))
-    out = jax.lax.dynamic_update_slice_in_dim(out, x_seg, start + 1, axis=1)
-    iterations.append(k)
-  x = jnp.flip(out, 1) if flip else out
+  Returns the input (B, T, D) and the iterations of each segment (n,).
+  """
+  num_tokens = z.shape[1]
+  x, iterations = z, []  # every segment starts from its latent
+  for start in range(0, num_tokens - 1, segment):  # inputs start..start+size-1 give tokens start+1..start+size
+    size = min(segment, num_tokens - 1 - start)
+    cache = extend_cache(cache, start + size)  # each segment attends over the tokens before its end only
+    x, cache, count = _solve_segment(step, x, z, cache, start, size, min(max_iters, size), tol)
+    iterations.append(count)
   return x, jnp.stack(iterations)
+
+
+def _solve_segment(step, x, z, cache, start: int, size: int, max_iters: int, tol: float):
+  """Jacobi iterations on tokens start+1..start+size until none changes by more than `tol`, or `max_iters`.
+
+  Returns x with the segment solved, the cache, and the iterations run.
+  """
+
+  def not_done(state):
+    count, _, change, _ = state
+    return (count < max_iters) & (change > tol)
+
+  def iterate(state):
+    count, x, _, cache = state
+    new, cache = step(x, z, start, cache, size)
+    return count + 1, new, jnp.max(jnp.abs(new - x)), cache  # only the segment changes
+
+  count, x, _, cache = jax.lax.while_loop(not_done, iterate, (0, x, jnp.inf, cache))
+  return x, cache, count
 
 
 def score(model: TarFlow, variables, x: Array, y: Optional[Array] = None) -> Array:

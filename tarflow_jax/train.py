@@ -321,19 +321,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def generate(model, state, config, noise, mesh) -> np.ndarray:
   """Samples from fixed noise with the config's guidance and, after Gaussian-noise training, denoises."""
-  s = config.sample
   y = None
   if model.num_classes:
     y = jnp.arange(noise.shape[0]) % model.num_classes
   variables = state['variables']
   if noise.shape[0] % mesh.size == 0:
     noise = jax.device_put(noise, sharding.batch_sharding(mesh))
-  guidance = s.guidance if (model.num_classes or s.attn_temp != 1.0) else 0.0
-  x = sampling.sample(model, variables, noise, y, guidance=guidance, guide_what=s.guide_what,
-                      attn_temp=s.attn_temp, annealed_guidance=s.annealed_guidance)
-  if s.denoise and config.noise.type == 'gaussian' and config.noise.std > 0:
+  x = sampling.sample(model, variables, noise, y, guidance=sampling.guidance_from_config(config))
+  denoising = sampling.denoising_from_config(config)
+  if denoising.enabled:
     with jax.set_mesh(mesh):
-      x = sampling.denoise(model, variables, x, y, sigma=config.noise.std, step_scale=s.denoise_scale)
+      x = sampling.denoise(model, variables, x, y, sigma=denoising.sigma, step_scale=denoising.step_scale)
   return sharding.fetch(x)
 
 

@@ -38,9 +38,10 @@ def test_decode_flops_match_xla_cost_of_one_step_times_the_steps():
   model = toy.tiny_model(channels=128, head_dim=64, num_blocks=3, layers_per_block=2, img_size=8)
   variables = toy.random_variables(model)
   batch = 4
-  cache = model.apply(variables, 0, batch, method=model_lib.TarFlow.block_init_cache)
+  cache = model.apply(variables, batch, method=model_lib.on_block(0, model_lib.FlowBlock.init_cache))
   x = jnp.zeros((batch, 1, model.token_dim))
-  step = jax.jit(lambda v, x, c: model.apply(v, 0, x, 0, None, c, method=model_lib.TarFlow.block_step))
+  step = jax.jit(lambda v, x, c: model.apply(v, x, 0, None, c,
+                                             method=model_lib.on_block(0, model_lib.FlowBlock.affine_step)))
   cost = step.lower(variables, x, cache).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   xla = cost['flops'] * model.num_blocks * (model.num_tokens - 1)

@@ -100,6 +100,24 @@ def _block_forward(module: TarFlow, i, h):
   return module.blocks[i](h)[0]
 
 
+@pytest.mark.parametrize('size', [1, 8])  # sequential steps; one Jacobi segment of all 8 decoded tokens
+def test_block_inverse_steps_undo_its_forward_in_either_order(size):
+  model = toy.tiny_model(img_size=6, num_blocks=2)  # 9 tokens; block 1 reads them reversed
+  variables = toy.random_variables(model)
+  x = patchify(toy.images(model, batch=2), model.patch_size)  # (B, T, D)
+  for i in range(model.num_blocks):
+    z, _ = model.apply(variables, x, method=model_lib.on_block(i, model_lib.FlowBlock.__call__))
+    cache = model.apply(variables, 2, method=model_lib.on_block(i, model_lib.FlowBlock.init_cache))
+    inverse_step = model_lib.on_block(i, model_lib.FlowBlock.inverse_step)
+    got = z
+    for t in range(0, model.num_tokens - 1, size):
+      for _ in range(size):  # a segment of `size` tokens is exact after `size` iterations
+        got, new_cache = model.apply(variables, got, z, t, cache, size=size, method=inverse_step)
+      cache = new_cache
+    np.testing.assert_allclose(got, x, atol=1e-5, err_msg=f'block {i}')
+    assert float(jnp.abs(z - x).max()) > 1e-2
+
+
 def test_bfloat16_matmuls_keep_float32_flow_arithmetic():
   model = toy.tiny_model(num_classes=2)
   variables = toy.random_variables(model)

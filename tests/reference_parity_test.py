@@ -77,13 +77,13 @@ def test_forward(case):
   assert case.tags(), 'case records no forward pass'
   for tag in case.tags():
     y = case.labels(tag)
-    z, logdets, outputs = case.model.apply(case.variables, case.x, None if y is None else jnp.asarray(y))
+    z, logdets, block_latents = case.model.apply(case.variables, case.x, None if y is None else jnp.asarray(y))
     rec = f'forward/{tag}'
     assert_close(z, case.data[f'{rec}/z'], FORWARD_TOL, f'{rec}/z')
     assert_close(logdets, case.data[f'{rec}/logdets'], FORWARD_TOL, f'{rec}/logdets')
     assert_close(likelihood.loss(z, logdets), case.data[f'{rec}/loss'], FORWARD_TOL, f'{rec}/loss')
-    assert len(outputs) == case.spec['num_blocks']
-    for i, out in enumerate(outputs):
+    assert len(block_latents) == case.spec['num_blocks']
+    for i, out in enumerate(block_latents):
       assert_close(out, case.data[f'{rec}/block{i}'], FORWARD_TOL, f'{rec}/block{i}')
 
 
@@ -96,9 +96,10 @@ def test_sampler_every_guidance_setting(case):
   noise = jnp.asarray(case.data['sample/noise'])
   assert case.spec['guidance'], 'case records no samples'
   for j, setting in enumerate(case.spec['guidance']):
-    x = sampling.sample(case.model, case.variables, noise, case.y, guidance=setting['guidance'],
-                        guide_what=setting.get('guide_what', 'ab'), attn_temp=setting.get('attn_temp', 1.0),
-                        annealed_guidance=setting.get('annealed_guidance', False))
+    guidance = sampling.Guidance(setting['guidance'], guide_what=setting.get('guide_what', 'ab'),
+                                 attn_temp=setting.get('attn_temp', 1.0),
+                                 annealed=setting.get('annealed_guidance', False))
+    x = sampling.sample(case.model, case.variables, noise, case.y, guidance=guidance)
     assert_close(nchw(x), case.data[f'sample/{j}/x'], SAMPLE_TOL, f'sample/{j}/x with {setting}')
 
 

@@ -2,11 +2,12 @@
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 from tarflow_jax import likelihood, sampling
-from tarflow_jax.model import TarFlow, patchify, unpatchify
+from tarflow_jax.model import FlowBlock, on_block, patchify, unpatchify
 import toy
 
 
@@ -15,8 +16,8 @@ def loop_inverse(model, variables, noise, y, guidance=0.0, guide_what='ab', attn
   x = np.array(noise * np.sqrt(variables['prior']['var']), np.float64)
   batch, num_tokens, _ = x.shape
   y_uncond = None if not model.num_classes else jnp.full((batch,), -1)
-  affine = jax.jit(lambda i, h, y, temp: model.apply(variables, i, jnp.asarray(h, jnp.float32), y, temp,
-                                                     method=TarFlow.block_affine_params), static_argnums=0)
+  affine = jax.jit(lambda i, h, y, temp: model.apply(variables, jnp.asarray(h, jnp.float32), y, temp,
+                                                     method=on_block(i, FlowBlock.affine_params)), static_argnums=0)
   for i in reversed(range(model.num_blocks)):
     h = x[:, ::-1].copy() if i % 2 else x.copy()  # reading order of block i
     for t in range(num_tokens - 1):
@@ -55,7 +56,9 @@ def test_sampler_equals_loop_inverse(setting):
   y = jnp.array([0, 2, -1]) if model.num_classes and setting.pop('labels', True) else None
   setting.pop('labels', None)
   annealed = setting.pop('annealed', False)
-  got = sampling.sample(model, variables, noise, y, annealed_guidance=annealed, **setting)
+  guidance = sampling.Guidance(setting['guidance'], setting.get('guide_what', 'ab'), setting.get('attn_temp', 1.0),
+                               annealed)
+  got = sampling.sample(model, variables, noise, y, guidance=guidance)
   want = loop_inverse(model, variables, noise, y, annealed=annealed, **setting)
   np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
   # A check that can fail: guidance changes the result.
@@ -71,7 +74,8 @@ def test_chunked_decoding_equals_loop_inverse(chunks, monkeypatch):
   variables = toy.random_variables(model)
   noise = jax.random.normal(jax.random.key(6), (2, model.num_tokens, model.token_dim))
   y = jnp.array([1, -1])
-  got = sampling.sample(model, variables, noise, y, guidance=1.0, chunks=chunks)
+  got = sampling.sample(model, variables, noise, y, guidance=sampling.Guidance(1.0),
+                        decoder=sampling.Sequential(chunks=chunks))
   np.testing.assert_allclose(got, loop_inverse(model, variables, noise, y, guidance=1.0), atol=2e-5, rtol=0)
   bounds = sampling.decode_chunks(model.num_tokens, chunks)
   assert len(bounds) == chunks and bounds[0][0] == 0 and bounds[-1][1] == 8
@@ -86,15 +90,17 @@ def test_microbatches_decode_each_sample_as_the_whole_batch(num_classes, guidanc
   y = jnp.array([0, 1, 2, -1, 1, 0]) if num_classes else None
   want = loop_inverse(model, variables, noise, y, guidance=guidance)
   for microbatch in (1, 2, 3):
-    got = sampling.sample(model, variables, noise, y, guidance=guidance, microbatch=microbatch)
+    got = sampling.sample(model, variables, noise, y, guidance=sampling.Guidance(guidance),
+                          decoder=sampling.Sequential(microbatch=microbatch))
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
   # Over a batch split between devices, too.
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ('data',))
   spread = jax.device_put(noise, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data')))
-  got = sampling.sample(model, variables, spread, y, guidance=guidance, microbatch=3)
+  got = sampling.sample(model, variables, spread, y, guidance=sampling.Guidance(guidance),
+                        decoder=sampling.Sequential(microbatch=3))
   np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
-  with pytest.raises(ValueError, match='microbatch must divide the batch of 6 samples, got 4'):
-    sampling.sample(model, variables, noise, y, microbatch=4)
+  with pytest.raises(ValueError, match='microbatch=4 must divide the batch of 6 samples'):
+    sampling.sample(model, variables, noise, y, decoder=sampling.Sequential(microbatch=4))
 
 
 def test_decode_chunks_are_at_least_min_chunk_long():
@@ -120,9 +126,9 @@ def test_second_call_does_not_recompile():
   variables = toy.random_variables(model)
   noise = jax.random.normal(jax.random.key(0), (2, model.num_tokens, model.token_dim))
   y = jnp.array([0, 1])
-  sampling.sample(model, variables, noise, y, guidance=1.0)
+  sampling.sample(model, variables, noise, y, guidance=sampling.Guidance(1.0))
   compiled = sampling._sample._cache_size()  # pylint: disable=protected-access
-  sampling.sample(model, variables, noise + 1.0, y + 0, guidance=2.5, attn_temp=0.8)
+  sampling.sample(model, variables, noise + 1.0, y + 0, guidance=sampling.Guidance(2.5, attn_temp=0.8))
   assert sampling._sample._cache_size() == compiled  # pylint: disable=protected-access
 
 
@@ -160,13 +166,13 @@ def test_bad_sampler_input_is_refused():
   noise = jnp.zeros((2, model.num_tokens, model.token_dim))
   with pytest.raises(ValueError, match=r'Expected noise of shape \(batch, 4, 8\)'):
     sampling.sample(model, variables, jnp.zeros((2, 4, 4)))
-  with pytest.raises(ValueError, match='guide_what'):
-    sampling.sample(model, variables, noise, guidance=1.0, guide_what='c')
+  with pytest.raises(TypeError, match='decoder must be Sequential'):
+    sampling.sample(model, variables, noise, decoder=8)  # the former chunks argument
   with pytest.raises(ValueError, match=r'Labels must lie in \[0, 1\]'):
     sampling.sample(model, variables, noise, jnp.array([0, 2]))
   uncond = toy.tiny_model()
   with pytest.raises(ValueError, match='attn_temp'):
-    sampling.sample(uncond, toy.random_variables(uncond), noise, guidance=1.0)
+    sampling.sample(uncond, toy.random_variables(uncond), noise, guidance=sampling.Guidance(1.0))
 
 
 @pytest.mark.parametrize('jacobi, guidance', [
@@ -179,9 +185,10 @@ def test_exact_jacobi_equals_the_sequential_sampler(jacobi, guidance):
   variables = toy.random_variables(model)
   noise = jax.random.normal(jax.random.key(7), (3, model.num_tokens, model.token_dim))
   y = jnp.array([0, 1, 2])
-  want = sampling.sample(model, variables, noise, y, guidance=guidance, annealed_guidance=True)
-  got, iterations = sampling.sample_jacobi(model, variables, noise, y, jacobi=jacobi, guidance=guidance,
-                                           annealed_guidance=True)
+  guidance = sampling.Guidance(guidance, annealed=True)
+  want = sampling.sample(model, variables, noise, y, guidance=guidance)
+  got, iterations = sampling.sample(model, variables, noise, y, guidance=guidance, decoder=jacobi,
+                                    return_iterations=True)
   np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
   for i, its in enumerate(iterations):
     segment, _ = jacobi.for_block(i, model.num_tokens)
@@ -194,9 +201,55 @@ def test_jacobi_with_a_tolerance_stops_early():
   variables = toy.random_variables(model, scale=0.01)
   noise = jax.random.normal(jax.random.key(8), (2, model.num_tokens, model.token_dim))
   exact = sampling.sample(model, variables, noise)
-  got, iterations = sampling.sample_jacobi(model, variables, noise, jacobi=sampling.Jacobi(tol=1e-5))
+  got, iterations = sampling.sample(model, variables, noise, decoder=sampling.Jacobi(tol=1e-5), return_iterations=True)
   assert all(int(its[0]) < model.num_tokens - 1 for its in iterations), iterations
   np.testing.assert_allclose(got, exact, atol=1e-4)
   # A cap of one iteration is not exact: the iterations matter.
-  capped, _ = sampling.sample_jacobi(model, variables, noise, jacobi=sampling.Jacobi(max_iters=1, tol=0.0))
+  capped = sampling.sample(model, variables, noise, decoder=sampling.Jacobi(max_iters=1, tol=0.0))
   assert float(jnp.abs(capped - exact).max()) > 1e-2
+
+
+def test_guidance_is_validated():
+  with pytest.raises(ValueError, match='guide_what must be one of'):
+    sampling.Guidance(1.0, guide_what='c')
+  with pytest.raises(ValueError, match='guidance must be >= 0, got -0.5'):
+    sampling.Guidance(-0.5)
+  assert not sampling.Guidance().enabled and sampling.Guidance(0.5).enabled
+
+
+def _config(num_classes, **sample):
+  return ml_collections.ConfigDict(dict(
+      model=dict(num_classes=num_classes),
+      noise=dict(type='gaussian', std=0.1),
+      sample=dict(dict(guidance=1.5, guide_what='a', attn_temp=1.0, annealed_guidance=True, denoise=True,
+                       denoise_scale=1.2), **sample)))
+
+
+def test_guidance_from_config():
+  assert sampling.guidance_from_config(_config(10)) == sampling.Guidance(1.5, 'a', 1.0, annealed=True)
+  # An unconditional model guides only by attention temperature: at 1.0 guidance is off.
+  assert sampling.guidance_from_config(_config(0)) == sampling.Guidance(0.0, 'a', 1.0, annealed=True)
+  assert sampling.guidance_from_config(_config(0, attn_temp=0.7)).weight == 1.5
+  # Overrides (the sample command's flags) take part: a temperature turns the config's weight on...
+  assert sampling.guidance_from_config(_config(0), attn_temp=0.8) == sampling.Guidance(1.5, 'a', 0.8, annealed=True)
+  # ...and a weight given explicitly is kept, for `sample` to refuse.
+  assert sampling.guidance_from_config(_config(0), weight=2.0).weight == 2.0
+  assert sampling.guidance_from_config(_config(10), weight=0.0, guide_what='b').guide_what == 'b'
+
+
+def test_denoising_from_config():
+  assert sampling.denoising_from_config(_config(10)) == sampling.Denoising(True, 0.1, 1.2)
+  assert not sampling.denoising_from_config(_config(10, denoise=False)).enabled
+  uniform = _config(10)
+  uniform.noise.type = 'uniform'
+  assert not sampling.denoising_from_config(uniform).enabled
+  assert sampling.denoising_from_config(uniform, enabled=True, sigma=0.2) == sampling.Denoising(True, 0.2, 1.2)
+
+
+def test_sequential_decoding_reports_one_iteration_per_token():
+  model = toy.tiny_model(img_size=6)  # 9 tokens
+  variables = toy.random_variables(model)
+  noise = jax.random.normal(jax.random.key(9), (2, model.num_tokens, model.token_dim))
+  images, iterations = sampling.sample(model, variables, noise, return_iterations=True)
+  np.testing.assert_array_equal(images, sampling.sample(model, variables, noise))
+  assert [its.tolist() for its in iterations] == [[model.num_tokens - 1]] * model.num_blocks

@@ -53,7 +53,8 @@ def test_sample_cli_decodes_given_latents_exactly(saved, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert 'images/s' in result.stdout
     got = np.load(out / 'samples.npz')
-    want = sampling.sample(model, variables, jnp.asarray(noise), jnp.asarray(labels), guidance=1.5)
+    want = sampling.sample(model, variables, jnp.asarray(noise), jnp.asarray(labels),
+                           guidance=sampling.Guidance(1.5))
     want = np.clip(np.round((np.asarray(want) + 1) * 127.5), 0, 255)
     assert np.abs(got['images'].astype(int) - want.astype(int)).max() <= 1
     np.testing.assert_array_equal(got['labels'], labels)

@@ -87,16 +87,13 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   check_flags()
   model, variables, config = checkpoint.load_model(FLAGS.checkpoint)
-  s = config.sample
-  pick = lambda flag, default: default if flag is None else flag
-  guidance = pick(FLAGS.guidance, s.guidance)
-  attn_temp = pick(FLAGS.attn_temp, s.attn_temp)
-  guide = dict(guidance=guidance, guide_what=pick(FLAGS.guide_what, s.guide_what), attn_temp=attn_temp,
-               annealed_guidance=pick(FLAGS.annealed_guidance, s.annealed_guidance))
-  gaussian = config.noise.type == 'gaussian' and config.noise.std > 0
-  denoise = pick(FLAGS.denoise, s.denoise and gaussian)
-  sigma = pick(FLAGS.sigma, config.noise.std)
-  if denoise and not sigma:
+  given = lambda **flags: {k: v for k, v in flags.items() if v is not None}
+  guidance = sampling.guidance_from_config(config, **given(
+      weight=FLAGS.guidance, guide_what=FLAGS.guide_what, attn_temp=FLAGS.attn_temp,
+      annealed=FLAGS.annealed_guidance))
+  denoising = sampling.denoising_from_config(config, **given(
+      enabled=FLAGS.denoise, sigma=FLAGS.sigma, step_scale=FLAGS.denoise_scale))
+  if denoising.enabled and not denoising.sigma:
     raise errors.UserError('--denoise needs --sigma (the model was not trained with Gaussian noise).')
 
   rng = np.random.default_rng(FLAGS.seed)
@@ -114,11 +111,14 @@ def main(argv):
 
   mesh = sharding.make_mesh(config.mesh)
   variables = jax.device_put(variables, sharding.replicated(mesh))
-  jacobi = sampling.Jacobi(FLAGS.jacobi_segment, FLAGS.jacobi_max_iters, FLAGS.jacobi_tol)
   batch_size = min(FLAGS.batch_size, num)
   microbatch = min(FLAGS.microbatch, batch_size) or None
   if microbatch:
     data.check_microbatch(batch_size, microbatch, '--microbatch')
+  if FLAGS.decoder == 'jacobi':
+    decoder = sampling.Jacobi(FLAGS.jacobi_segment, FLAGS.jacobi_max_iters, FLAGS.jacobi_tol)
+  else:
+    decoder = sampling.Sequential(FLAGS.chunks, microbatch)
   out, iterations, seconds = [], [], []
   for start in range(0, num, batch_size):
     # The last batch is padded to the batch size: one compiled shape for every batch.
@@ -128,13 +128,11 @@ def main(argv):
     if batch_size % mesh.size == 0:
       z = jax.device_put(z, sharding.batch_sharding(mesh))
     t0 = time.perf_counter()
-    if FLAGS.decoder == 'jacobi':
-      x, its = sampling.sample_jacobi(model, variables, jnp.asarray(z), y, jacobi=jacobi, **guide)
-      iterations.append([np.asarray(i) for i in its])
-    else:
-      x = sampling.sample(model, variables, jnp.asarray(z), y, chunks=FLAGS.chunks, microbatch=microbatch, **guide)
-    if denoise:
-      x = sampling.denoise(model, variables, x, y, sigma=sigma, step_scale=pick(FLAGS.denoise_scale, s.denoise_scale))
+    x, its = sampling.sample(model, variables, jnp.asarray(z), y, guidance=guidance, decoder=decoder,
+                             return_iterations=True)
+    iterations.append([np.asarray(i) for i in its])
+    if denoising.enabled:
+      x = sampling.denoise(model, variables, x, y, sigma=denoising.sigma, step_scale=denoising.step_scale)
     x = jax.block_until_ready(x)
     seconds.append(time.perf_counter() - t0)
     out.append(images.to_uint8(sharding.fetch(x))[:real])
@@ -145,8 +143,9 @@ def main(argv):
   note = 'after compilation' if len(seconds) > 1 else 'including compilation (one batch)'
   logging.info('%d samples in %.1f s (first batch %.1f s, with compilation).', num, sum(seconds), seconds[0])
   print(f'{num} samples, {rate:.2f} images/s {note} ({FLAGS.decoder} decoding'
-        f'{", guidance %g" % guidance if guidance else ""}{", denoised" if denoise else ""}).')
-  if iterations:
+        f'{", guidance %g" % guidance.weight if guidance.enabled else ""}'
+        f'{", denoised" if denoising.enabled else ""}).')
+  if FLAGS.decoder == 'jacobi':
     per_block = [int(its.sum()) for its in iterations[0]]
     print(f'Jacobi iterations per block (block 0 first, summed over segments, first batch): {per_block} '
           f'(sequential decoding takes {model.num_tokens - 1} per block).')
