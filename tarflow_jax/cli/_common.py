@@ -7,7 +7,7 @@ bugs keep their traceback; `--traceback` (or TARFLOW_TRACEBACK=1) shows it for u
 
 Quiet start-up: the C++ start-up notes of TensorFlow (tf.data) and, on a machine with no
 accelerator, JAX's probe for one (and libtpu's warnings when it is installed) are kept off the
-screen, and the INFO lines of JAX, TensorFlow and Orbax are dropped; `--verbosity=1` shows them.
+screen, and the INFO lines of JAX, Optax, TensorFlow and Orbax are dropped; `--verbosity=1` shows them.
 `run(main, exit_at_once=True)` ends the process as soon as `main` has returned and the output is
 flushed, skipping the interpreter's teardown of the libraries' native state.
 """
@@ -74,7 +74,7 @@ _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _OVERRIDE = re.compile(r'--config\.(?P<field>[\w.]+)(=|$)')
 
 
-_LIBRARY_PATHS = tuple(f'{os.sep}{name}{os.sep}' for name in ('orbax', 'jax', 'jaxlib', 'tensorflow', 'tensorstore'))
+_LIBRARY_PATHS = tuple(f'{os.sep}{name}{os.sep}' for name in ('orbax', 'jax', 'jaxlib', 'optax', 'tensorflow', 'tensorstore'))
 
 
 class DropOrbaxInfo(py_logging.Filter):
