@@ -1,6 +1,7 @@
 """Training: noise augmentation, the jitted step over a device mesh, checkpoints, metrics and samples."""
 
 import functools
+import glob
 import os
 import signal
 from typing import Callable, NamedTuple
@@ -233,7 +234,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains `config` in `workdir`, resuming from its latest checkpoint.
 
   Returns:
-    {'train': the last logged training metrics, 'eval': {step: held-out bits/dim}} of this run.
+    {'step': the step reached, 'train': the last logged training metrics, 'eval': {step: held-out
+    bits/dim}} of this run.
   """
   config_lib.validate(config, jax.devices(), jax.process_count())
   _check_workdir(workdir)
@@ -314,9 +316,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         run_eval(step)
   finally:
     preemption.restore()
-    ckpt.close()
-    writer.flush()
-  return {'train': last, 'eval': evals}
+    ckpt.close()  # waits for the last asynchronous save
+    writer.close()
+    # The tf.data iterator is left to the caller's exit: tearing it down (its shuffle buffer's threads)
+    # can take from seconds to a minute; the command line ends the process without it (_common.run).
+  return {'step': step, 'train': last, 'eval': evals}
+
+
+def summary(workdir: str, result: dict, command: str = '') -> str:
+  """The closing words of a training run: where it got to, where its outputs are, what to run next.
+
+  Args:
+    workdir: the run's --workdir.
+    result: what `train_and_evaluate` returned.
+    command: the command line that trained, named as the one that resumes.
+  """
+  workdir = os.path.abspath(workdir)
+  lines = [f'Done: step {result["step"]}.']
+  if result.get('eval'):
+    step = max(result['eval'])
+    lines[0] = f'Done: step {result["step"]}; held-out bits/dim {result["eval"][step]:.4f} (at step {step}).'
+  grids = sorted(glob.glob(os.path.join(workdir, 'samples', 'step_*.png')))
+  if grids:
+    lines.append(f'  samples:      {grids[-1]}')
+  checkpoints = os.path.join(workdir, 'checkpoints')
+  if os.path.isdir(checkpoints):
+    lines.append(f'  checkpoints:  {checkpoints}')
+  if glob.glob(os.path.join(workdir, 'events.out.tfevents.*')):
+    lines.append(f'  TensorBoard:  tensorboard --logdir={workdir}')
+  lines.append(f'Rerunning the same command resumes from the latest checkpoint{f": {command}" if command else "."}')
+  lines += ['Next:',
+            f'  python -m tarflow_jax.cli.sample --checkpoint={workdir} --output={workdir}/more_samples',
+            f'  python -m tarflow_jax.cli.evaluate bpd --checkpoint={workdir}']
+  return '\n'.join(lines)
 
 
 def generate(model, state, config, noise, mesh) -> np.ndarray:

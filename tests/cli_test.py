@@ -214,4 +214,39 @@ def test_libraries_define_no_flags_and_read_no_argv():
       offenders.append(relative)
   assert not offenders, f'flags or argv outside tarflow_jax/cli/: {offenders}'
   for path in pathlib.Path(PACKAGE, 'cli').glob('[!_]*.py'):
-    assert '_common.run(main)' in path.read_text(), path  # every command line goes through the boundary
+    assert re.search(r'_common\.run\(main[,)]', path.read_text()), path  # every command line goes through the boundary
+
+
+NOISE = ('oneDNN', "Unable to initialize backend", 'host bounds', 'TPU_ACCELERATOR_TYPE', 'InitGoogle',
+         '_NonBlockingMetadataStore', 'Sharding callback duration')
+
+
+def test_training_run_is_quiet_ends_with_a_summary_and_exits_at_once(tmp_path):
+  """A shortened demo: no start-up noise, a closing summary whose paths exist, and exit right after it."""
+  import time  # pylint: disable=g-import-not-at-top
+  env = dict(os.environ, PYTHONPATH=REPO)
+  env.pop('JAX_PLATFORMS', None)  # as a user's shell has it: the command line itself keeps a CPU machine quiet
+  workdir = tmp_path / 'run'
+  args = [sys.executable, '-u', '-m', 'tarflow_jax.main', f'--config={DEMO}', f'--workdir={workdir}',
+          '--config.num_train_steps=2', '--config.checkpoint_every=1', '--config.eval_every=2',
+          '--config.sample_every=2', '--config.log_every=1']
+  process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env)
+  lines, last = [], time.monotonic()
+  for line in process.stdout:
+    lines.append(line.rstrip('\n'))
+    last = time.monotonic()
+  process.wait(timeout=300)
+  waited = time.monotonic() - last
+  output = '\n'.join(lines)
+  assert process.returncode == 0, output[-3000:]
+  assert waited < 5, f'the process lived {waited:.1f} s after its last line'
+  assert not [n for n in NOISE if n in output], output[:3000]
+  done = next(i for i, l in enumerate(lines) if l.startswith('Done: step 2; held-out bits/dim '))
+  summary = '\n'.join(lines[done:])
+  paths = re.findall(r'^  (?:samples|checkpoints): +(\S+)$', summary, re.M)
+  assert len(paths) == 2 and all(os.path.exists(p) for p in paths), summary
+  assert paths[0].endswith('step_0000002.png')
+  assert re.search(rf'tensorboard --logdir={re.escape(str(workdir))}$', summary, re.M), summary
+  assert 'Rerunning the same command resumes' in summary and f'--workdir={workdir}' in summary
+  assert f'python -m tarflow_jax.cli.sample --checkpoint={workdir}' in summary
+  assert f'python -m tarflow_jax.cli.evaluate bpd --checkpoint={workdir}' in summary

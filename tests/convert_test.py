@@ -115,6 +115,7 @@ def test_cli_writes_a_checkpoint_the_tools_can_load(tmp_path):
                            f'--checkpoint={FIXTURE}.npz', f'--output={out}'], capture_output=True, text=True, env=env)
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'parameters' in result.stdout
+  assert len((result.stdout + result.stderr).splitlines()) == 1, result.stdout + result.stderr  # Orbax's INFO hidden
   model, variables, restored_config = checkpoint.load_model(str(out))
   assert restored_config.model.channels == 128 and model.num_classes == 3
   with np.load(FIXTURE + '.npz') as data:

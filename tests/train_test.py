@@ -485,3 +485,20 @@ def test_training_and_evaluation_read_a_prepared_tfds_dataset(tmp_path):
   assert split.num_examples == 16 and batch['mask'].all()
   assert (sorted((x.tobytes(), int(y)) for x, y in zip(batch['image'], batch['label']))
           == sorted((e['image'].tobytes(), e['label']) for e in validation))
+
+
+def test_summary_names_what_exists_and_what_to_run_next(tmp_path):
+  (tmp_path / 'samples').mkdir()
+  (tmp_path / 'samples' / 'step_0000600.png').write_bytes(b'')
+  (tmp_path / 'samples' / 'step_0001200.png').write_bytes(b'')
+  (tmp_path / 'checkpoints').mkdir()
+  (tmp_path / 'events.out.tfevents.1.host').write_bytes(b'')
+  text = train.summary(str(tmp_path), {'step': 1200, 'train': {}, 'eval': {0: 9.0, 1200: 1.23456}}, 'python -m x')
+  assert text.splitlines()[0] == 'Done: step 1200; held-out bits/dim 1.2346 (at step 1200).'
+  assert f'samples:      {tmp_path}/samples/step_0001200.png' in text
+  assert f'checkpoints:  {tmp_path}/checkpoints' in text and f'tensorboard --logdir={tmp_path}' in text
+  assert 'resumes from the latest checkpoint: python -m x' in text
+  assert f'tarflow_jax.cli.evaluate bpd --checkpoint={tmp_path}' in text
+  # Nothing written, nothing evaluated: no paths that do not exist.
+  empty = train.summary(str(tmp_path / 'none'), {'step': 3, 'train': {}, 'eval': {}})
+  assert empty.splitlines()[0] == 'Done: step 3.' and 'samples:' not in empty and 'checkpoints:' not in empty

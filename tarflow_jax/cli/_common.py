@@ -4,6 +4,12 @@
 a config value, a path, a dataset not prepared, a damaged or foreign checkpoint) ends the
 program with one line, `error: ...`, on stderr and exit status 2, instead of a traceback. Real
 bugs keep their traceback; `--traceback` (or TARFLOW_TRACEBACK=1) shows it for user errors too.
+
+Quiet start-up: the C++ start-up notes of TensorFlow (tf.data) and, on a machine with no
+accelerator, JAX's probe for one (and libtpu's warnings when it is installed) are kept off the
+screen, and the INFO lines of JAX, Optax, TensorFlow and Orbax are dropped; `--verbosity=1` shows them.
+`run(main, exit_at_once=True)` ends the process as soon as `main` has returned and the output is
+flushed, skipping the interpreter's teardown of the libraries' native state.
 """
 
 import difflib
@@ -15,7 +21,45 @@ import sys
 import traceback
 from typing import Callable, Optional
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # tf.data only; its C++ start-up notes are noise
+
+
+def _verbosity_asked() -> bool:
+  """Whether the command line asks absl for more than INFO (--verbosity=N or -v N, N >= 1), read before parsing."""
+  argv = sys.argv[1:]
+  for i, arg in enumerate(argv):
+    value = None
+    if arg.startswith(('--verbosity=', '-v=')):
+      value = arg.partition('=')[2]
+    elif arg in ('--verbosity', '-v') and i + 1 < len(argv):
+      value = argv[i + 1]
+    if value is not None:
+      try:
+        return int(value) >= 1
+      except ValueError:
+        return False
+  return False
+
+
+def _no_accelerator() -> bool:
+  """True if this machine shows no TPU on its PCI bus (vendor Google) and no GPU device node."""
+  import glob  # pylint: disable=g-import-not-at-top
+  for path in glob.glob('/sys/bus/pci/devices/*/vendor'):
+    try:
+      with open(path) as f:
+        if f.read().strip() == '0x1ae0':
+          return False
+    except OSError:
+      continue
+  return not any(os.path.exists(d) for d in ('/dev/nvidiactl', '/dev/nvidia0', '/dev/dxg', '/dev/kfd'))
+
+
+if not _verbosity_asked():
+  # Before TensorFlow and JAX are imported: their C++ logging and backend choice are read once, then.
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow's start-up notes (oneDNN, CPU features)
+  if 'JAX_PLATFORMS' not in os.environ and 'JAX_FORCE_TPU_INIT' not in os.environ and _no_accelerator():
+    os.environ['JAX_PLATFORMS'] = 'cpu'  # no probe for a TPU: no "Unable to initialize backend", no libtpu warnings
+    if 'jax' in sys.modules:  # imported already (the package's __init__): it read the variable; backends start later
+      sys.modules['jax'].config.update('jax_platforms', 'cpu')
 
 from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
@@ -30,27 +74,60 @@ _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _OVERRIDE = re.compile(r'--config\.(?P<field>[\w.]+)(=|$)')
 
 
+_LIBRARY_PATHS = tuple(f'{os.sep}{name}{os.sep}' for name in ('orbax', 'jax', 'jaxlib', 'optax', 'tensorflow', 'tensorstore'))
+
+
 class DropOrbaxInfo(py_logging.Filter):
-  """Drops the per-save INFO chatter of Orbax so that the training log stays readable."""
+  """Drops the INFO chatter of Orbax (per save), JAX (backend probes) and TensorFlow so that logs stay readable.
+
+  Warnings and errors always pass; so does everything at absl's --verbosity=1 or more.
+  """
 
   def filter(self, record):
-    return record.levelno >= py_logging.WARNING or '/orbax/' not in record.pathname
+    if record.levelno >= py_logging.WARNING or logging.get_verbosity() >= 1:
+      return True
+    return not any(part in record.pathname for part in _LIBRARY_PATHS)
 
 
-def run(main: Callable[[list], Optional[int]]) -> None:
-  """Runs `main(argv)` as absl.app.run does, with user errors reported as one `error: ...` line."""
-  app.run(functools.partial(_guarded, main), flags_parser=_parse_flags)
+def run(main: Callable[[list], Optional[int]], exit_at_once: bool = False) -> None:
+  """Runs `main(argv)` as absl.app.run does, with user errors reported as one `error: ...` line.
+
+  exit_at_once: once `main` returns, flush the output, run the atexit handlers and end the process
+  (os._exit) instead of letting the interpreter finalise every native object of TensorFlow, JAX and
+  TensorStore, which can keep a finished run alive for a long while. `main` must have closed what
+  it wrote (checkpoints, metric writers) itself.
+  """
+  app.run(functools.partial(_guarded, main, exit_at_once), flags_parser=_parse_flags)
 
 
-def _guarded(main, argv):
+def _guarded(main, exit_at_once, argv):
   logging.get_absl_handler().addFilter(DropOrbaxInfo())
   try:
-    return main(argv)
+    code = main(argv)
   except Exception as e:  # pylint: disable=broad-except
     message = user_error_message(e)
     if message is None or _show_traceback():
       raise
     _exit(message)
+  if exit_at_once:
+    _end_process(code)
+  return code
+
+
+def _end_process(code) -> None:
+  """Ends the process now with `code`'s status, after the atexit handlers and with all output flushed."""
+  import atexit  # pylint: disable=g-import-not-at-top
+  jax = sys.modules.get('jax')
+  if jax is not None and jax.process_count() > 1:
+    jax.distributed.shutdown()  # the other processes leave the coordination service in order
+  atexit._run_exitfuncs()  # pylint: disable=protected-access
+  py_logging.shutdown()
+  for stream in (sys.stdout, sys.stderr):
+    try:
+      stream.flush()
+    except (OSError, ValueError):
+      pass
+  os._exit(code if isinstance(code, int) else 0)  # pylint: disable=protected-access
 
 
 def _show_traceback() -> bool:

@@ -5,6 +5,9 @@ Fields of the config can be overridden on the command line, e.g. `--config.batch
 config_lib.smoke). The config is checked before anything is created or compiled.
 """
 
+import shlex
+import sys
+
 from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
@@ -25,11 +28,14 @@ def main(argv):
   distributed.initialize_distributed()
   logging.info('JAX %s on %s: %d devices.', jax.__version__, jax.default_backend(), jax.device_count())
   from tarflow_jax import train  # pylint: disable=g-import-not-at-top  # TensorFlow: after the flags are checked
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  if jax.process_index() == 0:
+    command = ' '.join(shlex.quote(a) for a in ['python', '-m', 'tarflow_jax.main', *sys.argv[1:]])
+    print(train.summary(FLAGS.workdir, result, command), flush=True)
 
 
 def run():
-  _common.run(main)
+  _common.run(main, exit_at_once=True)  # a finished run ends with its summary, not a wait for native teardown
 
 
 if __name__ == '__main__':
