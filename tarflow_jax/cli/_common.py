@@ -41,8 +41,13 @@ def _verbosity_asked() -> bool:
 
 
 def _no_accelerator() -> bool:
-  """True if this machine shows no TPU on its PCI bus (vendor Google) and no GPU device node."""
+  """True on a Linux machine with no TPU on its PCI bus (vendor Google) and no GPU device node.
+
+  Anywhere else (another OS, a device node of any GPU runtime) JAX probes its backends as usual.
+  """
   import glob  # pylint: disable=g-import-not-at-top
+  if not sys.platform.startswith('linux') or not os.path.isdir('/sys/bus/pci/devices'):
+    return False
   for path in glob.glob('/sys/bus/pci/devices/*/vendor'):
     try:
       with open(path) as f:
@@ -50,7 +55,7 @@ def _no_accelerator() -> bool:
           return False
     except OSError:
       continue
-  return not any(os.path.exists(d) for d in ('/dev/nvidiactl', '/dev/nvidia0', '/dev/dxg', '/dev/kfd'))
+  return not any(os.path.exists(d) for d in ('/dev/nvidiactl', '/dev/nvidia0', '/dev/dxg', '/dev/kfd', '/dev/dri'))
 
 
 if not _verbosity_asked():
