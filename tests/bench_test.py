@@ -19,7 +19,7 @@ FIELDS = ('compile_s', 'median_s', 'min_s', 'max_s', 'flops', 'flops_per_s', 'im
 
 def test_bench_cli_writes_every_field(tmp_path):
   out = tmp_path / 'bench.json'
-  result = subprocess.run([sys.executable, '-m', 'tarflow_jax.cli.bench', f'--config={REPO}/configs/mnist.py:cpu_digits',
+  result = subprocess.run([sys.executable, '-m', 'tarflow_jax.cli.bench', f'--config={REPO}/configs/demo.py:smoke',
                            '--repeats=2', '--sample_batch=8', '--microbatch=4', '--config.mesh.data=-1', f'--json={out}'],
                           capture_output=True, text=True, cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO),
                           timeout=600)

@@ -1,6 +1,23 @@
-"""Test set-up: eight fake CPU devices, so sharding is tested on any machine."""
+"""Test set-up: eight fake CPU devices, so sharding is tested on any machine, and one compilation cache.
+
+Many tests compile the same tiny programs (the smoke model's train step, its sampler); a persistent
+compilation cache shared by the whole session, subprocesses included (they inherit the variables),
+compiles each once. It lives in a fresh directory, removed at the end, so every session starts cold.
+"""
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  _CACHE = tempfile.mkdtemp(prefix='tarflow_jax_test_cache_')
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = _CACHE
+  os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+  os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
+
+  def pytest_unconfigure(config):
+    del config
+    shutil.rmtree(_CACHE, ignore_errors=True)
