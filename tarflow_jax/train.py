@@ -92,8 +92,9 @@ def train_step(state: dict, batch: dict, *, model, tx, config, lr: optax.Schedul
 
   A state with 'ema' updates the moving average of the parameters with the new parameters,
   ema <- d * ema + (1 - d) * params at d = config.ema_decay. The average is not debiased: it starts
-  at the initial (or fine-tuned-from) parameters, as big_vision's and the Flax examples' averages do,
-  so after n steps the starting weights keep the weight d**n, which is what a fine-tuning run wants.
+  at the initial (or fine-tuned-from) parameters, which keep the weight d**n after n steps. Debiasing
+  (dividing by 1 - d**n, as Adam does its moments) would drop them, which is wrong for fine-tuning,
+  and differs from the plain average only over the first few 1 / (1 - d) steps.
 
   With `config.grad_accum_steps = k > 1` the batch's gradient is accumulated over k micro-batches
   of B / k examples, one after the other (activation memory of one micro-batch): the same update
