@@ -1,11 +1,13 @@
 """Orbax checkpoints: the model's variables, the training state and the config, per step.
 
 A checkpoint directory is an Orbax `CheckpointManager` directory whose steps
-hold up to three items:
+hold up to four items:
   'model':  {'params', 'prior'}, everything needed to sample or evaluate (the train state's 'variables');
   'train':  {'opt', 'step', 'rng'}, the rest of the train state (absent in converted checkpoints);
+  'ema':    the moving average of 'params' (the train state's 'ema'; only with config.ema_decay > 0);
   'config': the experiment's config as JSON.
-Tools that only sample or evaluate restore 'model' and 'config'.
+Tools that only sample or evaluate restore 'model' (its 'params' replaced by 'ema' where there is
+one, unless asked for the raw weights) and 'config'.
 """
 
 import json
@@ -19,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
-from tarflow_jax import config_lib, sharding
+from tarflow_jax import config_lib, errors, sharding
 from tarflow_jax import model as model_lib
 
 
@@ -47,7 +49,7 @@ def manager(directory: str, max_to_keep: Optional[int] = None, **options) -> ocp
   return _Manager(
       absolute(directory),
       options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, **options),
-      item_names=('model', 'train', 'config'))
+      item_names=('model', 'train', 'ema', 'config'))
 
 
 class DamagedCheckpointError(RuntimeError):
@@ -85,11 +87,17 @@ def save_model(directory: str, variables, config: ml_collections.ConfigDict, ste
     mngr.close()
 
 
-def load_model(directory: str, step: Optional[int] = None):
+def load_model(directory: str, step: Optional[int] = None, raw_weights: bool = False, shardings=None,
+               check_config=None):
   """Restores (model, variables, config) from a checkpoint directory (latest step by default).
 
-  `directory` is a training workdir, its `checkpoints/`, or the output of
-  `python -m tarflow_jax.convert`.
+  Args:
+    directory: a training workdir, its `checkpoints/`, or the output of `python -m tarflow_jax.convert`.
+    step: the step to restore (default: the latest).
+    raw_weights: use the trained parameters even where the checkpoint holds their moving average
+      (item 'ema', config.ema_decay > 0), which is used by default.
+    shardings: shardings of the variables {'params', 'prior'} (default: replicated on every device).
+    check_config: called with the saved config before the weights are read; raises to refuse them.
   """
   if (epath.Path(directory) / 'checkpoints').is_dir():
     directory = os.path.join(directory, 'checkpoints')
@@ -101,16 +109,33 @@ def load_model(directory: str, step: Optional[int] = None):
     raise _damaged(mngr, step, e) from e
   config = _merged(config_lib.default(), {k: v for k, v in saved.items() if k != 'model'})
   config.model = ml_collections.ConfigDict(saved['model'])  # as saved: the model's own defaults fill the rest
+  if check_config is not None:
+    check_config(config)
   model = model_lib.from_config(config.model)
-  # Replicated over all devices, whatever mesh the checkpoint was written from.
-  everywhere = sharding.replicated(sharding.default_mesh())
-  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=everywhere),
-                          model_lib.abstract_variables(model))
+  if shardings is None:  # replicated over all devices, whatever mesh the checkpoint was written from
+    shardings = jax.tree.map(lambda _: sharding.replicated(sharding.default_mesh()),
+                             model_lib.abstract_variables(model))
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          model_lib.abstract_variables(model), shardings)
+  items = {'model': ocp.args.StandardRestore(abstract)}
+  use_ema = not raw_weights and has_ema(mngr, step)
+  if use_ema:
+    items['ema'] = ocp.args.StandardRestore(abstract['params'])
   try:
-    restored = mngr.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(abstract)))
+    restored = mngr.restore(step, args=ocp.args.Composite(**items))
   except Exception as e:  # pylint: disable=broad-except
     raise _damaged(mngr, step, e) from e
-  return model, restored.model, config
+  variables = restored.model
+  if use_ema:
+    logging.info('Using the moving average of the parameters (ema_decay=%g) in %s; raw_weights=True (--raw_weights) '
+                 'uses the parameters.', config.get('ema_decay', 0.0), _step_dir(mngr, step))
+    variables = {**variables, 'params': restored.ema}
+  return model, variables, config
+
+
+def has_ema(mngr: ocp.CheckpointManager, step: int) -> bool:
+  """Whether checkpoint `step` holds item 'ema', the moving average of the parameters."""
+  return (epath.Path(_step_dir(mngr, step)) / 'ema').is_dir()
 
 
 def _damaged(mngr: ocp.CheckpointManager, step: int, error: Exception) -> DamagedCheckpointError:
@@ -153,18 +178,22 @@ def _existing(directory: str) -> ocp.CheckpointManager:
 
 
 def check_same_architecture(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
-                            directory: str) -> None:
-  """Raises unless the checkpoint's model has the architecture of `config.model`."""
+                            directory: str, hint: str = 'Use a new --workdir for this config, or the config the '
+                            'checkpoint was trained with.') -> None:
+  """Raises errors.UserError unless the checkpoint's model has the architecture of `config.model`."""
   diffs = [f'{k}: checkpoint {saved.model.get(k)!r}, config {config.model.get(k)!r}'
            for k in config_lib.ARCHITECTURE_FIELDS if saved.model.get(k) != config.model.get(k)]
   if diffs:
-    raise ValueError(f'The checkpoint in {directory!r} is of another architecture ({"; ".join(diffs)}). '
-                     'Use a new --workdir for this config, or the config the checkpoint was trained with.')
+    raise errors.UserError(f'The checkpoint in {directory!r} is of another architecture ({"; ".join(diffs)}). '
+                           f'{hint}')
 
 
-def _items(state: dict) -> tuple[dict, dict]:
-  """A train state {'variables', 'opt', 'step', 'rng'} as the checkpoint items 'model' and 'train'."""
-  return state['variables'], {k: state[k] for k in ('opt', 'step', 'rng')}
+def _items(state: dict) -> dict:
+  """A train state {'variables', 'opt', 'step', 'rng'[, 'ema']} as the checkpoint items 'model', 'train'[, 'ema']."""
+  items = {'model': state['variables'], 'train': {k: state[k] for k in ('opt', 'step', 'rng')}}
+  if 'ema' in state:
+    items['ema'] = state['ema']
+  return items
 
 
 class TrainCheckpointer:
@@ -192,19 +221,34 @@ class TrainCheckpointer:
     if not bool(_all_finite(state)):
       raise FloatingPointError(f'Checkpoint {step} was not written: its parameters or optimiser state are not '
                                f'finite. The checkpoints in {self.directory!r} are as they were.')
-    model_item, train_item = _items(state)
-    self.mngr.save(step, args=ocp.args.Composite(
-        model=ocp.args.StandardSave(model_item), train=ocp.args.StandardSave(train_item),
-        config=ocp.args.JsonSave(json.loads(config.to_json()))), force=True)
+    items = {name: ocp.args.StandardSave(item) for name, item in _items(state).items()}
+    self.mngr.save(step, args=ocp.args.Composite(**items, config=ocp.args.JsonSave(json.loads(config.to_json()))),
+                   force=True)
     if batches is not None:
       batches.save(self._data_path(step))
     self._prune_data_states(keep=step)
 
   def restore(self, step: int, abstract_state: dict, batches=None) -> dict:
-    """Restores the state onto the shardings of `abstract_state` (ShapeDtypeStructs with shardings)."""
-    model_item, train_item = _items(abstract_state)
+    """Restores the state onto the shardings of `abstract_state` (ShapeDtypeStructs with shardings).
+
+    A state with 'ema' from a checkpoint without one (saved with config.ema_decay = 0) starts the
+    average at the restored parameters; a checkpoint's 'ema' that the state has no place for is not read.
+    """
+    items = _items(abstract_state)
+    start_ema = 'ema' in items and not has_ema(self.mngr, step)
+    if start_ema:
+      del items['ema']
     restored = self.mngr.restore(step, args=ocp.args.Composite(
-        model=ocp.args.StandardRestore(model_item), train=ocp.args.StandardRestore(train_item)))
+        **{name: ocp.args.StandardRestore(item) for name, item in items.items()}))
+    state = {'variables': restored.model, **restored.train}
+    if 'ema' in items:
+      state['ema'] = restored.ema
+    elif start_ema:
+      logging.warning('Checkpoint %d holds no moving average of the parameters (it was saved with ema_decay=0): '
+                      'the average starts at its parameters.', step)
+      copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=jax.tree.map(
+          lambda a: a.sharding, abstract_state['ema']))
+      state['ema'] = copy(state['variables']['params'])
     if batches is not None:
       if epath.Path(self._data_path(step) + '.index').exists():
         batches.restore(self._data_path(step))
@@ -212,7 +256,7 @@ class TrainCheckpointer:
         logging.warning('No input position saved for step %d (%s is missing): the input pipeline starts afresh, '
                         'so this run sees other batches, in another order, than an uninterrupted run would; the '
                         'model and optimiser state are restored exactly.', step, self._data_path(step))
-    return {'variables': restored.model, **restored.train}
+    return state
 
   def restore_latest(self, abstract_state: dict, batches=None,
                      check_config=None) -> tuple[Optional[int], Optional[dict]]:

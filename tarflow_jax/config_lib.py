@@ -45,6 +45,17 @@ def default() -> ml_collections.ConfigDict:
   c.num_train_steps = -1  # > 0 overrides num_epochs
   c.prior_var_lr = 0.1  # running-average rate of the prior variance (nvp=False)
 
+  # Fine-tuning (train.initial_state). init_from: start from these weights (a reference `.pth`, an `.npz`
+  # of its keys, or a checkpoint directory / training workdir) with a fresh optimiser at step 0.
+  # init_optimizer_from: a reference run's optimiser file (`*_opt_*.pth`; init_from is then its
+  # `*_model_*.pth`): continue that run with its AdamW moments, step and schedule position.
+  # A workdir that already has a checkpoint resumes from it instead.
+  c.init_from = ''
+  c.init_optimizer_from = ''
+  # Exponential moving average of the parameters, updated every step (0: off, as the reference).
+  # When on, samples and evaluation use the average (the CLIs' --raw_weights use the parameters).
+  c.ema_decay = 0.0
+
   # Sample grids written while training (fixed noise) and sampling defaults.
   c.sample = ml_collections.ConfigDict(dict(
       num=64, guidance=0.0, guide_what='ab', attn_temp=1.0, annealed_guidance=False,
@@ -133,6 +144,13 @@ def validate(c: ml_collections.ConfigDict, devices=None, num_processes: int = 1)
   _require(c.noise.std >= 0, f'config.noise.std={c.noise.std} must be >= 0.')
   _require(0 <= c.label_drop < 1, f'config.label_drop={c.label_drop} must lie in [0, 1).')
   _require(c.sample.guidance >= 0, f'config.sample.guidance={c.sample.guidance} must be >= 0 (0: no guidance).')
+  _require(0 <= c.ema_decay < 1, f'config.ema_decay={c.ema_decay} must lie in [0, 1) (0 turns the average off).')
+  if c.init_optimizer_from:
+    _require(c.init_from.endswith(('.pth', '.npz')),
+             f'config.init_optimizer_from={c.init_optimizer_from!r} continues a reference run: set config.init_from '
+             'to the model file (`.pth` or `.npz`) saved with it.')
+    _require(c.init_optimizer_from.endswith('.pth'),
+             f'config.init_optimizer_from={c.init_optimizer_from!r} must be the reference\'s optimiser file (`.pth`).')
   _require(c.sample.attn_temp > 0, f'config.sample.attn_temp={c.sample.attn_temp} must be positive.')
   for axis in ('data', 'fsdp'):
     _require(c.mesh[axis] == -1 or c.mesh[axis] > 0,

@@ -16,7 +16,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from tarflow_jax import checkpoint, config_lib, data, evaluation, images, likelihood, sampling, sharding
+from tarflow_jax import checkpoint, config_lib, data, errors, evaluation, finetune, images, likelihood, sampling
+from tarflow_jax import sharding
 from tarflow_jax import model as model_lib
 
 
@@ -34,16 +35,34 @@ def optimizer(config: ml_collections.ConfigDict, lr: optax.Schedule) -> optax.Gr
   return optax.chain(optax.clip_by_global_norm(o.grad_clip), adamw) if o.grad_clip > 0 else adamw
 
 
-def init_state(model: model_lib.TarFlow, tx: optax.GradientTransformation, seed: int) -> dict:
-  """The train state, a plain dict of arrays: {'variables': {'params', 'prior'}, 'opt', 'step', 'rng'}.
+def init_state(model: model_lib.TarFlow, tx: optax.GradientTransformation, seed: int, ema: bool = False,
+               variables: dict | None = None) -> dict:
+  """The train state, a plain dict of arrays: {'variables': {'params', 'prior'}, 'opt', 'step', 'rng'[, 'ema']}.
 
   'variables' is what the model applies and checkpoint item 'model' holds; 'opt', 'step' and
-  'rng' are checkpoint item 'train' (`checkpoint.TrainCheckpointer`).
+  'rng' are checkpoint item 'train'; 'ema', the moving average of the parameters (with `ema`,
+  starting at them), is item 'ema' (`checkpoint.TrainCheckpointer`).
+
+  Args:
+    model, tx, seed: the model, the optimiser, the seed of the initialisation and of the training noise.
+    ema: whether the state keeps a moving average of the parameters.
+    variables: start from these variables (fine-tuning) instead of freshly initialised ones.
   """
   rng = jax.random.PRNGKey(seed)
-  variables = model_lib.init_variables(model, jax.random.fold_in(rng, 0))
-  return {'variables': variables, 'opt': tx.init(variables['params']),
-          'step': jnp.zeros((), jnp.int32), 'rng': jax.random.fold_in(rng, 1)}
+  if variables is None:
+    variables = model_lib.init_variables(model, jax.random.fold_in(rng, 0))
+  state = {'variables': variables, 'opt': tx.init(variables['params']),
+           'step': jnp.zeros((), jnp.int32), 'rng': jax.random.fold_in(rng, 1)}
+  if ema:
+    state['ema'] = jax.tree.map(jnp.copy, variables['params'])
+  return state
+
+
+def sampling_variables(state: dict) -> dict:
+  """The variables that sampling and evaluation use: the moving average of the parameters where the state has one."""
+  if 'ema' not in state:
+    return state['variables']
+  return {**state['variables'], 'params': state['ema']}
 
 
 def model_inputs(batch: dict, rng: jax.Array, config: ml_collections.ConfigDict, train: bool = True):
@@ -70,6 +89,12 @@ def model_inputs(batch: dict, rng: jax.Array, config: ml_collections.ConfigDict,
 
 def train_step(state: dict, batch: dict, *, model, tx, config, lr: optax.Schedule, augment: bool = True):
   """One optimiser step; a step with a non-finite loss, gradient or new state leaves the state unchanged.
+
+  A state with 'ema' updates the moving average of the parameters with the new parameters,
+  ema <- d * ema + (1 - d) * params at d = config.ema_decay. The average is not debiased: it starts
+  at the initial (or fine-tuned-from) parameters, which keep the weight d**n after n steps. Debiasing
+  (dividing by 1 - d**n, as Adam does its moments) would drop them, which is wrong for fine-tuning,
+  and differs from the plain average only over the first few 1 / (1 - d) steps.
 
   With `config.grad_accum_steps = k > 1` the batch's gradient is accumulated over k micro-batches
   of B / k examples, one after the other (activation memory of one micro-batch): the same update
@@ -114,6 +139,9 @@ def train_step(state: dict, batch: dict, *, model, tx, config, lr: optax.Schedul
   grad_norm = optax.tree.norm(grads)
   new = {'variables': {'params': params, 'prior': prior}, 'opt': opt, 'step': state['step'] + 1,
          'rng': state['rng']}
+  if 'ema' in state:
+    d = config.ema_decay
+    new['ema'] = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state['ema'], params)
   # A finite gradient can still overflow in the update (a huge learning rate, an Adam moment past
   # float32's range): such a step must not reach the state, or the next checkpoint holds it.
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & checkpoint.all_finite(new)
@@ -155,20 +183,44 @@ class Program(NamedTuple):
   state_shardings: dict
   init: Callable[[], dict]  # jitted: a fresh state, on its shardings
   step: Callable[[dict, dict], tuple[dict, dict]]  # jitted `train_step` on the mesh; donates the state
+  start_from: Callable[[dict], dict]  # jitted: a state from given variables (on their shardings), fresh optimiser
 
 
 def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, lr: optax.Schedule) -> Program:
   """The model, state shardings (FSDP rule) and the jitted init and step of `config` on `mesh` (AdamW at `lr`)."""
   model = model_lib.from_config(config.model)
   tx = optimizer(config, lr)
-  init = functools.partial(init_state, model, tx, config.seed)
+  init = functools.partial(init_state, model, tx, config.seed, config.ema_decay > 0)
   abstract = jax.eval_shape(init)
   shardings = sharding.state_shardings(abstract, mesh)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
   step = jax.jit(functools.partial(train_step, model=model, tx=tx, config=config, lr=lr),
                  in_shardings=(shardings, sharding.batch_sharding(mesh)),
                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
-  return Program(model, abstract, shardings, jax.jit(init, out_shardings=shardings), step)
+  start_from = jax.jit(lambda variables: init(variables=variables), in_shardings=(shardings['variables'],),
+                       out_shardings=shardings)
+  return Program(model, abstract, shardings, jax.jit(init, out_shardings=shardings), step, start_from)
+
+
+def initial_state(config: ml_collections.ConfigDict, program: Program) -> dict:
+  """The state of a run that has no checkpoint yet, on the program's shardings.
+
+  Fresh, or with config.init_from the weights there at step 0 with a fresh optimiser (and the
+  moving average, if any, starting at them); with config.init_optimizer_from also the reference
+  run's AdamW state, at its step (`finetune.reference_optimizer_state`).
+  """
+  if not config.init_from:
+    return program.init()
+  variables = finetune.load_variables(config, config.init_from, program.state_shardings['variables'])
+  state = program.start_from(variables)
+  if not config.init_optimizer_from:
+    logging.info('Fine-tuning from %s with a fresh optimiser.', config.init_from)
+    return state
+  opt, step = finetune.reference_optimizer_state(config, config.init_optimizer_from, variables, state['opt'])
+  logging.info('Continuing the reference run of %s and %s from its step %d.', config.init_from,
+               config.init_optimizer_from, step)
+  return {**state, 'opt': jax.device_put(opt, program.state_shardings['opt']),
+          'step': jax.device_put(jnp.int32(step), program.state_shardings['step'])}
 
 
 class _Preemption:
@@ -249,15 +301,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   start, state = ckpt.restore_latest(
       program.abstract_state, train_data.batches,
       check_config=lambda saved: checkpoint.check_same_architecture(saved, config, ckpt.directory))
-  if start is None:
-    state = program.init()
-    start = 0
-  else:
+  resumed = start is not None
+  if resumed:
     logging.info('Resumed from step %d of %s.', start, ckpt.directory)
+    if config.init_from:
+      logging.info('config.init_from=%s is not used: the run resumes from its own checkpoint.', config.init_from)
+  else:
+    state = initial_state(config, program)
+    start = int(state['step'])
+    if start >= total_steps:
+      raise errors.UserError(f'The run given by config.init_optimizer_from is at step {start}, past this config\'s '
+                             f'{total_steps} steps: set config.num_train_steps (or num_epochs) to the run\'s total.')
 
   is_main = jax.process_index() == 0
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
-  if start == 0:
+  if not resumed:
     writer.write_hparams(_flat_hparams(config))
     params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state['variables']['params']))
     logging.info('Model: %s parameters; %d steps (%d per epoch), global batch %d on %d devices.',
@@ -271,7 +329,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   def run_eval(step):
     with progress.timed('eval'):
       evals[step] = float(np.mean(evaluation.split_bits_per_dim(
-          model, state['variables'], config, mesh, config.data.eval_split, num_examples=config.data.num_eval_examples,
+          model, sampling_variables(state), config, mesh, config.data.eval_split, num_examples=config.data.num_eval_examples,
           batch_size=config.eval_batch_size, seed=config.seed + 2)))
       writer.write_scalars(step, {'eval/bits_per_dim': evals[step]})
 
@@ -282,8 +340,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         images.save_png(os.path.join(workdir, 'samples', f'step_{step:07d}.png'), grid)
       writer.write_images(step, {'samples': grid[None]})
 
-  if start == 0 and config.eval_every > 0:
-    run_eval(0)
+  if not resumed and config.eval_every > 0:
+    run_eval(start)
   preemption = _Preemption()
   history, last = [], {}
   step = start
@@ -352,11 +410,14 @@ def summary(workdir: str, result: dict, command: str = '') -> str:
 
 
 def generate(model, state, config, noise, mesh) -> np.ndarray:
-  """Samples from fixed noise with the config's guidance and, after Gaussian-noise training, denoises."""
+  """Samples from fixed noise with the config's guidance and, after Gaussian-noise training, denoises.
+
+  With a moving average of the parameters in the state, samples with the average.
+  """
   y = None
   if model.num_classes:
     y = jnp.arange(noise.shape[0]) % model.num_classes
-  variables = state['variables']
+  variables = sampling_variables(state)
   if noise.shape[0] % mesh.size == 0:
     noise = jax.device_put(noise, sharding.batch_sharding(mesh))
   x = sampling.sample(model, variables, noise, y, guidance=sampling.guidance_from_config(config))

@@ -73,6 +73,7 @@ def test_config_reproduces_the_reference_command(name):
   assert c.optim.lr == want['lr'] and c.label_drop == want['label_drop'], name
   assert {k: c.optim[k] for k in OPTIM} == OPTIM, name
   assert c.model.head_dim == 64 and c.model.expansion == 4, name  # the reference's fixed head size and MLP
+  assert (c.ema_decay, c.init_from, c.init_optimizer_from) == (0.0, '', ''), name  # no average, a fresh start
   # TPU sizing keeps the update's batch: micro-batches split it, they do not shrink it.
   assert c.batch_size % c.grad_accum_steps == 0, name
   config_lib.validate(c)

@@ -7,7 +7,8 @@ r"""Evaluation: bits per dim over a dataset split, the Bayes classifier, and FID
   python -m tarflow_jax.cli.evaluate fid --samples=runs/samples --stats=imagenet64_train_stats.npz \
       --inception=pt_inception.pth [--output=fid.json]
 
-bpd and classify are evaluation.split_bits_per_dim and evaluation.classify_split. FID compares
+bpd and classify are evaluation.split_bits_per_dim and evaluation.classify_split, with the moving
+average of the parameters where the checkpoint has one (--raw_weights: the parameters). FID compares
 the FID-Inception statistics of samples (`samples.npz` from `tarflow_jax.cli.sample`) with those
 of a dataset split, saved once by `fid_stats` in pytorch-fid's format (pytorch-fid's own
 statistics files work too). --inception is pytorch-fid's weight file, `inception.WEIGHTS_URL`.
@@ -40,6 +41,8 @@ flags.DEFINE_float('noise_std', 0.0, 'classify: Gaussian noise added to the imag
 flags.DEFINE_string('inception', None, f'fid_stats, fid: FID Inception weights (.pth or .npz), {inception.WEIGHTS_URL}')
 flags.DEFINE_string('samples', None, 'fid: samples.npz (key `images`, uint8 NHWC) or the directory holding it.')
 flags.DEFINE_string('stats', None, 'fid: .npz of the reference statistics `mu`, `sigma` (from fid_stats).')
+flags.DEFINE_bool('raw_weights', False, 'bpd, classify: the trained parameters, not their moving average (where the '
+                  'checkpoint has one: config.ema_decay > 0).')
 flags.DEFINE_string('output', None, 'bpd: .npz file for the per-image values; fid_stats: the statistics .npz '
                     '(required); fid: a JSON file for the score.')
 
@@ -69,7 +72,7 @@ def main(argv):
     return fid_stats()
   if command == 'fid':
     return fid_score()
-  model, variables, config = checkpoint.load_model(FLAGS.checkpoint)
+  model, variables, config = checkpoint.load_model(FLAGS.checkpoint, raw_weights=FLAGS.raw_weights)
   if FLAGS.data_dir:
     config.data.data_dir = FLAGS.data_dir
   config_lib.validate_data(config)

@@ -5,6 +5,8 @@ r"""Draws samples from a trained or converted TarFlow.
 
 Writes `samples.png` (a grid), `samples.npz` (uint8 images NHWC and labels) and logs images/s.
 Guidance, attention temperature and denoising default to the checkpoint config's `sample` fields.
+A checkpoint trained with config.ema_decay > 0 samples with the moving average of its parameters;
+--raw_weights uses the parameters themselves.
 """
 
 import os
@@ -44,6 +46,8 @@ flags.DEFINE_integer('jacobi_max_iters', 0, 'Jacobi: iteration cap per segment (
 flags.DEFINE_float('jacobi_tol', 1e-3, 'Jacobi: stop a segment when no value changes by more than this.')
 flags.DEFINE_string('latents', None, '.npz with `noise` (N, T, D) (and optionally `labels`) to decode instead of '
                     'fresh noise, for exact comparisons.')
+flags.DEFINE_bool('raw_weights', False, 'Sample with the trained parameters, not their moving average (where the '
+                  'checkpoint has one: config.ema_decay > 0).')
 flags.mark_flags_as_required(['checkpoint', 'output'])
 
 
@@ -86,7 +90,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   check_flags()
-  model, variables, config = checkpoint.load_model(FLAGS.checkpoint)
+  model, variables, config = checkpoint.load_model(FLAGS.checkpoint, raw_weights=FLAGS.raw_weights)
   given = lambda **flags: {k: v for k, v in flags.items() if v is not None}
   guidance = sampling.guidance_from_config(config, **given(
       weight=FLAGS.guidance, guide_what=FLAGS.guide_what, attn_temp=FLAGS.attn_temp,
