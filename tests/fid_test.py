@@ -284,8 +284,8 @@ def test_reference_statistics_file(torch_weights, tmp_path):
   np.testing.assert_allclose(mu, features.astype(np.float64).mean(0), rtol=1e-13)
   np.testing.assert_allclose(sigma, np.cov(features.astype(np.float64), rowvar=False), rtol=1e-9, atol=1e-11)
   assert mu.dtype == sigma.dtype == np.float64 and fid.statistics_pipeline(path) == 'torchmetrics'
-  for got, want in zip(jax.tree.leaves(inception.load_weights(path)),
-                       jax.tree.leaves(inception.load_weights(torch_weights[1]))):
+  want = inception.variables_from_state_dict({k: v.numpy() for k, v in torch_weights[0].items()})
+  for got, want in zip(jax.tree.leaves(inception.load_weights(path)), jax.tree.leaves(want)):
     np.testing.assert_array_equal(got, want)
 
   torch.save({'real_features_sum': torch.zeros(3)}, tmp_path / 'other.pth')
