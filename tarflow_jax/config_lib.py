@@ -61,6 +61,12 @@ def default() -> ml_collections.ConfigDict:
       num=64, guidance=0.0, guide_what='ab', attn_temp=1.0, annealed_guidance=False,
       denoise=True, denoise_scale=1.0))
 
+  # FID on the same noise and labels every fid_every steps (0: off), sampled as `evaluate fid` samples
+  # (evaluation.FidProtocol); needs the FID Inception weights and the real images' statistics files.
+  c.fid_every = 0
+  c.fid = ml_collections.ConfigDict(dict(
+      num_samples=4096, batch_size=256, inception=config_dict.placeholder(str), stats=config_dict.placeholder(str)))
+
   c.eval_batch_size = 256
   c.log_every = 100
   c.eval_every = 5_000
@@ -129,12 +135,18 @@ def validate(c: ml_collections.ConfigDict, devices=None, num_processes: int = 1)
   """
   for field in ('log_every', 'checkpoint_every', 'keep_checkpoints', 'batch_size', 'grad_accum_steps'):
     _require(c[field] > 0, f'config.{field}={c[field]} must be positive.')
-  for field in ('eval_every', 'sample_every'):
+  for field in ('eval_every', 'sample_every', 'fid_every'):
     _require(c[field] >= 0, f'config.{field}={c[field]} must be >= 0 (0 turns it off).')
   if c.eval_every > 0:
     _require(c.eval_batch_size > 0, f'config.eval_batch_size={c.eval_batch_size} must be positive.')
   if c.sample_every > 0:
     _require(c.sample.num > 0, f'config.sample.num={c.sample.num} must be positive (or config.sample_every=0).')
+  if c.fid_every > 0:
+    for field in ('inception', 'stats'):
+      _require(bool(c.fid[field]), f'config.fid_every={c.fid_every} needs config.fid.{field} (the FID Inception '
+               'weights and the statistics of the real images: see `python -m tarflow_jax.cli.evaluate fid_stats`).')
+    _require(c.fid.num_samples >= 2, f'config.fid.num_samples={c.fid.num_samples} must be at least 2.')
+    _require(c.fid.batch_size > 0, f'config.fid.batch_size={c.fid.batch_size} must be positive.')
   _require(c.num_train_steps > 0 or c.num_epochs > 0,
            f'config.num_train_steps={c.num_train_steps} and config.num_epochs={c.num_epochs}: one must be positive.')
   for name, known in _KNOWN.items():

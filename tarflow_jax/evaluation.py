@@ -1,19 +1,23 @@
-"""Evaluation over a dataset split: bits per dim, the Bayes classifier, and FID statistics.
+"""Evaluation: bits per dim, the Bayes classifier and FID statistics over a dataset split; FID of a model.
 
 Bits per dim use uniform dequantisation exactly as the reference evaluates them:
 `x = ((x_int + u) / 256) * 2 - 1`, `bpd = (-log p(x) / N + log 128) / log 2`, unconditional
 (mean class embedding) unless `conditional`. The classifier returns argmax_y log p(x | y).
+FID of a model draws samples as the reference's evaluate_fid.py (`FidProtocol`, `fid_samples`)
+and scores them with fid.py; `TrainingFid` does so on fixed noise during training.
 The command lines are `python -m tarflow_jax.cli.evaluate bpd|classify|fid_stats|fid`.
 """
 
+import dataclasses
 import functools
 import math
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tarflow_jax import data, fid, images, inception, likelihood, sharding
+from tarflow_jax import data, fid, images, inception, likelihood, sampling, sharding
 
 
 def split_bits_per_dim(model, variables, config, mesh, split: str, *, num_examples: int = -1,
@@ -73,15 +77,162 @@ def _class_scores_fn(model):
 
 
 def split_fid_statistics(inception_variables, config, mesh, split: str, *, num_examples: int = -1,
-                         batch_size: int = 256) -> tuple[np.ndarray, np.ndarray, int]:
-  """FID-Inception feature mean and covariance of a split, and its number of images."""
+                         batch_size: int = 256, pipeline: str = 'pytorch_fid') -> tuple[np.ndarray, np.ndarray, int]:
+  """FID-Inception feature mean and covariance of a split, and its number of images.
+
+  With the 'torchmetrics' pipeline the pixels first take the reference's float round trip
+  (`inception.REFERENCE_REAL_PIXELS`).
+  """
+  inception.check_pipeline(pipeline)
   inception_variables = jax.device_put(inception_variables, sharding.replicated(mesh))
+  pixels = jnp.asarray(inception.REFERENCE_REAL_PIXELS)
   stats = fid.RunningStatistics()
   for batch, mask in _global_batches(config, mesh, split, batch_size, num_examples):
-    stats.update(sharding.fetch(inception.batch_features(inception_variables, batch['image']))[mask])
+    x = pixels[batch['image']] if pipeline == 'torchmetrics' else batch['image']
+    stats.update(sharding.fetch(inception.batch_features(inception_variables, x, pipeline))[mask])
   return *stats.result(), stats.n
 
 
 def mean_and_stderr(values: np.ndarray) -> tuple[float, float]:
   values = np.asarray(values, np.float64)
   return float(values.mean()), float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class FidProtocol:
+  """How samples are drawn for FID: the reference's evaluate_fid.py.
+
+  `num_samples` (50,000 there) images from standard normal noise, each class label drawn
+  uniformly at random (conditional models), with guidance at the config's weight, always
+  annealed, and the config's self-denoising; samples that come out non-finite are drawn again
+  (`fid_samples`).
+  """
+  num_samples: int
+  guidance: sampling.Guidance
+  denoising: sampling.Denoising
+
+  def describe(self) -> str:
+    g, d = self.guidance, self.denoising
+    guided = (f'guidance {g.weight:g} annealed (guiding {g.guide_what}, attention temperature {g.attn_temp:g})'
+              if g.enabled else 'no guidance')
+    denoised = f'self-denoised (sigma {d.sigma:g}, step scale {d.step_scale:g})' if d.enabled else 'not denoised'
+    return f'{self.num_samples} samples, {guided}, {denoised}'
+
+
+REFERENCE_NUM_SAMPLES = 50_000
+MAX_REDRAWS = 10
+
+
+def fid_protocol(config, num_samples: int = REFERENCE_NUM_SAMPLES) -> FidProtocol:
+  """The reference's protocol with a config's guidance weight, attention temperature and denoising."""
+  return FidProtocol(num_samples, sampling.guidance_from_config(config, annealed=True),
+                     sampling.denoising_from_config(config))
+
+
+class NonFiniteSamplesError(RuntimeError):
+  """The model keeps producing NaN or infinite samples."""
+
+
+def fid_samples(draw: Callable, num_samples: int, batch_size: int, noise_shape: tuple, num_classes: int,
+                rng: np.random.Generator, *, pipeline: str = 'pytorch_fid', max_redraws: int = MAX_REDRAWS):
+  """uint8 samples (N, H, W, C), their labels (N,) (None if unconditional), and how many were redrawn.
+
+  As the reference, a batch's labels stay and its non-finite samples are drawn again from fresh
+  noise (the reference redraws the whole batch when any sample has a NaN; the samples being
+  independent given their labels, redrawing only those is the same distribution).
+
+  Args:
+    draw: `(noise (B, *noise_shape), labels (B,) or None) -> images (B, H, W, C)` on [-1, 1], numpy.
+    num_samples: N; the last batch is drawn in full and cut.
+    batch_size: B.
+    noise_shape: (T, D) of one latent.
+    num_classes: labels are drawn uniformly from [0, num_classes) if positive.
+    rng: the source of every label and latent, in order: per batch its labels, its noise, then
+      the fresh noise of each redraw. The same seed gives the same samples of the same model.
+    pipeline: the FID input pipeline, which says how samples become uint8 (`inception.samples_to_uint8`).
+    max_redraws: how often one batch may be drawn again before NonFiniteSamplesError.
+  """
+  finite = lambda x: np.isfinite(x).reshape(batch_size, -1).all(1)  # (B,)
+  noise = lambda: rng.standard_normal((batch_size, *noise_shape), np.float32)
+  out, out_labels, redrawn = [], [], 0
+  for start in range(0, num_samples, batch_size):
+    labels = rng.integers(0, num_classes, batch_size).astype(np.int32) if num_classes else None
+    x = np.array(draw(noise(), labels))  # (B, H, W, C), writable
+    bad = ~finite(x)
+    for _ in range(max_redraws):
+      if not bad.any():
+        break
+      redrawn += int(bad.sum())
+      fresh = np.asarray(draw(noise(), labels))
+      x[bad] = fresh[bad]
+      bad &= ~finite(fresh)
+    if bad.any():
+      raise NonFiniteSamplesError(f'{int(bad.sum())} of a batch of {batch_size} samples stayed non-finite (NaN or '
+                                  f'inf) after {max_redraws} redraws from fresh noise: the model is broken (a '
+                                  'diverged training run?).')
+    keep = min(batch_size, num_samples - start)
+    out.append(inception.samples_to_uint8(x[:keep], pipeline))
+    if labels is not None:
+      out_labels.append(labels[:keep])
+  return np.concatenate(out), (np.concatenate(out_labels) if num_classes else None), redrawn
+
+
+def model_sampler(model, variables, mesh, protocol: FidProtocol,
+                  decoder: sampling.Decoder = sampling.Sequential()) -> Callable:
+  """`draw` of `fid_samples`: the model's samples with the protocol's guidance and denoising.
+
+  A batch that the mesh's devices divide is split over them.
+  """
+  variables = jax.device_put(variables, sharding.replicated(mesh))
+  d = protocol.denoising
+
+  def draw(noise, labels):
+    if len(noise) % mesh.size == 0:
+      noise = jax.device_put(noise, sharding.batch_sharding(mesh))
+    y = None if labels is None else jnp.asarray(labels)
+    x = sampling.sample(model, variables, jnp.asarray(noise), y, guidance=protocol.guidance, decoder=decoder)
+    if d.enabled:
+      with jax.set_mesh(mesh):
+        x = sampling.denoise(model, variables, x, y, sigma=d.sigma, step_scale=d.step_scale)
+    return sharding.fetch(x)
+
+  return draw
+
+
+def sample_batch_size(batch_size: int, num_samples: int, mesh) -> int:
+  """`batch_size`, at most `num_samples`, rounded up to a multiple of the mesh's devices."""
+  return -(-min(batch_size, num_samples) // mesh.size) * mesh.size
+
+
+def model_fid(model, variables, mesh, protocol: FidProtocol, inception_variables, reference, *, batch_size: int,
+              pipeline: str, seed: int = 0, decoder: sampling.Decoder = sampling.Sequential()):
+  """FID of the model's samples against `reference` (mu, sigma) under `protocol`.
+
+  `pipeline` (`inception.PIPELINES`) must be the one the reference statistics were computed with.
+  Returns (FID, samples uint8 (N, H, W, C), labels (N,) or None, number redrawn).
+  """
+  batch = sample_batch_size(batch_size, protocol.num_samples, mesh)
+  samples, labels, redrawn = fid_samples(
+      model_sampler(model, variables, mesh, protocol, decoder), protocol.num_samples, batch,
+      (model.num_tokens, model.token_dim), model.num_classes, np.random.default_rng(seed), pipeline=pipeline)
+  features = fid.features(inception_variables, samples, mesh, batch_size=batch_size, pipeline=pipeline)
+  return fid.frechet_distance(*reference, *fid.statistics(features)), samples, labels, redrawn
+
+
+def training_fid(config, model, mesh) -> Callable:
+  """`variables -> FID` for `config.fid_every`: `model_fid` on the same noise and labels at every call.
+
+  Samples `config.fid.num_samples` under the evaluation protocol (`fid_protocol`), against the
+  statistics `config.fid.stats` (in their input pipeline, `fid.statistics_pipeline`) with the
+  Inception weights `config.fid.inception`, both read here.
+  """
+  inception_variables = inception.load_weights(config.fid.inception)
+  reference = fid.load_statistics(config.fid.stats)
+  pipeline = fid.statistics_pipeline(config.fid.stats)
+  protocol = fid_protocol(config, config.fid.num_samples)
+
+  def score(variables) -> float:
+    return model_fid(model, variables, mesh, protocol, inception_variables, reference,
+                     batch_size=config.fid.batch_size, pipeline=pipeline, seed=config.seed + 3)[0]
+
+  return score

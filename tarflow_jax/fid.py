@@ -5,11 +5,14 @@ r"""Fréchet Inception Distance over FID-Inception features, as pytorch-fid comp
   mu, sigma = fid.statistics(fid.features(variables, images))  # images: (N, H, W, 1 or 3) uint8
   score = fid.frechet_distance(*fid.load_statistics('stats.npz'), mu, sigma)
 
-The network and its weights are in inception.py. Statistics files are pytorch-fid's: an .npz
-with the feature mean `mu` and covariance `sigma`. The command lines are
-`python -m tarflow_jax.cli.evaluate fid_stats|fid`.
+The network and its weights are in inception.py. Statistics files are pytorch-fid's (an .npz
+with the feature mean `mu` and covariance `sigma`, what `save_statistics` writes) or the
+reference's `{dataset}_{img_size}_fid_stats.pth` (the state of torchmetrics'
+`FrechetInceptionDistance`: feature sums, read by `load_statistics` as torchmetrics computes
+them). The command lines are `python -m tarflow_jax.cli.evaluate fid_stats|fid`.
 """
 
+import os
 from typing import Optional
 
 import jax
@@ -19,8 +22,10 @@ from tarflow_jax import data, inception, sharding
 
 
 def features(variables, images: np.ndarray, mesh: Optional[jax.sharding.Mesh] = None, *,
-             batch_size: int = 256) -> np.ndarray:
+             batch_size: int = 256, pipeline: str = 'pytorch_fid') -> np.ndarray:
   """Features (N, 2048) of (N, H, W, C) uint8 images that every process holds in full.
+
+  `pipeline` is how images reach the network (`inception.PIPELINES`).
 
   Batches of `batch_size` (at most the number of images, rounded up to a multiple of the device
   count) are split over the mesh's devices (default: all devices, on the batch axis); the last
@@ -38,7 +43,7 @@ def features(variables, images: np.ndarray, mesh: Optional[jax.sharding.Mesh] = 
     chunk = images[start:start + batch_size]
     batch = data.pad_batch(chunk, batch_size)
     x = sharding.global_batch(mesh, batch[proc * local:(proc + 1) * local])
-    out.append(sharding.fetch(inception.batch_features(variables, x))[:len(chunk)])
+    out.append(sharding.fetch(inception.batch_features(variables, x, pipeline))[:len(chunk)])
   return np.concatenate(out)
 
 
@@ -76,17 +81,69 @@ class RunningStatistics:
     return self.shift + m, (self.sum_sq - self.n * np.outer(m, m)) / (self.n - 1)
 
 
-def save_statistics(path: str, mu: np.ndarray, sigma: np.ndarray) -> None:
-  np.savez(path, mu=mu, sigma=sigma)
+def save_statistics(path: str, mu: np.ndarray, sigma: np.ndarray, pipeline: str = 'pytorch_fid') -> None:
+  """pytorch-fid's .npz of `mu` and `sigma`, and the input pipeline the features came from."""
+  np.savez(path, mu=mu, sigma=sigma, pipeline=pipeline)
+
+
+def statistics_pipeline(path: str) -> str:
+  """The input pipeline (`inception.PIPELINES`) of a statistics file's features.
+
+  'torchmetrics' for the reference's .pth; for an .npz what `save_statistics` recorded, and
+  'pytorch_fid' (pytorch-fid's own files) if nothing.
+  """
+  if path.endswith('.pth'):
+    return 'torchmetrics'
+  with np.load(path) as f:
+    return str(f['pipeline']) if 'pipeline' in f.files else 'pytorch_fid'
 
 
 def load_statistics(path: str) -> tuple[np.ndarray, np.ndarray]:
-  """(mu, sigma) from an .npz with keys `mu` and `sigma` (ours or pytorch-fid's)."""
+  """(mu, sigma) in float64 from an .npz with keys `mu` and `sigma` (ours or pytorch-fid's), or from
+  the reference's .pth (see `torchmetrics_statistics`)."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'No FID statistics file {path!r}: write one with `python -m tarflow_jax.cli.evaluate '
+                            'fid_stats`, or give the reference\'s {dataset}_{img_size}_fid_stats.pth.')
+  if path.endswith('.pth'):
+    return torchmetrics_statistics(path)
   with np.load(path) as f:
     if 'mu' not in f.files or 'sigma' not in f.files:
       raise ValueError(f'{path!r} is not an FID statistics file: it needs arrays `mu` and `sigma`, '
                        f'it has {f.files}.')
     return f['mu'].astype(np.float64), f['sigma'].astype(np.float64)
+
+
+TORCHMETRICS_REAL = ('real_features_sum', 'real_features_cov_sum', 'real_features_num_samples')
+
+
+def torchmetrics_statistics(path: str) -> tuple[np.ndarray, np.ndarray]:
+  """(mu, sigma) in float64 from a saved state of torchmetrics' `FrechetInceptionDistance`.
+
+  That is what the reference's prepare_fid_stats.py saves (`torch.save(fid.state_dict())`, its
+  states registered as buffers): the float64 sum s (D,) and sum of outer products S (D, D) of
+  the real images' features and their number n (besides the fake ones, empty, and the Inception
+  weights under `inception.`). As torchmetrics' `compute`: mu = s / n,
+  sigma = (S - n mu mu^T) / (n - 1).
+  """
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(f'Reading {path!r} needs PyTorch: pip install "tarflow_jax[torch]" (or convert it once '
+                      'elsewhere to an .npz of `mu` and `sigma` with this function).') from e
+  try:
+    state = torch.load(path, map_location='cpu', weights_only=True)
+  except Exception as e:  # pylint: disable=broad-except  # torch reports a foreign file as several types
+    raise ValueError(f'{path!r} is not a PyTorch file ({type(e).__name__}: {e}).') from e
+  missing = [k for k in TORCHMETRICS_REAL if not hasattr(state, 'keys') or k not in state]
+  if missing:
+    raise ValueError(f'{path!r} is not an FID statistics file of torchmetrics\' FrechetInceptionDistance (as the '
+                     f'reference\'s prepare_fid_stats.py writes): it lacks {missing}.')
+  total, outer, n = (state[k].detach().cpu().double().numpy() for k in TORCHMETRICS_REAL)
+  n = int(n)
+  if n < 2:
+    raise ValueError(f'{path!r} holds the features of {n} images; a covariance needs at least 2.')
+  mu = total / n
+  return mu, (outer - n * np.outer(mu, mu)) / (n - 1)
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:

@@ -1,18 +1,29 @@
-r"""The FID Inception-v3 network, as pytorch-fid ports it, and its weights read from pytorch-fid's state dict.
+r"""The FID Inception-v3 network, its two input pipelines, and its weights read from a PyTorch state dict.
 
-The network is the 2015-12-05 TensorFlow Inception graph that defines FID, as pytorch-fid ports
-it: torchvision's Inception-v3 with average pools that leave the padding out of the mean, and a
-max pool in the pool branch of Mixed_7c. Images are resized to 299x299 (bilinear, half-pixel
-centres, no antialiasing: torch's `F.interpolate(align_corners=False)`), scaled to [-1, 1], and
-the features are the 2048 channels of the final average pool (float32, convolutions at the
-highest precision, so no TF32 / bfloat16 passes on accelerators). The weights are pytorch-fid's
-state dict (`WEIGHTS_URL`); without PyTorch, convert it once elsewhere to an .npz of the same keys:
+The network is the 2015-12-05 TensorFlow Inception graph that defines FID, as pytorch-fid and
+torch-fidelity (under torchmetrics) port it: torchvision's Inception-v3 with average pools that
+leave the padding out of the mean, and a max pool in the pool branch of Mixed_7c. The features
+are the 2048 channels of the final average pool (float32, convolutions at the highest precision,
+so no TF32 / bfloat16 passes on accelerators). How images reach it is one of `PIPELINES`:
+
+- 'pytorch_fid': resized to 299x299 (bilinear, half-pixel centres, no antialiasing: torch's
+  `F.interpolate(align_corners=False)`), scaled as x / 127.5 - 1.
+- 'torchmetrics': as the reference measures FID (torchmetrics 1.6 `FrechetInceptionDistance`
+  over torch-fidelity 0.3): resized as TensorFlow 1's bilinear resize (output pixel i reads
+  source position i * in / 299, no half-pixel offset), scaled as (x - 128) / 128; samples
+  quantised by truncation (`samples_to_uint8`), dataset images through the reference's float
+  round trip (`REFERENCE_REAL_PIXELS`).
+
+The weights are pytorch-fid's state dict (`WEIGHTS_URL`) or the reference's statistics file,
+which holds torch-fidelity's copy; without PyTorch, convert it once elsewhere to an .npz of the
+same keys:
 
   np.savez('inception.npz', **{k: v.numpy() for k, v in torch.load(pth, map_location='cpu').items()})
 
 The metric over these features is in fid.py.
 """
 
+import functools
 import os
 from typing import Any
 
@@ -22,11 +33,50 @@ import jax.numpy as jnp
 import numpy as np
 
 from tarflow_jax import state_dict
+from tarflow_jax.images import to_uint8
 
 WEIGHTS_URL = ('https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/'
                'pt_inception-2015-12-05-6726825d.pth')
 INPUT_SIZE = 299
 BN_EPS = 1e-3  # torchvision's BasicConv2d
+NESTED_PREFIX = 'inception.'  # the network's keys in a saved torchmetrics FrechetInceptionDistance
+
+PIPELINES = {
+    'pytorch_fid': "pytorch-fid's input: bilinear resize to 299x299 with half-pixel centres and no antialiasing "
+                   "(torch F.interpolate(align_corners=False)), x / 127.5 - 1, samples rounded to uint8",
+    'torchmetrics': "the reference's input (torchmetrics 1.6 / torch-fidelity 0.3): bilinear resize to 299x299 as "
+                    "TensorFlow 1 (no half-pixel offset), (x - 128) / 128, samples truncated to uint8",
+}
+NETWORK = "FID Inception-v3 (the 2015-12-05 TensorFlow graph, as pytorch-fid and torch-fidelity port it)"
+
+
+def check_pipeline(pipeline: str) -> None:
+  if pipeline not in PIPELINES:
+    raise ValueError(f'Unknown FID input pipeline {pipeline!r}: use one of {", ".join(PIPELINES)}.')
+
+
+def _reference_real_pixels() -> np.ndarray:
+  """(256,) uint8: what the reference's FID sees of each dataset pixel value.
+
+  Its images go ToTensor (k / 255), Normalize((0.5,), (0.5,)), then 0.5 * (x + 1) and torchmetrics'
+  `(x * 255).byte()`, all in float32; the round trip truncates values 1..63 to one less.
+  """
+  x = np.arange(256, dtype=np.float32) / np.float32(255)
+  x = (x - np.float32(0.5)) / np.float32(0.5)
+  return ((np.float32(0.5) * (x + np.float32(1))) * np.float32(255)).astype(np.uint8)
+
+
+REFERENCE_REAL_PIXELS = _reference_real_pixels()
+
+
+def samples_to_uint8(x, pipeline: str) -> np.ndarray:
+  """Samples (..., H, W, C) on [-1, 1] to uint8: rounded ('pytorch_fid'), or truncated as the reference
+  gives torchmetrics `0.5 * (clip(x) + 1)` in float32 ('torchmetrics')."""
+  check_pipeline(pipeline)
+  if pipeline == 'pytorch_fid':
+    return to_uint8(x)
+  x = np.clip(np.asarray(x, np.float32), -1, 1)
+  return ((np.float32(0.5) * (x + np.float32(1))) * np.float32(255)).astype(np.uint8)
 
 
 class ConvBN(nn.Module):
@@ -162,35 +212,62 @@ class InceptionV3(_Block):
     return x.mean((1, 2))  # (B, 2048)
 
 
-@jax.jit
-def preprocess(images):
-  """(B, H, W, 1 or 3) images on the 0..255 scale to (B, 299, 299, 3) in [-1, 1], as pytorch-fid."""
-  b, _, _, c = images.shape
+@functools.partial(jax.jit, static_argnames=('pipeline',))
+def preprocess(images, pipeline: str = 'pytorch_fid'):
+  """(B, H, W, 1 or 3) images on the 0..255 scale to (B, 299, 299, 3) in about [-1, 1], by `pipeline`."""
+  check_pipeline(pipeline)
+  b, h, w, c = images.shape
   if c not in (1, 3):
     raise ValueError(f'FID needs RGB or grayscale images, got {c} channels.')
-  x = jax.image.resize(images.astype(jnp.float32) / 255, (b, INPUT_SIZE, INPUT_SIZE, c), 'bilinear',
-                       antialias=False)
-  return jnp.broadcast_to(x, (b, INPUT_SIZE, INPUT_SIZE, 3)) * 2 - 1
+  x = images.astype(jnp.float32)
+  if pipeline == 'pytorch_fid':
+    x = jax.image.resize(x / 255, (b, INPUT_SIZE, INPUT_SIZE, c), 'bilinear', antialias=False) * 2 - 1
+  else:
+    hi = jax.lax.Precision.HIGHEST
+    x = jnp.einsum('oh,bhwc->bowc', tf1_resize_matrix(h), x, precision=hi)  # (B, 299, W, C)
+    x = (jnp.einsum('pw,bowc->bopc', tf1_resize_matrix(w), x, precision=hi) - 128) / 128  # (B, 299, 299, C)
+  return jnp.broadcast_to(x, (b, INPUT_SIZE, INPUT_SIZE, 3))
+
+
+def tf1_resize_matrix(size: int) -> np.ndarray:
+  """(299, size) float32: TensorFlow 1's bilinear resize (align_corners=False) of `size` pixels to 299.
+
+  Output i reads source position p = i * size / 299 (float32), the pixels floor(p) and the next
+  (the last one repeated at the edge), weighted 1 - frac(p) and frac(p).
+  """
+  p = np.arange(INPUT_SIZE, dtype=np.float32) * np.float32(size / INPUT_SIZE)  # (299,)
+  lo = p.astype(np.int64)
+  frac = p - lo
+  m = np.zeros((INPUT_SIZE, size), np.float32)
+  np.add.at(m, (np.arange(INPUT_SIZE), lo), 1 - frac)
+  np.add.at(m, (np.arange(INPUT_SIZE), np.minimum(lo + 1, size - 1)), frac)
+  return m
 
 
 _network = jax.jit(InceptionV3().apply)
 
 
-def batch_features(variables, images):
-  """(B, H, W, C) images (0..255, any sharding) to (B, 2048) float32 features.
+def batch_features(variables, images, pipeline: str = 'pytorch_fid'):
+  """(B, H, W, C) images (0..255, any sharding) to (B, 2048) float32 features, input by `pipeline`.
 
   Two compiled functions, so that the network compiles once per batch size, whatever the image size.
   """
-  return _network(variables, preprocess(images))
+  return _network(variables, preprocess(images, pipeline))
 
 
 def load_weights(path: str) -> dict:
-  """Flax variables of `InceptionV3` from pytorch-fid's state dict (.pth, needs torch, or .npz)."""
+  """Flax variables of `InceptionV3` from pytorch-fid's state dict (.pth, needs torch, or .npz).
+
+  The reference's statistics file `{dataset}_{img_size}_fid_stats.pth` works too: it holds
+  torch-fidelity's weights of the same network under `inception.` (same names and shapes).
+  """
   if not os.path.exists(path):
     raise FileNotFoundError(f'No FID Inception weights at {path!r}. They are pytorch-fid\'s port of the '
                             f'2015-12-05 TensorFlow Inception: download {WEIGHTS_URL} (or pass an .npz '
                             'of the same state dict).')
-  return variables_from_state_dict(state_dict.read_state_dict(path), path)
+  state = state_dict.read_state_dict(path)
+  nested = {k[len(NESTED_PREFIX):]: v for k, v in state.items() if k.startswith(NESTED_PREFIX)}
+  return variables_from_state_dict(nested or state, path)
 
 
 def _torch_key(path: tuple) -> str:

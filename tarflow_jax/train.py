@@ -325,6 +325,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                    (config.sample.num, model.num_tokens, model.token_dim))
 
   evals = {}
+  fid_of = evaluation.training_fid(config, model, mesh) if config.fid_every > 0 else None
 
   def run_eval(step):
     with progress.timed('eval'):
@@ -372,6 +373,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         write_samples(step)
       if _due(step, config.eval_every, total_steps):
         run_eval(step)
+      if _due(step, config.fid_every, total_steps):
+        with progress.timed('fid'):
+          writer.write_scalars(step, {'eval/fid': fid_of(sampling_variables(state))})
   finally:
     preemption.restore()
     ckpt.close()  # waits for the last asynchronous save

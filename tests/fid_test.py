@@ -1,11 +1,12 @@
-"""FID: the Inception network against a plain-torch one on random weights, the distance against scipy,
-statistics files, weight-file errors and the `fid` command line."""
+"""FID: the Inception network against a plain-torch one on random weights, both input pipelines, the
+distance against scipy, statistics files (ours and the reference's), weight-file errors, the reference's
+sampling protocol, FID during training and the `fid` command line."""
 
+import copy
 import json
-import os
-import subprocess
-import sys
 
+from absl import flags
+from absl.testing import flagsaver
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -13,9 +14,8 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from tarflow_jax import fid, inception, sharding
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tarflow_jax import checkpoint, config_lib, errors, evaluation, fid, inception, sampling, sharding
+from tarflow_jax import model as model_lib
 
 
 class TorchInception:
@@ -233,7 +233,179 @@ def test_statistics_running_and_round_trip(tmp_path):
     fid.load_statistics(str(tmp_path / 'bad.npz'))
 
 
-def test_fid_cli(torch_weights, rgb, tmp_path):
+def test_tf1_resize_and_the_references_pixels():
+  """The 'torchmetrics' pipeline: TensorFlow 1's bilinear resize written out per pixel, (x - 128) / 128;
+  the reference's dataset pixels through torch's float32 ops; samples truncated instead of rounded."""
+  x = np.random.default_rng(0).integers(0, 256, (1, 5, 7, 3), dtype=np.uint8)
+  got = np.asarray(inception.preprocess(x, 'torchmetrics'))
+  want = np.empty((299, 299, 3))
+  for i in range(299):
+    for j in range(299):
+      py, px = np.float32(i) * np.float32(5 / 299), np.float32(j) * np.float32(7 / 299)  # no half-pixel offset
+      y0, x0 = int(py), int(px)
+      y1, x1, dy, dx = min(y0 + 1, 4), min(x0 + 1, 6), py - y0, px - x0
+      top = x[0, y0, x0] + (x[0, y0, x1].astype(float) - x[0, y0, x0]) * dx
+      bottom = x[0, y1, x0] + (x[0, y1, x1].astype(float) - x[0, y1, x0]) * dx
+      want[i, j] = (top + (bottom - top) * dy - 128) / 128
+  np.testing.assert_allclose(got[0], want, atol=2e-6)
+  assert np.abs(got - np.asarray(inception.preprocess(x))).max() > 0.01  # the pipelines differ
+
+  torch = pytest.importorskip('torch')
+  t = torch.arange(256, dtype=torch.uint8).float().div(255).sub(0.5).div(0.5)  # ToTensor, Normalize
+  np.testing.assert_array_equal(inception.REFERENCE_REAL_PIXELS, ((0.5 * (t + 1)) * 255).byte().numpy())
+  assert inception.REFERENCE_REAL_PIXELS[40] == 39 and inception.REFERENCE_REAL_PIXELS[200] == 200
+
+  k = np.arange(256)
+  samples = (k + 0.6) / 127.5 - 1  # 0.6 of a level above k: rounds up, truncates down
+  np.testing.assert_array_equal(inception.samples_to_uint8(samples, 'pytorch_fid'), np.minimum(k + 1, 255))
+  np.testing.assert_array_equal(inception.samples_to_uint8(samples, 'torchmetrics'), k)
+
+
+def torchmetrics_state(torch, features, weights=None):
+  """What the reference's prepare_fid_stats.py saves: torchmetrics' FID state after real images only."""
+  f = torch.from_numpy(features).double()
+  d = f.shape[1]
+  state = {'real_features_sum': f.sum(0), 'real_features_cov_sum': f.T @ f,
+           'real_features_num_samples': torch.tensor(len(f)).long(), 'fake_features_sum': torch.zeros(d).double(),
+           'fake_features_cov_sum': torch.zeros(d, d).double(), 'fake_features_num_samples': torch.tensor(0).long()}
+  state.update({f'inception.{k}': v for k, v in (weights or {}).items()})
+  return state
+
+
+def test_reference_statistics_file(torch_weights, tmp_path):
+  """mu and sigma from the feature sums, against numpy on the features; the weights inside the file."""
+  torch = pytest.importorskip('torch')
+  features = 5 + np.random.default_rng(0).normal(size=(40, 2048)).astype(np.float32)
+  state = torchmetrics_state(torch, features, torch_weights[0])
+  state['inception.Conv2d_1a_3x3.bn.num_batches_tracked'] = torch.tensor(0)
+  torch.save(state, tmp_path / 'imagenet_64_fid_stats.pth')
+  path = str(tmp_path / 'imagenet_64_fid_stats.pth')
+  mu, sigma = fid.load_statistics(path)
+  np.testing.assert_allclose(mu, features.astype(np.float64).mean(0), rtol=1e-13)
+  np.testing.assert_allclose(sigma, np.cov(features.astype(np.float64), rowvar=False), rtol=1e-9, atol=1e-11)
+  assert mu.dtype == sigma.dtype == np.float64 and fid.statistics_pipeline(path) == 'torchmetrics'
+  want = inception.variables_from_state_dict({k: v.numpy() for k, v in torch_weights[0].items()})
+  for got, want in zip(jax.tree.leaves(inception.load_weights(path)), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(got, want)
+
+  torch.save({'real_features_sum': torch.zeros(3)}, tmp_path / 'other.pth')
+  with pytest.raises(ValueError, match=r"lacks \['real_features_cov_sum', 'real_features_num_samples'\]"):
+    fid.load_statistics(str(tmp_path / 'other.pth'))
+  with pytest.raises(FileNotFoundError, match='fid_stats'):
+    fid.load_statistics(str(tmp_path / 'missing.pth'))
+
+
+def test_fid_samples_redraw_non_finite_samples_with_their_labels():
+  """Batch 4 over 6 samples; in the first batch, samples 1 and 2 come out NaN / inf, sample 2 again at
+  the first redraw: they are replaced from the redraws' fresh noise, the labels stay."""
+  calls = []
+
+  def draw(noise, labels):
+    calls.append(labels)
+    x = np.tanh(noise.reshape(4, 2, 2, 1))
+    if len(calls) == 1:
+      x[1, 0, 0, 0], x[2, 1, 1, 0] = np.nan, np.inf
+    if len(calls) == 2:
+      x[2] = np.nan
+    return x
+
+  got, labels, redrawn = evaluation.fid_samples(draw, 6, 4, (4, 1), 10, np.random.default_rng(7))
+  rng = np.random.default_rng(7)  # labels, noise, then each redraw's noise, batch after batch
+  want_labels = rng.integers(0, 10, 4)
+  first, second, third = (np.tanh(rng.standard_normal((4, 4, 1), np.float32).reshape(4, 2, 2, 1)) for _ in range(3))
+  first[1], first[2] = second[1], third[2]
+  want_labels = np.concatenate([want_labels, rng.integers(0, 10, 4)[:2]])
+  last = np.tanh(rng.standard_normal((4, 4, 1), np.float32).reshape(4, 2, 2, 1))[:2]
+  np.testing.assert_array_equal(got, inception.samples_to_uint8(np.concatenate([first, last]), 'pytorch_fid'))
+  np.testing.assert_array_equal(labels, want_labels)
+  assert redrawn == 3 and len(calls) == 4 and all(np.array_equal(c, calls[0]) for c in calls[:3])
+
+  broken = lambda noise, labels: np.full((len(noise), 2, 2, 1), np.nan)
+  with pytest.raises(evaluation.NonFiniteSamplesError, match='4 of a batch of 4 samples stayed non-finite'):
+    evaluation.fid_samples(broken, 4, 4, (4, 1), 0, np.random.default_rng(0), max_redraws=2)
+
+
+def fid_config(**sample):
+  config = config_lib.default()
+  config.model.update(in_channels=3, img_size=4, patch_size=2, channels=32, head_dim=16, num_blocks=2,
+                      layers_per_block=1, num_classes=3, dtype='float32')
+  config.sample.update(guidance=1.5, annealed_guidance=False, denoise=True, denoise_scale=0.7, **sample)
+  config.mesh.update(data=-1, fsdp=1)
+  return config
+
+
+def test_protocol_settings_reach_the_sampler(monkeypatch):
+  """Guidance at the config's weight, annealed although the config's sample grids are not, then the
+  config's denoising of those samples with their labels, over the mesh's devices."""
+  config = fid_config()
+  protocol = evaluation.fid_protocol(config, 4)
+  assert protocol.guidance == sampling.Guidance(1.5, 'ab', 1.0, annealed=True)
+  assert protocol.denoising == sampling.Denoising(True, 0.05, 0.7)
+  assert evaluation.fid_protocol(config).num_samples == 50_000
+  assert 'guidance 1.5 annealed' in protocol.describe()
+  assert 'self-denoised (sigma 0.05, step scale 0.7)' in protocol.describe()
+  calls = []
+
+  def sample(model, variables, noise, labels, *, guidance, decoder):
+    calls.append(('sample', guidance, decoder, noise.sharding, np.asarray(labels)))
+    return jnp.full((len(noise), 4, 4, 3), 0.25)
+
+  def denoise(model, variables, x, labels, *, sigma, step_scale):
+    calls.append(('denoise', sigma, step_scale, np.asarray(labels)))
+    return x * 2
+
+  monkeypatch.setattr(sampling, 'sample', sample)
+  monkeypatch.setattr(sampling, 'denoise', denoise)
+  labels = np.array([0, 2, 1, 2], np.int32)
+  model = model_lib.from_config(config.model)
+  x = evaluation.model_sampler(model, {}, MESH2, protocol)(np.zeros((4, 4, 12), np.float32), labels)
+  np.testing.assert_array_equal(x, np.full((4, 4, 4, 3), 0.5))
+  (_, guidance, decoder, noise_sharding, sampled_labels), (_, sigma, step_scale, denoised_labels) = calls
+  assert guidance == protocol.guidance and decoder == sampling.Sequential()
+  assert noise_sharding.is_equivalent_to(sharding.batch_sharding(MESH2), 3)
+  assert (sigma, step_scale) == (0.05, 0.7)
+  np.testing.assert_array_equal(sampled_labels, labels)
+  np.testing.assert_array_equal(denoised_labels, labels)
+
+
+@pytest.fixture(scope='module')
+def model_checkpoint(tmp_path_factory):
+  """A checkpoint of a small conditional model: weights N(0, 0.05^2) drawn by numpy (nothing to compile),
+  prior variance 1."""
+  config = fid_config()
+  model = model_lib.from_config(config.model)
+  rng = np.random.default_rng(0)
+  variables = jax.tree.map(lambda a: (0.05 * rng.standard_normal(a.shape)).astype(a.dtype),
+                           model_lib.abstract_variables(model))
+  variables['prior']['var'] = np.ones_like(variables['prior']['var'])
+  directory = str(tmp_path_factory.mktemp('fid_ckpt'))
+  checkpoint.save_model(directory, variables, config)
+  return directory, model, variables, config
+
+
+@pytest.fixture
+def fake_features(monkeypatch):
+  """`fid.features` as a fixed random projection of the pixels to 16 features (the network is tested
+  above; 16, not 2048, keeps the distance quick); records the input pipelines asked for."""
+  pipelines = []
+
+  def features(variables, images, mesh=None, *, batch_size, pipeline):
+    pipelines.append(pipeline)
+    x = images.reshape(len(images), -1).astype(np.float64)
+    return (x @ np.random.default_rng(0).normal(size=(x.shape[1], 16)) / 255).astype(np.float32)
+
+  monkeypatch.setattr(fid, 'features', features)
+  return features, pipelines
+
+
+def evaluate(*args):
+  """Runs `python -m tarflow_jax.cli.evaluate ARGS` in this process (flags restored after)."""
+  from tarflow_jax.cli import evaluate as cli  # pylint: disable=g-import-not-at-top  # defines the flags
+  with flagsaver.flagsaver():
+    cli.main(flags.FLAGS(['evaluate', *args]))
+
+
+def test_fid_cli_scores_samples(torch_weights, rgb, tmp_path, capsys):
   """On all 8 devices (the batch padded from 2 to 8), against statistics (mu_ref, I): two samples
   have a covariance of rank 1, whose eigenvalue is l = |f1 - f2|^2 / 2, so
   FID = |mu - mu_ref|^2 + l + 2048 - 2 sqrt(l)."""
@@ -241,14 +413,58 @@ def test_fid_cli(torch_weights, rgb, tmp_path):
   np.savez(tmp_path / 'samples.npz', images=samples, labels=np.zeros(len(samples), np.int32))
   mu_ref = np.random.default_rng(0).normal(size=2048)
   fid.save_statistics(str(tmp_path / 'stats.npz'), mu_ref, np.eye(2048))
-  result = subprocess.run([sys.executable, '-m', 'tarflow_jax.cli.evaluate', 'fid', f'--samples={tmp_path}',
-                           f'--stats={tmp_path}/stats.npz', f'--inception={torch_weights[1]}',
-                           f'--output={tmp_path}/fid.json'],
-                          capture_output=True, text=True, cwd=REPO, timeout=600,
-                          env=dict(os.environ, PYTHONPATH=REPO, OPENBLAS_NUM_THREADS='1'))  # a busy 2-core CI box
-  assert result.returncode == 0, result.stderr[-3000:]
+  evaluate('fid', f'--samples={tmp_path}', f'--stats={tmp_path}/stats.npz', f'--inception={torch_weights[1]}',
+           f'--output={tmp_path}/fid.json')
+  out = capsys.readouterr().out
   f = features.astype(np.float64)
   l = ((f[0] - f[1])**2).sum() / 2
   got = json.loads((tmp_path / 'fid.json').read_text())
   assert got['fid'] == pytest.approx(((f.mean(0) - mu_ref)**2).sum() + l + 2048 - 2 * np.sqrt(l), rel=1e-5)
-  assert got['num_samples'] == 2 and 'FID of 2 samples' in result.stdout
+  assert got['num_samples'] == 2 and got['feature_pipeline'] == 'pytorch_fid'
+  assert f'FID {got["fid"]:.4f} of 2 samples ({tmp_path}/samples.npz)' in out
+  assert "Features: FID Inception-v3 (the 2015-12-05 TensorFlow graph" in out
+  assert "pytorch-fid's input: bilinear resize to 299x299 with half-pixel centres" in out
+
+
+def test_fid_cli_draws_from_a_checkpoint(torch_weights, model_checkpoint, fake_features, tmp_path, capsys):
+  """6 samples in one batch of 8 against the reference's .pth, so in its pipeline: the score of the same
+  seed's samples under the protocol, drawn here through the library."""
+  torch = pytest.importorskip('torch')
+  directory, model, variables, config = model_checkpoint
+  features, pipelines = fake_features
+  torch.save(torchmetrics_state(torch, np.random.default_rng(1).normal(size=(5, 16)).astype(np.float32)),
+             tmp_path / 'stats.pth')
+  evaluate('fid', f'--checkpoint={directory}', f'--stats={tmp_path}/stats.pth', f'--inception={torch_weights[1]}',
+           '--num_examples=6', '--batch_size=8', '--seed=3', f'--output={tmp_path}/fid.json')
+  out = capsys.readouterr().out
+  got = json.loads((tmp_path / 'fid.json').read_text())
+  assert got['num_samples'] == 6 and got['redrawn'] == 0 and got['feature_pipeline'] == 'torchmetrics'
+  assert got['guidance']['weight'] == 1.5 and got['guidance']['annealed'] and got['denoising']['enabled']
+  assert (f'FID {got["fid"]:.4f} of 6 samples from {directory}: 6 samples, guidance 1.5 annealed (guiding ab, '
+          'attention temperature 1), self-denoised (sigma 0.05, step scale 0.7), 0 redrawn for non-finite values; '
+          f'against {tmp_path}/stats.pth.') in out
+  assert "the reference's input (torchmetrics 1.6 / torch-fidelity 0.3)" in out and pipelines == ['torchmetrics']
+
+  draw = evaluation.model_sampler(model, variables, sharding.make_mesh(config.mesh), evaluation.fid_protocol(config, 6))
+  samples, labels, _ = evaluation.fid_samples(draw, 6, 8, (model.num_tokens, model.token_dim), 3,
+                                              np.random.default_rng(3), pipeline='torchmetrics')
+  assert len(set(labels)) > 1 and samples.shape == (6, 4, 4, 3) and samples.std() > 5
+  f = features(None, samples, batch_size=8, pipeline='torchmetrics').astype(np.float64)
+  want = fid.frechet_distance(*fid.load_statistics(f'{tmp_path}/stats.pth'), f.mean(0), np.cov(f, rowvar=False))
+  assert got['fid'] == pytest.approx(want, rel=1e-9)
+
+
+def test_fid_during_training_is_repeatable(torch_weights, model_checkpoint, fake_features, tmp_path):
+  _, model, variables, config = model_checkpoint
+  config = copy.deepcopy(config)
+  config.fid_every = 10
+  with pytest.raises(errors.UserError, match=r'config.fid_every=10 needs config.fid.inception'):
+    config_lib.validate(config)
+  fid.save_statistics(str(tmp_path / 'stats.npz'), np.zeros(16), np.eye(16), 'torchmetrics')
+  config.fid.update(inception=torch_weights[1], stats=str(tmp_path / 'stats.npz'), num_samples=4, batch_size=8)
+  config_lib.validate(config)
+  score = evaluation.training_fid(config, model, sharding.make_mesh(config.mesh))
+  first = score(variables)
+  assert np.isfinite(first) and score(variables) == first  # the same noise and labels at every call
+  assert score(jax.tree.map(lambda p: p * 1.5, variables)) != first
+  assert fake_features[1] == ['torchmetrics'] * 3  # the statistics file's pipeline

@@ -4,16 +4,22 @@ r"""Evaluation: bits per dim over a dataset split, the Bayes classifier, and FID
   python -m tarflow_jax.cli.evaluate classify --checkpoint=runs/demo [--split=test]
   python -m tarflow_jax.cli.evaluate fid_stats --config=configs/imagenet64.py --inception=pt_inception.pth \
       --output=imagenet64_train_stats.npz [--split=train] [--num_examples=N]
-  python -m tarflow_jax.cli.evaluate fid --samples=runs/samples --stats=imagenet64_train_stats.npz \
-      --inception=pt_inception.pth [--output=fid.json]
+  python -m tarflow_jax.cli.evaluate fid --checkpoint=runs/demo --stats=imagenet64_train_stats.npz \
+      --inception=pt_inception.pth [--num_examples=50000] [--output=fid.json]
+  python -m tarflow_jax.cli.evaluate fid --samples=runs/samples --stats=... --inception=... [--output=fid.json]
 
 bpd and classify are evaluation.split_bits_per_dim and evaluation.classify_split, with the moving
 average of the parameters where the checkpoint has one (--raw_weights: the parameters). FID compares
-the FID-Inception statistics of samples (`samples.npz` from `tarflow_jax.cli.sample`) with those
-of a dataset split, saved once by `fid_stats` in pytorch-fid's format (pytorch-fid's own
-statistics files work too). --inception is pytorch-fid's weight file, `inception.WEIGHTS_URL`.
+the FID-Inception statistics of samples with those of a dataset split, saved once by `fid_stats`
+in pytorch-fid's format (pytorch-fid's own statistics files and the reference's
+`{dataset}_{img_size}_fid_stats.pth` work too). The samples are drawn from --checkpoint as the
+reference's evaluate_fid.py draws them (evaluation.FidProtocol: 50,000 by default, the config's
+guidance weight annealed, its self-denoising, non-finite samples redrawn), or read from
+--samples (`samples.npz` from `tarflow_jax.cli.sample`). --inception is pytorch-fid's weight file,
+`inception.WEIGHTS_URL`, or the reference's statistics file, which holds the same network's weights.
 """
 
+import dataclasses
 import json
 import os
 
@@ -28,26 +34,33 @@ from tarflow_jax.cli import _common
 COMMANDS = ('bpd', 'classify', 'fid_stats', 'fid')
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('checkpoint', None, 'bpd, classify: training workdir, its checkpoints/, or a converted '
+flags.DEFINE_string('checkpoint', None, 'bpd, classify, fid: training workdir, its checkpoints/, or a converted '
                     'checkpoint.')
 config_flags.DEFINE_config_file('config', None, 'fid_stats: experiment config file (configs/*.py) of the data.')
 flags.DEFINE_string('split', None, 'Dataset split (default: the config\'s eval split; fid_stats: its train split).')
 flags.DEFINE_string('data_dir', None, 'Overrides config.data.data_dir.')
-flags.DEFINE_integer('num_examples', -1, 'Use only the first N examples (fid: samples) (-1: all).')
+flags.DEFINE_integer('num_examples', -1, 'Use only the first N examples (fid: samples; from --checkpoint, the '
+                     f'number drawn, -1: {evaluation.REFERENCE_NUM_SAMPLES:,} as the reference) (-1: all).')
 flags.DEFINE_integer('batch_size', 256, 'Global batch size.')
-flags.DEFINE_integer('seed', 0, 'Seed of the dequantisation (bpd) or input noise (classify).')
+flags.DEFINE_integer('seed', 0, 'Seed of the dequantisation (bpd), input noise (classify), or the latents and '
+                     'labels of the samples (fid from --checkpoint).')
 flags.DEFINE_bool('conditional', False, 'bpd: log p(x | y) with the true labels instead of the unconditional p(x).')
 flags.DEFINE_float('noise_std', 0.0, 'classify: Gaussian noise added to the images first.')
 flags.DEFINE_string('inception', None, f'fid_stats, fid: FID Inception weights (.pth or .npz), {inception.WEIGHTS_URL}')
-flags.DEFINE_string('samples', None, 'fid: samples.npz (key `images`, uint8 NHWC) or the directory holding it.')
-flags.DEFINE_string('stats', None, 'fid: .npz of the reference statistics `mu`, `sigma` (from fid_stats).')
-flags.DEFINE_bool('raw_weights', False, 'bpd, classify: the trained parameters, not their moving average (where the '
-                  'checkpoint has one: config.ema_decay > 0).')
+flags.DEFINE_string('samples', None, 'fid, instead of --checkpoint: samples.npz (key `images`, uint8 NHWC) or the '
+                    'directory holding it.')
+flags.DEFINE_string('stats', None, 'fid: the statistics of the real images, an .npz of `mu`, `sigma` (from fid_stats) '
+                    'or the reference\'s {dataset}_{img_size}_fid_stats.pth (needs torch).')
+flags.DEFINE_enum('feature_pipeline', None, list(inception.PIPELINES), 'fid_stats, fid: how images reach the '
+                  'Inception network: pytorch_fid (pytorch-fid\'s resize and scaling) or torchmetrics (the reference\'s). '
+                  'Default: fid_stats pytorch_fid; fid the pipeline of --stats (torchmetrics for the reference\'s .pth).')
+flags.DEFINE_bool('raw_weights', False, 'bpd, classify, fid: the trained parameters, not their moving average (where '
+                  'the checkpoint has one: config.ema_decay > 0).')
 flags.DEFINE_string('output', None, 'bpd: .npz file for the per-image values; fid_stats: the statistics .npz '
                     '(required); fid: a JSON file for the score.')
 
 _NEEDED = dict(bpd=('checkpoint',), classify=('checkpoint',), fid_stats=('config', 'inception', 'output'),
-               fid=('samples', 'stats', 'inception'))
+               fid=('stats', 'inception'))
 
 
 def check_flags(command: str) -> None:
@@ -61,6 +74,8 @@ def check_flags(command: str) -> None:
     raise errors.UserError(f'--num_examples={FLAGS.num_examples} must be positive, or -1 for all.')
   if FLAGS.noise_std < 0:
     raise errors.UserError(f'--noise_std={FLAGS.noise_std} must be >= 0.')
+  if command == 'fid' and FLAGS['checkpoint'].present == FLAGS['samples'].present:
+    raise app.UsageError('fid needs either --checkpoint (to draw the samples) or --samples (samples drawn before).')
 
 
 def main(argv):
@@ -102,26 +117,44 @@ def fid_stats():
   config_lib.validate_data(config)
   split = FLAGS.split or config.data.train_split
   weights = inception.load_weights(FLAGS.inception)
+  pipeline = FLAGS.feature_pipeline or 'pytorch_fid'
   mu, sigma, n = evaluation.split_fid_statistics(weights, config, sharding.make_mesh(config.mesh), split,
-                                                 num_examples=FLAGS.num_examples, batch_size=FLAGS.batch_size)
+                                                 num_examples=FLAGS.num_examples, batch_size=FLAGS.batch_size,
+                                                 pipeline=pipeline)
   if jax.process_index() == 0:
-    fid.save_statistics(FLAGS.output, mu, sigma)
+    fid.save_statistics(FLAGS.output, mu, sigma, pipeline)
   print(f'FID statistics of {config.data.name}:{split} ({n} images) written to {FLAGS.output}')
+  print(f'Features: {inception.NETWORK}, weights from {FLAGS.inception}; {inception.PIPELINES[pipeline]}.')
 
 
 def fid_score():
-  """FID of --samples against the statistics in --stats."""
-  path = os.path.join(FLAGS.samples, 'samples.npz') if os.path.isdir(FLAGS.samples) else FLAGS.samples
-  with np.load(path) as f:
-    samples = f['images'][:FLAGS.num_examples] if FLAGS.num_examples > 0 else f['images']
+  """FID of samples, drawn from --checkpoint or read from --samples, against the statistics in --stats."""
   reference = fid.load_statistics(FLAGS.stats)
-  mu, sigma = fid.statistics(fid.features(inception.load_weights(FLAGS.inception), samples,
-                                          batch_size=FLAGS.batch_size))
-  score = fid.frechet_distance(*reference, mu, sigma)
-  print(f'FID of {len(samples)} samples ({path}) against {FLAGS.stats}: {score:.4f}')
+  pipeline = FLAGS.feature_pipeline or fid.statistics_pipeline(FLAGS.stats)
+  weights = inception.load_weights(FLAGS.inception)
+  if FLAGS.checkpoint:
+    model, variables, config = checkpoint.load_model(FLAGS.checkpoint, raw_weights=FLAGS.raw_weights)
+    num = FLAGS.num_examples if FLAGS.num_examples > 0 else evaluation.REFERENCE_NUM_SAMPLES
+    protocol = evaluation.fid_protocol(config, num)
+    score, _, _, redrawn = evaluation.model_fid(model, variables, sharding.make_mesh(config.mesh), protocol, weights,
+                                                reference, batch_size=FLAGS.batch_size, pipeline=pipeline,
+                                                seed=FLAGS.seed)
+    source = f'from {FLAGS.checkpoint}: {protocol.describe()}, {redrawn} redrawn for non-finite values'
+    result = dict(num_samples=num, checkpoint=FLAGS.checkpoint, seed=FLAGS.seed, redrawn=redrawn,
+                  guidance=dataclasses.asdict(protocol.guidance), denoising=dataclasses.asdict(protocol.denoising))
+  else:
+    path = os.path.join(FLAGS.samples, 'samples.npz') if os.path.isdir(FLAGS.samples) else FLAGS.samples
+    with np.load(path) as f:
+      samples = f['images'][:FLAGS.num_examples] if FLAGS.num_examples > 0 else f['images']
+    features = fid.features(weights, samples, batch_size=FLAGS.batch_size, pipeline=pipeline)
+    score = fid.frechet_distance(*reference, *fid.statistics(features))
+    source, result = f'({path})', dict(num_samples=len(samples), samples=path)
+  print(f'FID {score:.4f} of {result["num_samples"]} samples {source}; against {FLAGS.stats}.')
+  print(f'Features: {inception.NETWORK}, weights from {FLAGS.inception}; {inception.PIPELINES[pipeline]}.')
   if FLAGS.output and jax.process_index() == 0:
     with open(FLAGS.output, 'w') as f:
-      json.dump(dict(fid=score, num_samples=len(samples), samples=path, stats=FLAGS.stats), f, indent=2)
+      json.dump(dict(fid=score, stats=FLAGS.stats, inception=FLAGS.inception, feature_pipeline=pipeline, **result),
+                f, indent=2)
 
 
 def run():
