@@ -1,19 +1,20 @@
 """Official PyTorch TarFlow state dicts (apple/ml-tarflow) to our variables, and back.
 
-The command line that converts a released `.pth` into a checkpoint directory is
-`python -m tarflow_jax.cli.convert` (tarflow_jax/cli/convert.py).
+The command line `python -m tarflow_jax.cli.convert` (tarflow_jax/cli/convert.py) converts a released
+`.pth` into a checkpoint directory, and a checkpoint back into a `.pth` or `.npz`. One table, `_entries`,
+maps the reference's keys onto our variables both ways.
 """
 
 import dataclasses
 import re
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Iterator, Mapping, Union
 
 import jax.numpy as jnp
 import numpy as np
 
 from tarflow_jax import config_lib
 from tarflow_jax.model import TarFlow, abstract_variables
-from tarflow_jax.state_dict import read_state_dict, strip_prefixes
+from tarflow_jax.state_dict import read_state_dict, strip_prefixes, write_state_dict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,12 +26,22 @@ class _Rule:
   to_ref: Callable[[np.ndarray], np.ndarray]
 
 
+@dataclasses.dataclass(frozen=True)
+class _Buffer:
+  """A reference tensor that carries no weights of ours (a causal mask): written as `value` on export."""
+  ref_key: str
+  value: np.ndarray
+
+
 _same = lambda a: a
 _transpose = lambda a: np.ascontiguousarray(a.T)  # torch Linear (out, in) <-> Flax Dense (in, out)
 
 
-def _rules(model: TarFlow) -> Iterator[_Rule]:
-  """Every variable of `model` with its reference key, in the reference's order."""
+def _entries(model: TarFlow) -> Iterator[Union[_Rule, _Buffer]]:
+  """Every tensor of the reference's state dict for `model`, in its `state_dict()` order.
+
+  torch lists a module's own tensors (parameters, then buffers) before its submodules'.
+  """
 
   def linear(ref, path):
     yield _Rule(ref + '.weight', path + ('kernel',), _transpose, _transpose)
@@ -40,12 +51,14 @@ def _rules(model: TarFlow) -> Iterator[_Rule]:
     yield _Rule(ref + '.weight', path + ('scale',), _same, _same)
     yield _Rule(ref + '.bias', path + ('bias',), _same, _same)
 
+  t = model.num_tokens
   yield _Rule('var', ('prior', 'var'), _same, _same)
   for i in range(model.num_blocks):
     ref, ours = f'blocks.{i}', ('params', f'block_{i}')
     yield _Rule(f'{ref}.pos_embed', ours + ('pos_embed',), _same, _same)
     if model.num_classes:  # reference: (classes, 1, channels); ours: (classes, channels)
       yield _Rule(f'{ref}.class_embed', ours + ('class_embed',), lambda a: a[:, 0], lambda a: a[:, None])
+    yield _Buffer(f'{ref}.attn_mask', np.tril(np.ones((t, t), np.float32)))  # (T, T) causal mask
     yield from linear(f'{ref}.proj_in', ours + ('proj_in',))
     for l in range(model.layers_per_block):
       lref, lours = f'{ref}.attn_blocks.{l}', ours + (f'layer_{l}',)
@@ -56,12 +69,6 @@ def _rules(model: TarFlow) -> Iterator[_Rule]:
       yield from linear(f'{lref}.mlp.main.0', lours + ('mlp', 'fc1'))
       yield from linear(f'{lref}.mlp.main.2', lours + ('mlp', 'fc2'))
     yield from linear(f'{ref}.proj_out', ours + ('proj_out',))
-
-
-def _buffers(model: TarFlow) -> dict:
-  """Reference buffers that carry no weights of ours: the causal masks."""
-  t = model.num_tokens
-  return {f'blocks.{i}.attn_mask': np.tril(np.ones((t, t), np.float32)) for i in range(model.num_blocks)}
 
 
 def describe_state_dict(state: Mapping[str, np.ndarray]) -> dict:
@@ -123,8 +130,9 @@ def from_reference(model: TarFlow, state: Mapping[str, np.ndarray]) -> dict:
   """
   state = {k: np.asarray(v, np.float32) for k, v in strip_prefixes(state).items()}
   _check_architecture(model, state)
-  rules = list(_rules(model))
-  expected = {r.ref_key for r in rules} | set(_buffers(model))
+  entries = list(_entries(model))
+  rules = [e for e in entries if isinstance(e, _Rule)]
+  expected = {e.ref_key for e in entries}
   missing = [r.ref_key for r in rules if r.ref_key not in state]
   if missing:
     raise ArchitectureMismatch(f'Checkpoint lacks {len(missing)} weights the model needs, first {missing[0]!r}. '
@@ -142,16 +150,47 @@ def from_reference(model: TarFlow, state: Mapping[str, np.ndarray]) -> dict:
       raise ArchitectureMismatch(f'{r.ref_key}: checkpoint shape {state[r.ref_key].shape} does not fit the model '
                                  f'(expects {r.to_ref(np.zeros(want)).shape}).')
     _set(variables, r.path, jnp.asarray(value))
-  for k, mask in _buffers(model).items():
-    if state[k].shape != mask.shape:
-      raise ArchitectureMismatch(f'{k}: checkpoint shape {state[k].shape}, the model expects {mask.shape}.')
+  for b in entries:
+    if isinstance(b, _Buffer) and b.ref_key in state and state[b.ref_key].shape != b.value.shape:
+      raise ArchitectureMismatch(f'{b.ref_key}: checkpoint shape {state[b.ref_key].shape}, the model expects '
+                                 f'{b.value.shape}.')
   return variables
 
 
+# Built into the reference's Model: its constructor takes neither, and its state dict does not show head_dim.
+REFERENCE_HEAD_DIM = 64
+REFERENCE_EXPANSION = 4
+
+# The arguments of the reference's Model(...), all of them fields of ours.
+REFERENCE_MODEL_ARGS = ('in_channels', 'img_size', 'patch_size', 'channels', 'num_blocks', 'layers_per_block', 'nvp',
+                        'num_classes')
+
+
 def to_reference(model: TarFlow, variables) -> dict:
-  """Our variables to a reference state dict of numpy arrays (loadable with `strict=True`)."""
-  state = {r.ref_key: r.to_ref(np.asarray(_get(variables, r.path), np.float32)) for r in _rules(model)}
-  state.update(_buffers(model))
+  """Our variables to the reference's state dict, float32 numpy arrays in its `state_dict()` order.
+
+  The reference's `Model(**{f: getattr(model, f) for f in REFERENCE_MODEL_ARGS})` takes it with
+  `load_state_dict(..., strict=True)` (as torch tensors): the same keys, shapes and dtypes, the
+  causal-mask buffers included. It computes the same function only when `model` has the reference's
+  head_dim and expansion, which `export_reference_checkpoint` checks.
+  """
+  return {e.ref_key: e.value if isinstance(e, _Buffer) else e.to_ref(np.asarray(_get(variables, e.path), np.float32))
+          for e in _entries(model)}
+
+
+def export_reference_checkpoint(model: TarFlow, variables, path: str, overwrite: bool = False) -> dict:
+  """Writes `variables` as a reference state dict, `.pth` (needs torch) or `.npz`; returns the state dict.
+
+  Raises `ArchitectureMismatch` for a model that the reference's Model cannot compute (head_dim other
+  than 64, expansion other than 4), FileExistsError for an existing `path` unless `overwrite`.
+  """
+  if (model.head_dim, model.expansion) != (REFERENCE_HEAD_DIM, REFERENCE_EXPANSION):
+    raise ArchitectureMismatch(
+        f'The reference\'s Model has head_dim={REFERENCE_HEAD_DIM} and expansion={REFERENCE_EXPANSION} built in; '
+        f'this model has head_dim={model.head_dim} and expansion={model.expansion}, so its weights would compute '
+        'another function there (or not load). Only models with those two values can be exported.')
+  state = to_reference(model, variables)
+  write_state_dict(path, state, overwrite=overwrite)
   return state
 
 

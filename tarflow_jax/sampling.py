@@ -134,7 +134,8 @@ Decoder = Union[Sequential, Jacobi]
 
 
 def sample(model: TarFlow, variables, noise: Array, labels: Optional[Array] = None, *,
-           guidance: Guidance = Guidance(), decoder: Decoder = Sequential(), return_iterations: bool = False):
+           guidance: Guidance = Guidance(), decoder: Decoder = Sequential(), return_iterations: bool = False,
+           return_trajectory: bool = False):
   """Draws images from Gaussian noise by inverting every block, last to first.
 
   Args:
@@ -146,23 +147,32 @@ def sample(model: TarFlow, variables, noise: Array, labels: Optional[Array] = No
     guidance: see `Guidance`; the default is none.
     decoder: `Sequential` (exact, the default) or `Jacobi`.
     return_iterations: also return the iterations each block took.
+    return_trajectory: also return the per-block trajectory, as the
+      reference's `reverse(..., return_sequence=True)`.
   Returns:
     (B, H, W, C) images on the [-1, 1] scale (not clipped). With
-    `return_iterations`, (images, iterations): a list over blocks (block 0
-    first) of int arrays with one entry per Jacobi segment, or, for
-    `Sequential`, per chunk (one iteration per token).
+    `return_iterations` or `return_trajectory`, a tuple: the images, then
+    the iterations if asked, then the trajectory if asked.
+    iterations: a list over blocks (block 0 first) of int arrays with one
+    entry per Jacobi segment, or, for `Sequential`, per chunk (one iteration
+    per token).
+    trajectory: a list of num_blocks + 1 arrays (B, H, W, C): the noise as
+    given (before the prior's scale), then the images after inverting each
+    block, the last block first; its last entry is the images.
   """
   _check_sample_args(model, noise, labels, guidance, decoder)
   args = (model, variables, noise, labels, jnp.float32(guidance.weight), jnp.float32(guidance.attn_temp))
   static = dict(guided=guidance.enabled, guide_what=guidance.guide_what, annealed=guidance.annealed,
-                decoder=decoder)
+                decoder=decoder, trajectory=return_trajectory)
   if isinstance(decoder, Jacobi):
-    images, iterations = _sample(*args, **static)
+    images, iterations, trajectory = _sample(*args, **static)
   else:
-    images = _sample_sequentially(*args, **static)
-    chunk_lengths = jnp.asarray([stop - start for start, stop in decode_chunks(model.num_tokens, decoder.chunks)])
-    iterations = [chunk_lengths] * model.num_blocks
-  return (images, iterations) if return_iterations else images
+    images, trajectory = _sample_sequentially(*args, **static)
+    if return_iterations:
+      chunk_lengths = jnp.asarray([stop - start for start, stop in decode_chunks(model.num_tokens, decoder.chunks)])
+      iterations = [chunk_lengths] * model.num_blocks
+  extras = ((iterations,) if return_iterations else ()) + ((trajectory,) if return_trajectory else ())
+  return (images, *extras) if extras else images
 
 
 def _check_sample_args(model, noise, labels, guidance, decoder):
@@ -181,13 +191,14 @@ def _check_sample_args(model, noise, labels, guidance, decoder):
 
 
 def _sample_sequentially(model, variables, noise, labels, weight, attn_temp, *, decoder, **static):
-  """`_sample` with a `Sequential` decoder, the whole batch at once or in micro-batches; the images."""
+  """`_sample` with a `Sequential` decoder, the whole batch at once or in micro-batches: (images, trajectory)."""
   batch, microbatch = noise.shape[0], decoder.microbatch
   if microbatch is not None:
     data.check_microbatch(batch, microbatch)
   args = (model, variables, noise, labels, weight, attn_temp)
   if microbatch is None or microbatch == batch:
-    return _sample(*args, decoder=decoder, **static)[0]
+    images, _, trajectory = _sample(*args, decoder=decoder, **static)
+    return images, trajectory
   return _sample_in_microbatches(*args, decoder=decoder, **static)
 
 
@@ -229,11 +240,21 @@ def _conditioning(model, labels, batch, weight, attn_temp, *, guided, guide_what
   return _Conditioning(labels, temperature, weights, guided, guide_what)
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'guided', 'guide_what', 'annealed', 'decoder'))
-def _sample(model, variables, noise, labels, weight, attn_temp, *, guided, guide_what, annealed, decoder):
-  """Images (B, H, W, C), and the iterations per block (Jacobi; None for each block otherwise)."""
+_STATIC = ('model', 'guided', 'guide_what', 'annealed', 'decoder', 'trajectory')
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _sample(model, variables, noise, labels, weight, attn_temp, *, guided, guide_what, annealed, decoder,
+            trajectory):
+  """(images (B, H, W, C), iterations, trajectory) as `sample` returns them.
+
+  iterations: per block, Jacobi's; None for each block with `Sequential`. trajectory: None unless `trajectory`.
+  """
   batch, num_tokens, _ = noise.shape
-  x = noise.astype(flow_dtype(model.dtype)) * jnp.sqrt(variables['prior']['var'])  # (B, T, D)
+  image = lambda x: unpatchify(x, model.patch_size, model.img_size)  # (B, T, D) -> (B, H, W, C)
+  x = noise.astype(flow_dtype(model.dtype))
+  steps = [image(x)] if trajectory else None
+  x = x * jnp.sqrt(variables['prior']['var'])  # (B, T, D)
   cond = _conditioning(model, labels, batch, weight, attn_temp, guided=guided, guide_what=guide_what,
                        annealed=annealed)
   iterations = [None] * model.num_blocks
@@ -244,19 +265,26 @@ def _sample(model, variables, noise, labels, weight, attn_temp, *, guided, guide
       x, iterations[i] = _invert_block_by_jacobi(step, cache, x, *decoder.for_block(i, num_tokens), decoder.tol)
     else:
       x = _invert_block_sequentially(step, cache, x, decoder.chunks)
-  return unpatchify(x, model.patch_size, model.img_size), iterations
+    if trajectory:
+      steps.append(image(x))
+  return image(x), iterations, steps
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'guided', 'guide_what', 'annealed', 'decoder'))
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def _sample_in_microbatches(model, variables, noise, labels, weight, attn_temp, *, decoder, **static):
-  """`_sample` over micro-batches in turn (`lax.map`); returns the images (B, H, W, C)."""
+  """`_sample` over micro-batches in turn (`lax.map`): the images (B, H, W, C) and the trajectory (or None)."""
   batch, microbatch = noise.shape[0], decoder.microbatch
   groups = batch // microbatch
   # Group j holds samples j, j + groups, ...: a batch split over devices stays split in every group.
   split = lambda a: None if a is None else jnp.swapaxes(a.reshape(microbatch, groups, *a.shape[1:]), 0, 1)
-  decode = lambda group: _sample(model, variables, *group, weight, attn_temp, decoder=decoder, **static)[0]
-  x = jax.lax.map(decode, (split(noise), split(labels)))  # (groups, microbatch, H, W, C)
-  return jnp.swapaxes(x, 0, 1).reshape(batch, *x.shape[2:])
+  merge = lambda x: jnp.swapaxes(x, 0, 1).reshape(batch, *x.shape[2:])  # (groups, microbatch, ...) -> (B, ...)
+
+  def decode(group):
+    images, _, trajectory = _sample(model, variables, *group, weight, attn_temp, decoder=decoder, **static)
+    return images, trajectory
+
+  images, trajectory = jax.lax.map(decode, (split(noise), split(labels)))
+  return merge(images), None if trajectory is None else [merge(x) for x in trajectory]
 
 
 def _inverse_step_of_block(model, variables, i, cond: _Conditioning):

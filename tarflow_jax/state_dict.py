@@ -1,9 +1,12 @@
-"""PyTorch state dicts as numpy: read from a `.pth` (needs torch) or an `.npz` of the same keys."""
+"""PyTorch state dicts as numpy: read from and written to a `.pth` (needs torch) or an `.npz` of the same keys."""
 
+import collections
 import os
 from typing import Mapping
 
 import numpy as np
+
+from tarflow_jax import errors
 
 # Prefixes that wrappers add to state-dict keys: our .npz fixtures, DDP, torch.compile.
 _PREFIXES = ('state/', 'module.', '_orig_mod.')
@@ -42,3 +45,37 @@ def read_state_dict(path: str) -> dict:
   if not isinstance(state, Mapping):
     raise ValueError(f'{path!r} does not hold a state dict (a mapping of names to tensors).')
   return {k: v.detach().float().numpy() for k, v in state.items()}
+
+
+STATE_DICT_SUFFIXES = ('.pth', '.npz')
+
+
+def write_state_dict(path: str, state: Mapping[str, np.ndarray], overwrite: bool = False) -> None:
+  """Writes `state` as a `.pth` (torch tensors, in `state`'s order; needs torch) or an `.npz` of the same keys.
+
+  The file appears whole or not at all. Raises FileExistsError if `path` exists, unless `overwrite`.
+  """
+  if not path.endswith(STATE_DICT_SUFFIXES):
+    raise errors.UserError(f'{path!r}: a state dict is written as a .pth or an .npz file; end the name with one.')
+  if os.path.exists(path) and not overwrite:
+    raise FileExistsError(f'{path!r} already exists and nothing was written: choose another name, or pass '
+                          '--overwrite (overwrite=True) to replace it.')
+  arrays = collections.OrderedDict((k, np.array(v)) for k, v in state.items())  # writable, contiguous copies
+  if path.endswith('.pth'):
+    try:
+      import torch  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+      raise ImportError(f'Writing {path!r} needs PyTorch: pip install "tarflow_jax[torch]", or write an .npz of '
+                        'the same keys (a name ending .npz).') from e
+    save = lambda f: torch.save(collections.OrderedDict((k, torch.from_numpy(v)) for k, v in arrays.items()), f)
+  else:
+    save = lambda f: np.savez(f, **arrays)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  partial = path + '.partial'
+  try:
+    with open(partial, 'wb') as f:
+      save(f)
+    os.replace(partial, path)
+  finally:
+    if os.path.exists(partial):
+      os.remove(partial)

@@ -1,5 +1,10 @@
-"""Reference state dicts to our variables and back, architecture checks, and the conversion CLI."""
+"""Reference state dicts to our variables and back, architecture checks, and the conversion CLI both ways.
 
+With TARFLOW_REFERENCE_DIR pointing at a checkout of apple/ml-tarflow (its transformer_flow.py) and
+torch installed, an exported .pth is also loaded into the reference's own Model and run.
+"""
+
+import importlib.util
 import os
 import subprocess
 import sys
@@ -7,14 +12,16 @@ import textwrap
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
-from tarflow_jax import checkpoint, reference, state_dict
-from tarflow_jax.model import TarFlow
+from tarflow_jax import checkpoint, reference, sampling, state_dict
+from tarflow_jax.model import TarFlow, abstract_variables, patchify
 import toy
 
 FIXTURE = os.path.join(os.path.dirname(__file__), 'fixtures', 'cond_small')
+REFERENCE_DIR = os.environ.get('TARFLOW_REFERENCE_DIR', '')
 COND_SMALL = dict(in_channels=1, img_size=8, patch_size=2, channels=128, num_blocks=2, layers_per_block=2,
                   nvp=True, num_classes=3)
 
@@ -83,6 +90,9 @@ def test_missing_and_unexpected_keys_are_named(state):
   extra = dict(state, **{'state/blocks.0.extra.weight': np.zeros(3)})
   with pytest.raises(reference.ArchitectureMismatch, match=r"does not, first 'blocks.0.extra.weight'"):
     reference.from_reference(model, extra)
+  no_masks = {k: v for k, v in state.items() if not k.endswith('.attn_mask')}  # constants: not needed
+  jax.tree.map(np.testing.assert_array_equal, reference.from_reference(model, no_masks),
+               reference.from_reference(model, state))
   bad_shape = dict(state, **{'state/blocks.0.attn_blocks.1.attention.qkv.bias': np.zeros(383)})
   with pytest.raises(reference.ArchitectureMismatch, match=r'attention.qkv.bias: checkpoint shape \(383,\)'):
     reference.from_reference(model, bad_shape)
@@ -145,3 +155,115 @@ def test_cli_writes_a_checkpoint_the_tools_can_load(tmp_path):
 def test_load_model_from_an_empty_directory_is_a_clear_error(tmp_path):
   with pytest.raises(FileNotFoundError, match='No checkpoint in'):
     checkpoint.load_model(str(tmp_path / 'nothing_here'))
+
+
+def _read_exported(path) -> dict:
+  """An exported state dict as numpy, in the file's order; a .pth through torch.load as the reference loads it."""
+  if path.endswith('.npz'):
+    with np.load(path) as f:
+      return {k: f[k] for k in f.files}
+  torch = pytest.importorskip('torch')
+  state = torch.load(path, map_location='cpu', weights_only=True)
+  assert all(v.dtype == torch.float32 for v in state.values())
+  return {k: v.numpy() for k, v in state.items()}
+
+
+@pytest.mark.parametrize('suffix', ['.pth', '.npz'])
+def test_export_writes_the_recorded_state_dict(state, tmp_path, suffix):
+  model = TarFlow(**COND_SMALL)
+  path = str(tmp_path / f'model{suffix}')
+  reference.export_reference_checkpoint(model, reference.from_reference(model, state), path)
+  got, want = _read_exported(path), state_dict.strip_prefixes(state)
+  assert list(got) == list(want)  # the reference's keys, masks and `var` included, in its state_dict() order
+  for k in want:
+    assert got[k].dtype == np.float32, k
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+  if suffix == '.pth':  # the recorded .pth has the same keys in the same order
+    assert list(got) == list(_read_exported(FIXTURE + '.pth'))
+
+
+def test_export_refuses_what_the_reference_cannot_load(state, tmp_path, monkeypatch):
+  model = TarFlow(**COND_SMALL)
+  variables = reference.from_reference(model, state)
+  narrow = TarFlow(**COND_SMALL, head_dim=32)  # the reference's heads are 64 wide: same shapes, another function
+  with pytest.raises(reference.ArchitectureMismatch, match='head_dim=64 and expansion=4 built in; this model has '
+                     'head_dim=32'):
+    reference.export_reference_checkpoint(narrow, variables, str(tmp_path / 'narrow.npz'))
+  path = str(tmp_path / 'model.npz')
+  reference.export_reference_checkpoint(model, variables, path)
+  before = _files(tmp_path)
+  doubled = jax.tree.map(lambda a: 2 * np.asarray(a), variables)
+  with pytest.raises(FileExistsError, match=r"model.npz' already exists and nothing was written.*--overwrite"):
+    reference.export_reference_checkpoint(model, doubled, path)
+  assert _files(tmp_path) == before
+  reference.export_reference_checkpoint(model, doubled, path, overwrite=True)
+  assert _files(tmp_path) != before and sorted(os.listdir(tmp_path)) == ['model.npz']
+  with pytest.raises(ValueError, match=r"'model.pt': a state dict is written as a .pth or an .npz file"):
+    reference.export_reference_checkpoint(model, variables, 'model.pt')
+  monkeypatch.setitem(sys.modules, 'torch', None)  # torch not installed
+  with pytest.raises(ImportError, match=r'Writing .* needs PyTorch: .* or write an .npz of the same keys'):
+    reference.export_reference_checkpoint(model, variables, str(tmp_path / 'model.pth'))
+  assert sorted(os.listdir(tmp_path)) == ['model.npz']
+
+
+def _reference_module():
+  """apple/ml-tarflow's transformer_flow module from TARFLOW_REFERENCE_DIR (skips without it or torch)."""
+  path = os.path.join(REFERENCE_DIR, 'transformer_flow.py')
+  if not REFERENCE_DIR or not os.path.exists(path):
+    pytest.skip('TARFLOW_REFERENCE_DIR does not point at a checkout of apple/ml-tarflow')
+  pytest.importorskip('torch')
+  spec = importlib.util.spec_from_file_location('transformer_flow', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.parametrize('nvp, num_classes', [(True, 3), (False, 0)])
+def test_exported_pth_loads_into_the_reference_model_and_computes_our_forward(tmp_path, nvp, num_classes):
+  transformer_flow = _reference_module()
+  import torch  # pylint: disable=g-import-not-at-top
+  model = toy.tiny_model(channels=64, head_dim=64, img_size=8, nvp=nvp, num_classes=num_classes)
+  rng = np.random.default_rng(0)
+  variables = jax.tree.map(lambda s: rng.normal(0.0, 0.05, s.shape).astype(np.float32), abstract_variables(model))
+  variables['prior']['var'] = np.exp(rng.normal(0.0, 0.3, variables['prior']['var'].shape)).astype(np.float32)
+  path = str(tmp_path / 'model.pth')
+  reference.export_reference_checkpoint(model, variables, path)
+  theirs = transformer_flow.Model(**{f: getattr(model, f) for f in reference.REFERENCE_MODEL_ARGS})
+  theirs.load_state_dict(torch.load(path, map_location='cpu', weights_only=True), strict=True)
+  x = toy.images(model)
+  y = jnp.array([0, 2, -1]) if num_classes else None
+  z, logdets, _ = model.apply(variables, x, y)
+  with torch.no_grad():
+    tz, _, tlogdets = theirs(torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy()),
+                             None if y is None else torch.tensor(np.asarray(y)))
+  np.testing.assert_allclose(tz.numpy(), z, atol=1e-5)
+  np.testing.assert_allclose(tlogdets.numpy(), logdets, atol=1e-6)
+  assert float(jnp.abs(z - patchify(x, model.patch_size)).max()) > 1e-2  # not the identity
+  # Sampling: the reference's prior variance came along (random for nvp=False).
+  noise = jax.random.normal(jax.random.key(4), (2, model.num_tokens, model.token_dim))
+  with torch.no_grad():
+    tx = theirs.reverse(torch.from_numpy(np.array(noise)), None if y is None else torch.tensor(np.asarray(y[:2])))
+  ours = sampling.sample(model, variables, noise, None if y is None else y[:2])
+  np.testing.assert_allclose(tx.numpy().transpose(0, 2, 3, 1), ours, atol=1e-4)
+
+
+def test_cli_exports_a_checkpoint_directory(tmp_path):
+  model = TarFlow(**COND_SMALL)
+  config = ml_collections.ConfigDict({'model': COND_SMALL})
+  variables = reference.from_reference(model, state_dict.read_state_dict(FIXTURE + '.npz'))
+  checkpoint.save_model(str(tmp_path / 'run'), variables, config)
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd()] + sys.path))
+  convert = lambda *args: subprocess.run([sys.executable, '-m', 'tarflow_jax.cli.convert', *args],
+                                         capture_output=True, text=True, env=env)
+  result = convert(f'--checkpoint={tmp_path}/run', f'--output={tmp_path}/model.npz')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.startswith(f'Wrote {tmp_path}/model.npz: 63 tensors') and 'Model(in_channels=1, img_size=8, ' \
+      'patch_size=2, channels=128, num_blocks=2, layers_per_block=2, nvp=True, num_classes=3)' in result.stdout
+  got, want = _read_exported(str(tmp_path / 'model.npz')), state_dict.strip_prefixes(state_dict.read_state_dict(
+      FIXTURE + '.npz'))
+  assert list(got) == list(want)
+  jax.tree.map(np.testing.assert_array_equal, got, want)
+  # A directory with an --output that is no state dict: the error names both directions.
+  result = convert(f'--checkpoint={tmp_path}/run', f'--output={tmp_path}/model')
+  assert result.returncode == 2 and 'is a directory: to export it, end --output with .pth or .npz' in result.stderr
+  assert 'Traceback' not in result.stderr and sorted(os.listdir(tmp_path)) == ['model.npz', 'run']

@@ -11,8 +11,15 @@ from tarflow_jax.model import FlowBlock, on_block, patchify, unpatchify
 import toy
 
 
-def loop_inverse(model, variables, noise, y, guidance=0.0, guide_what='ab', attn_temp=1.0, annealed=False):
+def loop_inverse(model, variables, noise, y, **guidance):
   """Reference inverse: one full causal pass per token, no cache, guidance as two separate passes."""
+  return loop_trajectory(model, variables, noise, y, **guidance)[-1]
+
+
+def loop_trajectory(model, variables, noise, y, guidance=0.0, guide_what='ab', attn_temp=1.0, annealed=False):
+  """`loop_inverse`'s images (B, H, W, C) before the blocks (the noise, unscaled) and after inverting each block."""
+  image = lambda x: unpatchify(jnp.asarray(x, jnp.float32), model.patch_size, model.img_size)
+  trajectory = [image(noise)]
   x = np.array(noise * np.sqrt(variables['prior']['var']), np.float64)
   batch, num_tokens, _ = x.shape
   y_uncond = None if not model.num_classes else jnp.full((batch,), -1)
@@ -34,7 +41,8 @@ def loop_inverse(model, variables, noise, y, guidance=0.0, guide_what='ab', attn
           b = b + g * (b - b_u)
       h[:, t + 1] = h[:, t + 1] * np.exp(a) + b
     x = h[:, ::-1] if i % 2 else h
-  return unpatchify(jnp.asarray(x, jnp.float32), model.patch_size, model.img_size)
+    trajectory.append(image(x))
+  return trajectory
 
 
 SETTINGS = [
@@ -253,3 +261,49 @@ def test_sequential_decoding_reports_one_iteration_per_token():
   images, iterations = sampling.sample(model, variables, noise, return_iterations=True)
   np.testing.assert_array_equal(images, sampling.sample(model, variables, noise))
   assert [its.tolist() for its in iterations] == [[model.num_tokens - 1]] * model.num_blocks
+
+
+@pytest.fixture(scope='module')
+def conditional_vp():
+  """A class-conditional model with a learned prior variance (nvp=False): the noise is scaled after its entry 0."""
+  model = toy.tiny_model(num_classes=3, nvp=False)
+  return model, toy.random_variables(model)
+
+
+DECODERS = {'sequential': sampling.Sequential(), 'jacobi': sampling.Jacobi(tol=0.0)}
+
+
+@pytest.mark.parametrize('decoder', DECODERS.values(), ids=DECODERS.keys())
+def test_trajectory_is_the_forward_pass_backwards(conditional_vp, decoder):
+  model, variables = conditional_vp
+  x, y = toy.images(model, batch=2), jnp.array([2, -1])
+  z, _, block_latents = model.apply(variables, x, y)
+  noise = z / jnp.sqrt(variables['prior']['var'])
+  images, trajectory = sampling.sample(model, variables, noise, y, decoder=decoder, return_trajectory=True)
+  image = lambda h: unpatchify(h, model.patch_size, model.img_size)
+  # The noise, then each block's input (the output of the block before it), the last block first; the images last.
+  want = [image(noise)] + [image(h) for h in block_latents[-2::-1]] + [x]
+  assert len(trajectory) == model.num_blocks + 1
+  np.testing.assert_array_equal(trajectory[-1], images)
+  for i, (got, expected) in enumerate(zip(trajectory, want)):
+    np.testing.assert_allclose(got, expected, atol=1e-5, err_msg=f'entry {i}')
+  assert all(float(jnp.abs(a - b).max()) > 1e-2 for a, b in zip(want, want[1:]))  # each step changes the images
+
+
+GUIDED_DECODERS = {'sequential-microbatch': sampling.Sequential(microbatch=1),
+                   'gauss-seidel-jacobi': sampling.Jacobi(segment=2, tol=0.0)}
+
+
+@pytest.mark.parametrize('decoder', GUIDED_DECODERS.values(), ids=GUIDED_DECODERS.keys())
+def test_guided_trajectory_equals_the_loop_inverse_block_by_block(conditional_vp, decoder):
+  model, variables = conditional_vp
+  noise = jax.random.normal(jax.random.key(10), (2, model.num_tokens, model.token_dim))
+  y = jnp.array([2, -1])
+  guidance = sampling.Guidance(1.5, attn_temp=0.7, annealed=True)
+  images, iterations, trajectory = sampling.sample(model, variables, noise, y, guidance=guidance, decoder=decoder,
+                                                   return_iterations=True, return_trajectory=True)
+  want = loop_trajectory(model, variables, noise, y, guidance=1.5, attn_temp=0.7, annealed=True)
+  assert len(trajectory) == len(want) == model.num_blocks + 1 and len(iterations) == model.num_blocks
+  np.testing.assert_array_equal(trajectory[-1], images)
+  for i, (got, expected) in enumerate(zip(trajectory, want)):
+    np.testing.assert_allclose(got, expected, atol=2e-5, rtol=0, err_msg=f'entry {i}')
