@@ -11,6 +11,9 @@ that the reference's `Model.load_state_dict(..., strict=True)` takes; an --outpu
 
   python -m tarflow_jax.cli.convert --checkpoint=runs/demo --output=demo.pth
 
+A checkpoint trained with a moving average of its parameters (config.ema_decay > 0) exports the
+average, as sampling and evaluation use it; --raw_weights exports the trained parameters.
+
 The import's output (Orbax checkpoint plus its config) is what the sampling and evaluation command
 lines read. Every key and shape is checked against the config's architecture (reference.from_reference).
 """
@@ -33,6 +36,8 @@ flags.DEFINE_string('checkpoint', None, 'Import: a reference state dict (.pth or
                     'its checkpoints/, or a converted checkpoint.')
 flags.DEFINE_string('output', None, 'Import: the checkpoint directory to write. Export: the .pth or .npz to write.')
 flags.DEFINE_bool('overwrite', False, 'Replace the checkpoint or file that --output already holds.')
+flags.DEFINE_bool('raw_weights', False, 'Export: the trained parameters, not their moving average (where the '
+                  'checkpoint has one: config.ema_decay > 0).')
 flags.mark_flags_as_required(['checkpoint', 'output'])
 
 
@@ -61,7 +66,7 @@ def export_checkpoint() -> None:
   if _is_state_dict_file(FLAGS.checkpoint) or os.path.isfile(FLAGS.checkpoint):
     raise errors.UserError(f'--checkpoint={FLAGS.checkpoint} is a file; exporting (an --output ending .pth or .npz) '
                            'reads a checkpoint directory: a training workdir, its checkpoints/, or a converted one.')
-  model, variables, _ = checkpoint.load_model(FLAGS.checkpoint)
+  model, variables, _ = checkpoint.load_model(FLAGS.checkpoint, raw_weights=FLAGS.raw_weights)
   state = reference.export_reference_checkpoint(model, variables, FLAGS.output, overwrite=FLAGS.overwrite)
   args = ', '.join(f'{f}={getattr(model, f)!r}' for f in reference.REFERENCE_MODEL_ARGS)
   print(f'Wrote {FLAGS.output}: {len(state)} tensors, {sum(np.size(v) for v in state.values()):,} values, for the '
