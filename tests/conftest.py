@@ -1,8 +1,11 @@
-"""Test set-up: eight fake CPU devices, so sharding is tested on any machine, and one compilation cache.
+"""Test set-up: eight fake CPU devices, so sharding is tested on any machine, one compilation cache, and
+a few parallel workers.
 
 Many tests compile the same tiny programs (the smoke model's train step, its sampler); a persistent
 compilation cache shared by the whole session, subprocesses included (they inherit the variables),
 compiles each once. It lives in a fresh directory, removed at the end, so every session starts cold.
+pytest.ini runs test files in parallel, one worker per core up to four (each worker holds eight fake
+devices and its own compiled programs).
 """
 
 import os
@@ -21,3 +24,8 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   def pytest_unconfigure(config):
     del config
     shutil.rmtree(_CACHE, ignore_errors=True)
+
+
+def pytest_xdist_auto_num_workers(config):
+  del config
+  return min(4, os.cpu_count() or 1)
