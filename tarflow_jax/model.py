@@ -66,7 +66,36 @@ def dense(features: int, fan_in: int, initializer: str, dtype: Dtype, precision:
   if zero_kernel:
     kernel_init = nn.initializers.zeros
   return nn.Dense(features, dtype=dtype, precision=precision, kernel_init=kernel_init, bias_init=bias_init,
-                  name=name)
+                  dot_general=dense_dot_general, name=name)
+
+
+def dense_dot_general(x: Array, kernel: Array, dimension_numbers, precision: Any = None) -> Array:
+  """`lax.dot_general` of a Dense layer, x (..., I) by kernel (I, O); on a CPU, through `_cpu_matmul`."""
+  if attention_lib.platform() != 'cpu' or kernel.ndim != 2 or dimension_numbers != (((x.ndim - 1,), (0,)), ((), ())):
+    return jax.lax.dot_general(x, kernel, dimension_numbers, precision=precision)
+  return _cpu_matmul(x, kernel, precision)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _cpu_matmul(x: Array, kernel: Array, precision: Any) -> Array:
+  """x (..., I) @ kernel (I, O), whose kernel gradient multiplies an explicit transpose of x.
+
+  Reverse mode computes the kernel gradient `x^T @ dy` from x (N, I) as stored: XLA's CPU
+  backend runs such a transposed-operand product in Eigen, after copying dy to (O, N), instead
+  of in YNNPACK (README, figures). Here the tangent map multiplies x^T, made
+  (I, N) in memory by an optimisation barrier, so its transpose is a plain (I, N) @ (N, O).
+  The value and the derivatives are those of `x @ kernel`.
+  """
+  return jnp.matmul(x, kernel, precision=precision)
+
+
+@_cpu_matmul.defjvp
+def _cpu_matmul_jvp(precision, primals, tangents):
+  (x, kernel), (dx, dkernel) = primals, tangents
+  x_t = jax.lax.optimization_barrier(x.reshape(-1, x.shape[-1]).T)  # (I, N)
+  dkernel_term = jax.lax.dot_general(x_t, dkernel, (((0,), (0,)), ((), ())), precision=precision)  # (N, O)
+  out = jnp.matmul(x, kernel, precision=precision)
+  return out, jnp.matmul(dx, kernel, precision=precision) + dkernel_term.reshape(out.shape)
 
 
 class Attention(nn.Module):

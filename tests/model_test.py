@@ -145,6 +145,22 @@ def test_gelu_is_exact_gelu_with_its_derivative():
     np.testing.assert_allclose(jax.vmap(jax.grad(model_lib.gelu))(x), fd, atol=1e-8)
 
 
+def test_dense_products_and_their_derivatives_are_those_of_a_matmul():
+  # The CPU path of every Dense layer (an explicit transpose in the kernel's tangent map) against numpy.
+  assert model_lib.attention_lib.platform() == 'cpu'
+  with jax.enable_x64():
+    rng = np.random.default_rng(0)
+    x, kernel, dy = rng.normal(size=(2, 3, 4)), rng.normal(size=(4, 5)), rng.normal(size=(2, 3, 5))
+    dx_in, dk_in = rng.normal(size=x.shape), rng.normal(size=kernel.shape)
+    f = lambda x, k: model_lib.dense_dot_general(x, k, (((2,), (0,)), ((), ())))
+    np.testing.assert_allclose(f(x, kernel), x @ kernel, rtol=1e-12)
+    gx, gk = jax.grad(lambda x, k: jnp.sum(f(x, k) * dy), argnums=(0, 1))(x, kernel)
+    np.testing.assert_allclose(gx, dy @ kernel.T, rtol=1e-12)
+    np.testing.assert_allclose(gk, np.einsum('bti,bto->io', x, dy), rtol=1e-12)
+    _, tangent = jax.jvp(f, (x, kernel), (dx_in, dk_in))
+    np.testing.assert_allclose(tangent, dx_in @ kernel + x @ dk_in, rtol=1e-12)
+
+
 @pytest.mark.parametrize('remat, scan_layers, policy', [
     (True, False, 'nothing_saveable'), (False, True, 'nothing_saveable'), (True, True, 'nothing_saveable'),
     (True, True, 'dots_with_no_batch_dims_saveable'), (True, False, 'dots_saveable')])
