@@ -4,7 +4,7 @@ a few parallel workers.
 Many tests compile the same tiny programs (the smoke model's train step, its sampler); a persistent
 compilation cache shared by the whole session, subprocesses included (they inherit the variables),
 compiles each once. It lives in a fresh directory, removed at the end, so every session starts cold.
-pytest.ini runs test files in parallel, one worker per core up to four (each worker holds eight fake
+pytest.ini runs the tests in parallel, one worker per core up to four (each worker holds eight fake
 devices and its own compiled programs).
 """
 
