@@ -1,4 +1,4 @@
-"""What every command line shares: quiet start-up, flag parsing, and the user-error boundary.
+"""What every command line shares: quiet start-up, flag parsing, the user-error boundary, reports.
 
 `run(main)` is `absl.app.run(main)` with one difference: a mistake in the user's input (a flag,
 a config value, a path, a dataset not prepared, a damaged or foreign checkpoint) ends the
@@ -10,10 +10,13 @@ accelerator, JAX's probe for one (and libtpu's warnings when it is installed) ar
 screen, and the INFO lines of JAX, Optax, TensorFlow and Orbax are dropped; `--verbosity=1` shows them.
 `run(main, exit_at_once=True)` ends the process as soon as `main` has returned and the output is
 flushed, skipping the interpreter's teardown of the libraries' native state.
+`check_choices` and `report` are the --what check and the table-and-JSON ending of the measuring
+commands (bench, aot).
 """
 
 import difflib
 import functools
+import json
 import logging as py_logging
 import os
 import re
@@ -103,6 +106,21 @@ def run(main: Callable[[list], Optional[int]], exit_at_once: bool = False) -> No
   it wrote (checkpoints, metric writers) itself.
   """
   app.run(functools.partial(_guarded, main, exit_at_once), flags_parser=_parse_flags)
+
+
+def check_choices(flag: str, given: list, allowed) -> None:
+  """A usage error naming the values of the list flag --`flag` that are not in `allowed`."""
+  unknown = sorted(set(given) - set(allowed))
+  if unknown:
+    raise app.UsageError(f'--{flag} takes {", ".join(allowed)}; got {unknown}')
+
+
+def report(table: str, result: dict, json_path: Optional[str]) -> None:
+  """Prints a measurement's table and, with a path, writes its figures there as JSON."""
+  print(table)
+  if json_path:
+    with open(json_path, 'w') as f:
+      json.dump(result, f, indent=1)
 
 
 def _guarded(main, exit_at_once, argv):

@@ -8,7 +8,6 @@ step, XLA's estimated step time and the utilisation of the bf16 peak it implies,
 collectives of the compiled program. Needs libtpu (`pip install -e ".[tpu]"`), not a TPU.
 """
 
-import json
 import os
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # compile for the named topology; run nothing here
@@ -32,14 +31,9 @@ flags.mark_flags_as_required(['config', 'topology'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  unknown = set(FLAGS.what) - {'train', 'sample'}
-  if unknown:
-    raise app.UsageError(f'--what takes train and sample; got {sorted(unknown)}')
+  _common.check_choices('what', FLAGS.what, ('train', 'sample'))
   result = compilation.report(FLAGS.config, FLAGS.topology, FLAGS.what, FLAGS.max_batch)
-  print(compilation.table(result))
-  if FLAGS.json:
-    with open(FLAGS.json, 'w') as f:
-      json.dump(result, f, indent=1)
+  _common.report(compilation.table(result), result, FLAGS.json)
 
 
 def run():

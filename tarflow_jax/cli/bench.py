@@ -3,8 +3,6 @@ r"""Benchmark of training, sampling and likelihood evaluation for any config (be
   python -m tarflow_jax.cli.bench --config=configs/mnist.py [--what=train,sample,jacobi,eval] [--json=out.json]
 """
 
-import json
-
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -27,18 +25,13 @@ flags.mark_flag_as_required('config')
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  unknown = set(FLAGS.what) - set(WHAT)
-  if unknown:
-    raise app.UsageError(f'--what takes {", ".join(WHAT)}; got {sorted(unknown)}')
+  _common.check_choices('what', FLAGS.what, WHAT)
   for name in ('repeats', 'sample_batch', 'chunks'):
     if FLAGS[name].value <= 0:
       raise errors.UserError(f'--{name}={FLAGS[name].value} must be positive.')
   result = benchmark.run(FLAGS.config, set(FLAGS.what), FLAGS.repeats, FLAGS.sample_batch, FLAGS.chunks,
                          FLAGS.microbatch or None)
-  print(benchmark.table(result))
-  if FLAGS.json:
-    with open(FLAGS.json, 'w') as f:
-      json.dump(result, f, indent=1)
+  _common.report(benchmark.table(result), result, FLAGS.json)
 
 
 def run():
