@@ -18,7 +18,7 @@ from typing import Optional
 import jax
 import numpy as np
 
-from tarflow_jax import data, inception, sharding
+from tarflow_jax import data, inception, sharding, state_dict
 
 
 def features(variables, images: np.ndarray, mesh: Optional[jax.sharding.Mesh] = None, *,
@@ -125,15 +125,8 @@ def torchmetrics_statistics(path: str) -> tuple[np.ndarray, np.ndarray]:
   weights under `inception.`). As torchmetrics' `compute`: mu = s / n,
   sigma = (S - n mu mu^T) / (n - 1).
   """
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ImportError(f'Reading {path!r} needs PyTorch: pip install "tarflow_jax[torch]" (or convert it once '
-                      'elsewhere to an .npz of `mu` and `sigma` with this function).') from e
-  try:
-    state = torch.load(path, map_location='cpu', weights_only=True)
-  except Exception as e:  # pylint: disable=broad-except  # torch reports a foreign file as several types
-    raise ValueError(f'{path!r} is not a PyTorch file ({type(e).__name__}: {e}).') from e
+  state = state_dict.load_torch(path, ' (or convert it once elsewhere to an .npz of `mu` and `sigma` with this '
+                                     'function)')
   missing = [k for k in TORCHMETRICS_REAL if not hasattr(state, 'keys') or k not in state]
   if missing:
     raise ValueError(f'{path!r} is not an FID statistics file of torchmetrics\' FrechetInceptionDistance (as the '

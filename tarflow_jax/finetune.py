@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from tarflow_jax import checkpoint, errors, reference
+from tarflow_jax import checkpoint, errors, reference, state_dict
 from tarflow_jax import model as model_lib
 
 # The reference model's buffers: in its state dict, absent from `model.parameters()` (the optimiser's order).
@@ -112,13 +112,9 @@ def _read_torch(path: str) -> Mapping:
   if not os.path.exists(path):
     raise errors.UserError(f'config.init_optimizer_from={path!r}: no such file.')
   try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ImportError(f'Reading {path!r} needs PyTorch: pip install "tarflow_jax[torch]".') from e
-  try:
-    saved = torch.load(path, map_location='cpu', weights_only=True)
-  except Exception as e:  # pylint: disable=broad-except  # torch reports a foreign file as several types
-    raise errors.UserError(f'config.init_optimizer_from={path!r} is not a PyTorch file ({type(e).__name__}).') from e
+    saved = state_dict.load_torch(path)
+  except ValueError as e:
+    raise errors.UserError(f'config.init_optimizer_from: {e}') from e
   if not isinstance(saved, Mapping):
     raise errors.UserError(f'config.init_optimizer_from={path!r} does not hold a dict; give the reference\'s '
                            '*_opt_*.pth.')

@@ -2,7 +2,7 @@
 
 import collections
 import os
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -23,6 +23,22 @@ def strip_prefixes(state: Mapping[str, np.ndarray]) -> dict:
   return out
 
 
+def load_torch(path: str, alternative: str = '', what: str = 'a PyTorch file') -> Any:
+  """What `torch.load` reads from the PyTorch file `path` (tensors only, onto the CPU).
+
+  Raises ImportError without torch (its message ends with `alternative`, another way than
+  installing it) and ValueError, saying the file is not `what`, for a file torch cannot read.
+  """
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(f'Reading {path!r} needs PyTorch: pip install "tarflow_jax[torch]"{alternative}.') from e
+  try:
+    return torch.load(path, map_location='cpu', weights_only=True)
+  except Exception as e:  # pylint: disable=broad-except  # torch reports a foreign file as several types
+    raise ValueError(f'{path!r} is not {what} ({type(e).__name__}: {e}).') from e
+
+
 def read_state_dict(path: str) -> dict:
   """Reads a state dict from a `.pth` (needs torch) or an `.npz` with the same keys."""
   if not os.path.exists(path):
@@ -33,15 +49,7 @@ def read_state_dict(path: str) -> dict:
         return {k: f[k] for k in f.files if k.startswith('state/') or not '/' in k}
     except (OSError, ValueError) as e:
       raise ValueError(f'{path!r} is not an .npz state dict ({e}).') from e
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ImportError(f'Reading {path!r} needs PyTorch: pip install "tarflow_jax[torch]" '
-                      '(or save the state dict as .npz).') from e
-  try:
-    state = torch.load(path, map_location='cpu', weights_only=True)
-  except Exception as e:  # pylint: disable=broad-except  # torch reports a foreign file as several types
-    raise ValueError(f'{path!r} is not a PyTorch state dict ({type(e).__name__}: {e}).') from e
+  state = load_torch(path, ' (or save the state dict as .npz)', what='a PyTorch state dict')
   if not isinstance(state, Mapping):
     raise ValueError(f'{path!r} does not hold a state dict (a mapping of names to tensors).')
   return {k: v.detach().float().numpy() for k, v in state.items()}
