@@ -82,9 +82,9 @@ def _cpu_matmul(x: Array, kernel: Array, precision: Any) -> Array:
 
   Reverse mode computes the kernel gradient `x^T @ dy` from x (N, I) as stored: XLA's CPU
   backend runs such a transposed-operand product in Eigen, after copying dy to (O, N), instead
-  of in YNNPACK (README, figures). Here the tangent map multiplies x^T, made
-  (I, N) in memory by an optimisation barrier, so its transpose is a plain (I, N) @ (N, O).
-  The value and the derivatives are those of `x @ kernel`.
+  of in YNNPACK (README, figures). Here the tangent map multiplies x^T, made (I, N) in memory
+  by `materialized_transpose`, so its transpose is a plain (I, N) @ (N, O). The value and the
+  derivatives are those of `x @ kernel`.
   """
   return jnp.matmul(x, kernel, precision=precision)
 
@@ -92,10 +92,22 @@ def _cpu_matmul(x: Array, kernel: Array, precision: Any) -> Array:
 @_cpu_matmul.defjvp
 def _cpu_matmul_jvp(precision, primals, tangents):
   (x, kernel), (dx, dkernel) = primals, tangents
-  x_t = jax.lax.optimization_barrier(x.reshape(-1, x.shape[-1]).T)  # (I, N)
+  x_t = materialized_transpose(x.reshape(-1, x.shape[-1]))  # (I, N)
   dkernel_term = jax.lax.dot_general(x_t, dkernel, (((0,), (0,)), ((), ())), precision=precision)  # (N, O)
   out = jnp.matmul(x, kernel, precision=precision)
   return out, jnp.matmul(dx, kernel, precision=precision) + dkernel_term.reshape(out.shape)
+
+
+def materialized_transpose(x: Array) -> Array:
+  """x (M, N) transposed to (N, M) in memory by a plain copy of x as computed.
+
+  XLA's CPU backend fuses the elementwise ops that produce x (a bias, a GELU, a residual
+  sum) into the transpose, and runs that fusion as a strided loop several times slower
+  than the copy of a stored array; it also drops optimisation barriers before fusing. A
+  conditional is a fusion boundary that it keeps: its two branches are the same transpose,
+  so the (runtime, never constant-folded) predicate does not change the result.
+  """
+  return jax.lax.cond(x[0, 0] == x[0, 0], jnp.transpose, jnp.transpose, x)
 
 
 class Attention(nn.Module):

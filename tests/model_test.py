@@ -159,6 +159,9 @@ def test_dense_products_and_their_derivatives_are_those_of_a_matmul():
     np.testing.assert_allclose(gk, np.einsum('bti,bto->io', x, dy), rtol=1e-12)
     _, tangent = jax.jvp(f, (x, kernel), (dx_in, dk_in))
     np.testing.assert_allclose(tangent, dx_in @ kernel + x @ dk_in, rtol=1e-12)
+  # Its transpose whichever way the conditional goes (x[0, 0] NaN makes its predicate false).
+  for a in (np.arange(6.0).reshape(2, 3), np.array([[np.nan, 1.0, 2.0], [3.0, 4.0, np.inf]])):
+    np.testing.assert_array_equal(jax.jit(model_lib.materialized_transpose)(a), a.T)
 
 
 @pytest.mark.parametrize('remat, scan_layers, policy', [
