@@ -3,7 +3,9 @@ distance against scipy, statistics files (ours and the reference's), weight-file
 sampling protocol, FID during training and the `fid` command line."""
 
 import copy
+import glob
 import json
+import os
 
 from absl import flags
 from absl.testing import flagsaver
@@ -14,7 +16,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from tarflow_jax import checkpoint, config_lib, errors, evaluation, fid, inception, sampling, sharding
+from tarflow_jax import checkpoint, config_lib, errors, evaluation, fid, inception, sampling, sharding, train
 from tarflow_jax import model as model_lib
 
 
@@ -468,3 +470,29 @@ def test_fid_during_training_is_repeatable(torch_weights, model_checkpoint, fake
   assert np.isfinite(first) and score(variables) == first  # the same noise and labels at every call
   assert score(jax.tree.map(lambda p: p * 1.5, variables)) != first
   assert fake_features[1] == ['torchmetrics'] * 3  # the statistics file's pipeline
+
+
+def _scalars(workdir: str, tag: str) -> dict:
+  """{step: value} of a scalar in a run's TensorBoard event files."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  out = {}
+  for path in glob.glob(os.path.join(workdir, 'events.out.tfevents.*')):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        if value.tag == tag:
+          out[event.step] = float(tf.make_ndarray(value.tensor)) if value.HasField('tensor') else value.simple_value
+  return out
+
+
+def test_fid_every_writes_the_fid_of_the_checkpointed_weights(torch_weights, fake_features, tmp_path):
+  config = config_lib.cpu_digits(config_lib.default())
+  config.update(num_train_steps=2, fid_every=2, checkpoint_every=2, eval_every=0, sample_every=0, log_every=1)
+  fid.save_statistics(str(tmp_path / 'stats.npz'), np.zeros(16), np.eye(16), 'torchmetrics')
+  config.fid.update(inception=torch_weights[1], stats=str(tmp_path / 'stats.npz'), num_samples=4, batch_size=8)
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(config, workdir)
+  logged = _scalars(workdir, 'eval/fid')
+  assert list(logged) == [2]
+  model, variables, _ = checkpoint.load_model(os.path.join(workdir, 'checkpoints'))
+  want = evaluation.training_fid(config, model, sharding.make_mesh(config.mesh))(variables)
+  assert logged[2] == pytest.approx(want, rel=1e-6)
