@@ -4,6 +4,7 @@ import functools
 import glob
 import os
 import signal
+import threading
 from typing import Callable, NamedTuple
 
 from absl import logging
@@ -380,8 +381,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     preemption.restore()
     ckpt.close()  # waits for the last asynchronous save
     writer.close()
-    # The tf.data iterator is left to the caller's exit: tearing it down (its shuffle buffer's threads)
-    # can take from seconds to a minute; the command line ends the process without it (_common.run).
+    # Tearing down the training stream's tf.data iterator (its shuffle buffer, its prefetch threads)
+    # takes from a second to half a minute, at random: a background thread does it, so that the run
+    # ends at once. The command line then ends the process without waiting for it (_common.run).
+    holder = [train_data]
+    del train_data
+    threading.Thread(target=holder.clear, name='release training data', daemon=True).start()
   return {'step': step, 'train': last, 'eval': evals}
 
 

@@ -7,6 +7,8 @@ import logging
 import os
 import shutil
 import signal
+import threading
+import time
 
 from etils import epath
 import jax
@@ -34,10 +36,30 @@ def smoke_config(**overrides):
   return c
 
 
-def test_training_lowers_held_out_bits_per_dim(tmp_path):
+def test_training_lowers_held_out_bits_per_dim(tmp_path, monkeypatch):
   config = smoke_config(num_train_steps=40, eval_every=40, sample_every=40, checkpoint_every=20, log_every=10)
   config.optim.lr = 3e-3
+  released = []
+
+  class Stream(data.Batches):  # the training stream, recording which thread lets it go
+    def __del__(self):
+      released.append(threading.current_thread())
+
+  get_split = data.get_split
+
+  def training_split(*args, train, **kwargs):
+    split = get_split(*args, train=train, **kwargs)
+    if train:
+      split.batches.__class__ = Stream
+    return split
+
+  monkeypatch.setattr(data, 'get_split', training_split)
   out = train.train_and_evaluate(config, str(tmp_path))
+  for _ in range(100):  # the training stream is torn down by another thread, not on the caller's
+    if released:
+      break
+    time.sleep(0.1)
+  assert released and released[0] is not threading.main_thread() and released[0].name == 'release training data'
   start, end = out['eval'][0], out['eval'][40]
   assert end < start - 1.0, f'held-out bits/dim {start:.3f} -> {end:.3f}'
   assert np.isfinite(out['train']['loss'])
