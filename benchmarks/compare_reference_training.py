@@ -1,7 +1,7 @@
 r"""Equal-budget training: the official PyTorch TarFlow with its recipe against configs/demo.py, evaluated alike.
 
   python benchmarks/compare_reference_training.py --reference_dir=/path/to/ml-tarflow \
-      [--workdir=/tmp/tarflow_compare] [--seeds 0 1] [--sides reference library]
+      [--workdir=/tmp/tarflow_compare] [--seeds 0 1] [--sides reference library] [--set optim.lr=4e-3]
 
 `--reference_dir` is a local checkout of apple/ml-tarflow; its `transformer_flow.Model` is
 imported from there at run time (needs torch). Both sides train the architecture of
@@ -15,12 +15,16 @@ batches of the 4,500 embedded training digits (the library's input pipeline, sam
   function). Its weights are converted with `python -m tarflow_jax.cli.convert`.
 - library: `python -m tarflow_jax.main --config=configs/demo.py --config.seed=S`.
 
+`--set KEY=VALUE` (repeatable) changes the recipe on both sides, as `--config.KEY=VALUE` would
+(give each recipe its own `--workdir`).
+
 Both are then measured by `python -m tarflow_jax.cli.evaluate bpd` and `classify` on the 500
 held-out digits. Finished training runs are reused when the command is run again. Prints a
 markdown table and writes it with the numbers to `<workdir>/results.json`.
 """
 
 import argparse
+import ast
 import json
 import os
 import re
@@ -42,7 +46,23 @@ def run(*args: str) -> str:
   return result.stdout
 
 
-def train_reference(reference_dir: str, seed: int, path: str, threads: int) -> None:
+def override(config, assignments: list[str]) -> None:
+  """Applies `KEY=VALUE` assignments (dotted keys, Python literals) to `config` in place."""
+  for assignment in assignments:
+    key, _, value = assignment.partition('=')
+    *parents, leaf = key.split('.')
+    node = config
+    for parent in parents:
+      node = node[parent]
+    if leaf not in node:
+      raise KeyError(f'--set {assignment}: the config has no field {key!r}.')
+    try:
+      node[leaf] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      node[leaf] = value
+
+
+def train_reference(reference_dir: str, seed: int, path: str, threads: int, assignments: list[str]) -> None:
   """Trains the reference Model with its recipe for the demo's budget; saves its state dict to `path`."""
   import torch  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, os.path.abspath(reference_dir))
@@ -50,6 +70,7 @@ def train_reference(reference_dir: str, seed: int, path: str, threads: int) -> N
   from tarflow_jax import config_lib, data, train  # pylint: disable=g-import-not-at-top
 
   config = config_lib.load(CONFIG)
+  override(config, assignments)
   m, o = config.model, config.optim
   if not m.nvp or config.noise.type != 'gaussian':
     raise ValueError('This comparison covers the demo recipe: nvp=True and Gaussian noise.')
@@ -100,6 +121,8 @@ def main():
   parser.add_argument('--sides', nargs='+', default=['reference', 'library'], choices=['reference', 'library'])
   parser.add_argument('--torch_threads', type=int, default=0,
                       help='Threads of the reference (0: torch\'s default); 1 on a busy shared CPU, where more spin.')
+  parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                      help='A change to the recipe on both sides, e.g. optim.lr=4e-3 (repeatable).')
   args = parser.parse_args()
   if 'reference' in args.sides and not os.path.isfile(os.path.join(args.reference_dir, 'transformer_flow.py')):
     sys.exit(f'--reference_dir={args.reference_dir!r} holds no transformer_flow.py: give a checkout of apple/ml-tarflow.')
@@ -116,11 +139,12 @@ def main():
       if side == 'reference':
         pth = checkpoint + '.pth'
         if not os.path.exists(pth):
-          train_reference(args.reference_dir, seed, pth, args.torch_threads)
+          train_reference(args.reference_dir, seed, pth, args.torch_threads, args.set)
         if not os.path.isdir(checkpoint):
           run('tarflow_jax.cli.convert', f'--config={CONFIG}', f'--checkpoint={pth}', f'--output={checkpoint}')
       else:
-        run('tarflow_jax.main', f'--config={CONFIG}', f'--workdir={checkpoint}', f'--config.seed={seed}')
+        run('tarflow_jax.main', f'--config={CONFIG}', f'--workdir={checkpoint}', f'--config.seed={seed}',
+            *(f'--config.{assignment}' for assignment in args.set))
       results[name] = {'side': side, 'seed': seed, **evaluate(checkpoint)}
       print(name, results[name], flush=True)
       with open(results_path, 'w') as f:
