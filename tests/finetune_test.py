@@ -258,3 +258,30 @@ def test_an_optimiser_file_of_other_hyperparameters_or_another_model_is_a_user_e
   config.optim.b2 = 0.999
   with pytest.raises(errors.UserError, match=r'betas=\(0.9, 0.95\), the config has \(0.9, 0.999\)'):
     finetune.reference_optimizer_state(config, str(tmp_path / 'opt.pth'), variables, abstract_opt)
+
+
+def test_raw_weights_flag_exports_the_parameters_and_its_absence_the_average(tmp_path):
+  """`convert --raw_weights` writes the trained parameters of a checkpoint with an average; without it, the average."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  config = digits_config(ema_decay=0.5)
+  config.model.update(channels=64, head_dim=64)  # exportable: the reference's head_dim
+  program = program_of(config)
+  state = program.init()
+  state['ema'] = jax.tree.map(lambda p: p + 0.25, state['variables']['params'])
+  ckpt = checkpoint.TrainCheckpointer(str(tmp_path / 'run'), keep=1)
+  ckpt.save(1, state, config)
+  ckpt.close()
+  model = model_lib.from_config(config.model)
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd()] + sys.path))
+  prior = state['variables']['prior']
+  for flag, params in (([], state['ema']), (['--raw_weights'], state['variables']['params'])):
+    path = str(tmp_path / f'export{len(flag)}.npz')
+    result = subprocess.run([sys.executable, '-m', 'tarflow_jax.cli.convert', f'--checkpoint={tmp_path}/run',
+                             f'--output={path}', *flag], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    want = reference.to_reference(model, {'params': jax.device_get(params), 'prior': jax.device_get(prior)})
+    with np.load(path) as got:
+      assert sorted(got.files) == sorted(want)
+      for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
