@@ -4,6 +4,8 @@ import functools
 import json
 import logging
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -262,8 +264,6 @@ def test_an_optimiser_file_of_other_hyperparameters_or_another_model_is_a_user_e
 
 def test_raw_weights_flag_exports_the_parameters_and_its_absence_the_average(tmp_path):
   """`convert --raw_weights` writes the trained parameters of a checkpoint with an average; without it, the average."""
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
   config = digits_config(ema_decay=0.5)
   config.model.update(channels=64, head_dim=64)  # exportable: the reference's head_dim
   program = program_of(config)
