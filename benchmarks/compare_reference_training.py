@@ -32,6 +32,8 @@ import subprocess
 import sys
 import time
 
+import ml_collections
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, 'configs', 'demo.py')
 
@@ -53,8 +55,10 @@ def override(config, assignments: list[str]) -> None:
     *parents, leaf = key.split('.')
     node = config
     for parent in parents:
-      node = node[parent]
-    if leaf not in node:
+      node = node.get(parent)
+      if not isinstance(node, ml_collections.ConfigDict):
+        break
+    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
       raise KeyError(f'--set {assignment}: the config has no field {key!r}.')
     try:
       node[leaf] = ast.literal_eval(value)
@@ -126,6 +130,11 @@ def main():
   args = parser.parse_args()
   if 'reference' in args.sides and not os.path.isfile(os.path.join(args.reference_dir, 'transformer_flow.py')):
     sys.exit(f'--reference_dir={args.reference_dir!r} holds no transformer_flow.py: give a checkout of apple/ml-tarflow.')
+  from tarflow_jax import config_lib  # pylint: disable=g-import-not-at-top
+  try:  # a mistyped key fails here, before any run
+    override(config_lib.load(CONFIG), args.set)
+  except KeyError as e:
+    sys.exit(e.args[0])
   os.makedirs(args.workdir, exist_ok=True)
   results_path = os.path.join(args.workdir, 'results.json')
   results = {}
