@@ -8,4 +8,8 @@
   python -m tarflow_jax.cli.aot       (tarflow-aot)       ahead-of-time compilation for a TPU slice
 
 Every one runs through `_common.run`, the one place that turns user errors into an `error: ...` line.
+Importing this package prepares the process first (`_common`'s start-up: quiet logs, host memory),
+before any command imports TensorFlow or starts JAX's backends.
 """
+
+from tarflow_jax.cli import _common  # pylint: disable=unused-import

@@ -5,9 +5,12 @@ a config value, a path, a dataset not prepared, a damaged or foreign checkpoint)
 program with one line, `error: ...`, on stderr and exit status 2, instead of a traceback. Real
 bugs keep their traceback; `--traceback` (or TARFLOW_TRACEBACK=1) shows it for user errors too.
 
-Quiet start-up: the C++ start-up notes of TensorFlow (tf.data) and, on a machine with no
-accelerator, JAX's probe for one (and libtpu's warnings when it is installed) are kept off the
-screen, and the INFO lines of JAX, Optax, TensorFlow and Orbax are dropped; `--verbosity=1` shows them.
+Start-up, on import (`tarflow_jax.cli` imports this module before any command's own imports):
+the C++ start-up notes of TensorFlow (tf.data) and, on a machine with no accelerator, JAX's probe
+for one (and libtpu's warnings when it is installed) are kept off the screen, and the INFO lines
+of JAX, Optax, TensorFlow and Orbax are dropped; `--verbosity=1` shows them.
+On a CPU-only machine, freed host memory is kept for reuse (`host_memory`: each training step
+would otherwise map its buffers afresh).
 `run(main, exit_at_once=True)` ends the process as soon as `main` has returned and the output is
 flushed, skipping the interpreter's teardown of the libraries' native state.
 `check_choices` and `report` are the --what check and the table-and-JSON ending of the measuring
@@ -72,7 +75,12 @@ if not _verbosity_asked():
 from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
-from tarflow_jax import config_lib, errors  # pylint: disable=g-import-not-at-top
+from tarflow_jax import config_lib, errors, host_memory  # pylint: disable=g-import-not-at-top
+
+if os.environ.get('JAX_PLATFORMS', '').split(',')[0] == 'cpu' or _no_accelerator():
+  # Before JAX starts its CPU backend and TensorFlow its threads: the buffers of one call of a
+  # compiled program are reused by the next instead of mapped afresh (host_memory).
+  host_memory.reuse_freed_memory()
 
 FLAGS = flags.FLAGS
 flags.DEFINE_bool('traceback', False, 'Show the traceback of user errors too (also: TARFLOW_TRACEBACK=1).')
