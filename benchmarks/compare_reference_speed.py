@@ -13,16 +13,20 @@ float32 on the CPU, on the same uint8 batch:
 - reference: the loop body of the reference's train.py, eagerly: Gaussian noise, label drop,
   `zero_grad`, forward, `get_loss`, backward, `torch.optim.AdamW.step`.
 
-The two are timed in alternating rounds in this one process (each round `--steps` steps of
-each side, the side that goes first alternating), so that load from other processes on a
-shared machine falls on both alike; only the per-round ratio means much there. Both use
-`--threads` threads: torch by `torch.set_num_threads`, XLA because the process is pinned to
-that many cores before JAX starts (XLA's CPU thread pool is sized by the schedulable cores).
+Each side runs as its own training does: the library in this process, started as the command
+lines start (`tarflow_jax.cli`: on a CPU-only machine, freed host memory kept for reuse), the
+reference in a child process with the allocator's defaults. The two are timed in alternating
+rounds (each round `--steps` steps of each side, the side that goes first alternating; the child
+runs its steps when told, and times them itself), so that load from other processes on a shared
+machine falls on both alike; only the per-round ratio means much there. Both use `--threads`
+threads: torch by `torch.set_num_threads`, XLA because the processes are pinned to that many
+cores before JAX starts (XLA's CPU thread pool is sized by the schedulable cores).
 Prints the per-step medians over rounds and the median of the per-round ratios
 (reference time / library time: above 1, the library is faster).
 """
 
 import argparse
+import multiprocessing
 import os
 import statistics
 import sys
@@ -109,18 +113,38 @@ def reference_step(reference_dir: str, config, batch):
   return step
 
 
+def reference_worker(connection, reference_dir: str, config_path: str, host_batch: dict, threads: int):
+  """The child process: builds the reference's step, then runs n steps per request and answers their time."""
+  import torch  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, REPO)
+  from tarflow_jax import config_lib  # pylint: disable=g-import-not-at-top
+
+  torch.set_num_threads(threads)
+  step = reference_step(reference_dir, config_lib.load(config_path), host_batch)
+  connection.send(torch.__version__)
+  while (n := connection.recv()) > 0:
+    start = time.perf_counter()
+    for _ in range(n):
+      loss = step()
+    loss.item()
+    connection.send(time.perf_counter() - start)
+
+
 def main():
   args = parse_args()
   threads = pin_threads(args.threads)
   sys.path.insert(0, REPO)
+  import tarflow_jax.cli  # pylint: disable=g-import-not-at-top,unused-import  # the command lines' start-up
   import jax  # pylint: disable=g-import-not-at-top
-  import torch  # pylint: disable=g-import-not-at-top
   from tarflow_jax import config_lib  # pylint: disable=g-import-not-at-top
 
-  torch.set_num_threads(threads)
   config = config_lib.load(args.config)
   step, state, batch, mesh, host_batch = library_step(config)
-  ref = reference_step(args.reference_dir, config, host_batch)
+  connection, child_end = multiprocessing.get_context('spawn').Pipe()
+  child = multiprocessing.get_context('spawn').Process(
+      target=reference_worker, args=(child_end, args.reference_dir, args.config, host_batch, threads), daemon=True)
+  child.start()
+  torch_version = connection.recv()
 
   def run_library(n):
     nonlocal state
@@ -129,25 +153,29 @@ def main():
         state, metrics = step(state, batch)
     jax.block_until_ready((state, metrics))
 
-  def run_reference(n):
-    for _ in range(n):
-      loss = ref()
-    loss.item()
+  def time_library(n):
+    start = time.perf_counter()
+    run_library(n)
+    return time.perf_counter() - start
 
-  sides = {'library': run_library, 'reference': run_reference}
+  def time_reference(n):
+    connection.send(n)
+    return connection.recv()
+
+  sides = {'library': time_library, 'reference': time_reference}
   for run in sides.values():  # compile, allocate, warm the caches
     run(2)
   times = {name: [] for name in sides}
   for r in range(args.rounds):
     for name in (('library', 'reference') if r % 2 == 0 else ('reference', 'library')):
-      start = time.perf_counter()
-      sides[name](args.steps)
-      times[name].append((time.perf_counter() - start) / args.steps)
+      times[name].append(sides[name](args.steps) / args.steps)
+  connection.send(0)
+  child.join()
   ratios = [ref_s / lib_s for ref_s, lib_s in zip(times['reference'], times['library'])]
   m = config.model
   print(f'{os.path.basename(args.config)}: batch {config.batch_size}, {(m.img_size // m.patch_size) ** 2} tokens, '
         f'width {m.channels}, {m.num_blocks} blocks x {m.layers_per_block} layers; {threads} threads each '
-        f'(torch {torch.__version__}, jax {jax.__version__}); {args.rounds} alternating rounds of {args.steps} steps')
+        f'(torch {torch_version}, jax {jax.__version__}); {args.rounds} alternating rounds of {args.steps} steps')
   for name, t in times.items():
     print(f'  {name:<10} median {1e3 * statistics.median(t):7.1f} ms/step  (rounds {1e3 * min(t):.1f}-{1e3 * max(t):.1f})')
   print(f'  reference / library: median {statistics.median(ratios):.2f}x  (rounds {min(ratios):.2f}-{max(ratios):.2f}x)')
