@@ -1,8 +1,8 @@
 """host_memory: a compiled program's later calls find their temporary buffer mapped (no page faults through it).
 
 Each case is a fresh process (the setting must precede JAX's CPU backend): a jitted program with
-a temporary buffer of about 100 MiB is called three times to warm up, then ten times, each
-counting the process's minor page faults. By default every call faults through its whole buffer
+a temporary buffer of about 100 MiB is called three times to warm up, then ten times (0.1 s
+apart, so that the previous call has freed its buffer), each counting the process's minor page faults. By default every call faults through its whole buffer
 again; kept, the heap settles after a few calls (it may grow by a buffer now and then as
 allocations of other threads fragment it) and most calls fault nothing.
 """
@@ -14,7 +14,7 @@ import sys
 import pytest
 
 _PROGRAM = r'''
-import resource, sys
+import resource, sys, time
 mode = sys.argv[1]
 if mode == 'call':
   from tarflow_jax import host_memory
@@ -34,6 +34,7 @@ for _ in range(3):
   compiled(x).block_until_ready()
 faults = []
 for _ in range(10):
+  time.sleep(0.1)  # the previous call's buffer is freed on a worker thread after its result is ready
   before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   compiled(x).block_until_ready()
   faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
