@@ -140,22 +140,20 @@ def main():
 
   config = config_lib.load(args.config)
   step, state, batch, mesh, host_batch = library_step(config)
-  connection, child_end = multiprocessing.get_context('spawn').Pipe()
-  child = multiprocessing.get_context('spawn').Process(
+  spawn = multiprocessing.get_context('spawn')
+  connection, child_end = spawn.Pipe()
+  child = spawn.Process(
       target=reference_worker, args=(child_end, args.reference_dir, args.config, host_batch, threads), daemon=True)
   child.start()
   torch_version = connection.recv()
 
-  def run_library(n):
+  def time_library(n):
     nonlocal state
+    start = time.perf_counter()
     with jax.set_mesh(mesh):
       for _ in range(n):
         state, metrics = step(state, batch)
     jax.block_until_ready((state, metrics))
-
-  def time_library(n):
-    start = time.perf_counter()
-    run_library(n)
     return time.perf_counter() - start
 
   def time_reference(n):
