@@ -44,7 +44,7 @@ print(temp_pages, *faults)
 
 @pytest.mark.skipif(not sys.platform.startswith('linux'), reason='the setting is for glibc on Linux')
 def test_reused_buffers_are_not_faulted_in_again_at_each_call():
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''}  # one CPU device, compiled as a user's program is
   runs = {mode: subprocess.Popen([sys.executable, '-c', _PROGRAM, mode], stdout=subprocess.PIPE, text=True, env=env)
           for mode in ('default', 'call', 'command')}
   faulting = {}  # mode: the number of calls (of 10) that faulted through half their buffer or more

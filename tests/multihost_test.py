@@ -16,6 +16,8 @@ from jax._src.clusters import cloud_tpu_cluster
 import numpy as np
 import pytest
 
+from conftest import xla_flags
+
 from tarflow_jax import checkpoint, distributed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,7 +53,7 @@ def test_two_processes_train_on_their_own_shards_and_agree(tmp_path):
   script = tmp_path / 'worker.py'
   script.write_text(WORKER)
   port, workdir = free_port(), tmp_path / 'run'
-  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu', XLA_FLAGS=xla_flags(2))
   procs = [subprocess.Popen([sys.executable, str(script), str(i), str(port), str(workdir)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, cwd=REPO) for i in range(2)]
   results = []
@@ -75,7 +77,7 @@ def preempt_two_processes(workdir, logs, signalled, after_step):
   `signalled` alone once it has logged a step after `after_step`, and returns their logs once both exited 0."""
   port, procs = free_port(), []
   for i in range(2):
-    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=1',
+    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu', XLA_FLAGS=xla_flags(1),
                JAX_COORDINATOR_ADDRESS=f'localhost:{port}', JAX_NUM_PROCESSES='2', JAX_PROCESS_ID=str(i),
                JAX_COMPILATION_CACHE_DIR=str(workdir.parent / 'jax_cache'))  # the rerun compiles nothing
     cmd = [sys.executable, '-m', 'tarflow_jax.main', f'--config={REPO}/configs/demo.py:smoke', f'--workdir={workdir}',

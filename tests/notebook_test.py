@@ -12,6 +12,8 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import xla_flags
+
 nbformat = pytest.importorskip('nbformat', reason='needs nbformat (pip install -e ".[dev]")')
 nbclient = pytest.importorskip('nbclient', reason='needs nbclient (pip install -e ".[dev]")')
 pytest.importorskip('ipykernel', reason='needs ipykernel for the python3 kernel (pip install -e ".[dev]")')
@@ -31,7 +33,7 @@ def run_notebook(name, parameters, cwd, monkeypatch, timeout=600):
   # and sees one CPU device as a Colab CPU runtime would (not the eight fake devices of conftest.py).
   monkeypatch.setenv('PYTHONPATH', os.pathsep.join(p for p in [REPO, os.environ.get('PYTHONPATH')] if p))
   monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
-  monkeypatch.delenv('XLA_FLAGS', raising=False)
+  monkeypatch.setenv('XLA_FLAGS', xla_flags(1))
   client = nbclient.NotebookClient(nb, kernel_name='python3', timeout=timeout,
                                    resources={'metadata': {'path': str(cwd)}})
   client.execute()
