@@ -1,10 +1,11 @@
 """host_memory: a compiled program's later calls find their temporary buffer mapped (no page faults through it).
 
 Each case is a fresh process (the setting must precede JAX's CPU backend): a jitted program with
-a temporary buffer of about 100 MiB is called three times to warm up, then ten times (0.1 s
-apart, so that the previous call has freed its buffer), each counting the process's minor page faults. By default every call faults through its whole buffer
-again; kept, the heap settles after a few calls (it may grow by a buffer now and then as
-allocations of other threads fragment it) and most calls fault nothing.
+a temporary buffer of about 100 MiB is called three times to warm up, then ten times (0.1 s apart,
+so that the previous call has freed its buffer), each counting the process's minor page faults.
+By default every call faults through its whole buffer again; kept, the heap settles after a few
+calls (it may grow by a buffer now and then as allocations of other threads fragment it) and most
+calls fault nothing.
 """
 
 import os

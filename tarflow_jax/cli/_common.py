@@ -46,6 +46,7 @@ def _verbosity_asked() -> bool:
   return False
 
 
+@functools.lru_cache(maxsize=None)
 def _no_accelerator() -> bool:
   """True on a Linux machine with no TPU on its PCI bus (vendor Google) and no GPU device node.
 
@@ -64,12 +65,10 @@ def _no_accelerator() -> bool:
   return not any(os.path.exists(d) for d in ('/dev/nvidiactl', '/dev/nvidia0', '/dev/dxg', '/dev/kfd', '/dev/dri'))
 
 
-_CPU_ONLY = _no_accelerator()
-
 if not _verbosity_asked():
   # Before TensorFlow and JAX are imported: their C++ logging and backend choice are read once, then.
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow's start-up notes (oneDNN, CPU features)
-  if 'JAX_PLATFORMS' not in os.environ and 'JAX_FORCE_TPU_INIT' not in os.environ and _CPU_ONLY:
+  if 'JAX_PLATFORMS' not in os.environ and 'JAX_FORCE_TPU_INIT' not in os.environ and _no_accelerator():
     os.environ['JAX_PLATFORMS'] = 'cpu'  # no probe for a TPU: no "Unable to initialize backend", no libtpu warnings
     if 'jax' in sys.modules:  # imported already (the package's __init__): it read the variable; backends start later
       sys.modules['jax'].config.update('jax_platforms', 'cpu')
@@ -79,7 +78,7 @@ from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
 from tarflow_jax import config_lib, errors, host_memory  # pylint: disable=g-import-not-at-top
 
-if os.environ.get('JAX_PLATFORMS', '').split(',')[0] == 'cpu' or _CPU_ONLY:
+if os.environ.get('JAX_PLATFORMS', '').split(',')[0] == 'cpu' or _no_accelerator():
   # Before JAX starts its CPU backend and TensorFlow its threads: the buffers of one call of a
   # compiled program are reused by the next instead of mapped afresh (host_memory).
   host_memory.reuse_freed_memory()
