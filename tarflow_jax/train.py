@@ -18,7 +18,7 @@ import numpy as np
 import optax
 
 from tarflow_jax import checkpoint, config_lib, data, errors, evaluation, finetune, images, likelihood, sampling
-from tarflow_jax import sharding
+from tarflow_jax import attention, sharding
 from tarflow_jax import model as model_lib
 
 
@@ -147,10 +147,13 @@ def train_step(state: dict, batch: dict, *, model, tx, config, lr: optax.Schedul
   # float32's range): such a step must not reach the state, or the next checkpoint holds it.
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & checkpoint.all_finite(new)
   keep = {**state, 'step': state['step'] + 1}
-  # One conditional over the whole state. A select per leaf is the same function, but XLA's CPU
-  # backend fuses the flag (a reduction over every leaf) into each select, and its fusion pass
-  # then takes most of the step's compile time (README, figures).
-  new = jax.lax.cond(finite, lambda: new, lambda: keep)
+  if attention.platform() == 'cpu':
+    # The same function as the selects below, but XLA's CPU backend fuses the flag (a reduction
+    # over every leaf) into each select, and its fusion pass then takes most of the step's compile
+    # time. On a TPU the conditional costs memory instead (README, figures).
+    new = jax.lax.cond(finite, lambda: new, lambda: keep)
+  else:
+    new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, keep)
   metrics = {
       'loss': loss, 'loss/mse_z': 0.5 * jnp.mean(stats['z2']), 'loss/logdet': stats['logdet'],
       'grad_norm': grad_norm, 'lr': lr(state['step']), 'finite': finite.astype(jnp.float32),
