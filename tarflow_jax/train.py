@@ -146,14 +146,7 @@ def train_step(state: dict, batch: dict, *, model, tx, config, lr: optax.Schedul
   # A finite gradient can still overflow in the update (a huge learning rate, an Adam moment past
   # float32's range): such a step must not reach the state, or the next checkpoint holds it.
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & checkpoint.all_finite(new)
-  keep = {**state, 'step': state['step'] + 1}
-  if attention.platform() == 'cpu':
-    # The same function as the selects below, but XLA's CPU backend fuses the flag (a reduction
-    # over every leaf) into each select, and its fusion pass then takes most of the step's compile
-    # time. On a TPU the conditional costs memory instead (README, figures).
-    new = jax.lax.cond(finite, lambda: new, lambda: keep)
-  else:
-    new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, keep)
+  new = keep_if_finite(finite, new, {**state, 'step': state['step'] + 1}, attention.platform())
   metrics = {
       'loss': loss, 'loss/mse_z': 0.5 * jnp.mean(stats['z2']), 'loss/logdet': stats['logdet'],
       'grad_norm': grad_norm, 'lr': lr(state['step']), 'finite': finite.astype(jnp.float32),
@@ -162,6 +155,19 @@ def train_step(state: dict, batch: dict, *, model, tx, config, lr: optax.Schedul
   if config.noise.type == 'uniform':  # the loss is then a bound on the bits/dim of the 8-bit data
     metrics['bits_per_dim'] = likelihood.to_bits_per_dim(loss + likelihood.GAUSS_CONST)
   return new, metrics
+
+
+def keep_if_finite(finite: jax.Array, new: dict, keep: dict, platform: str) -> dict:
+  """`new` where the scalar `finite` is true, else `keep` (two trees of the same structure).
+
+  On the CPU one conditional chooses the tree: XLA's CPU backend fuses the flag (a reduction over
+  every leaf of the state) into each of a per-leaf select's kernels, and its fusion pass then takes
+  most of the training step's compile time. Other platforms select per leaf: on a TPU the
+  conditional costs memory (README, figures).
+  """
+  if platform == 'cpu':
+    return jax.lax.cond(finite, lambda: new, lambda: keep)
+  return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, keep)
 
 
 def _accumulate(grad_fn, params, x, y, k: int):

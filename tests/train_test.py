@@ -348,6 +348,20 @@ def test_an_overflowing_update_is_not_applied_and_nothing_is_checkpointed_or_pru
   assert (_snapshot(workdir / 'checkpoints'), _snapshot(workdir / 'data_state')) == before
 
 
+@pytest.mark.parametrize('platform', ['cpu', 'tpu'])
+def test_the_finiteness_guard_keeps_the_old_state_in_either_form(platform):
+  # The CPU's conditional and the other platforms' per-leaf select, both run here on the CPU.
+  config = _checkpointed_config()
+  model = model_lib.from_config(config.model)
+  keep = train.init_state(model, train.optimizer(config, train.schedule(config, 10, 10)), 0, ema=True)
+  new = jax.tree.map(lambda x: x + 1 if jnp.issubdtype(x.dtype, jnp.integer) else x * np.nan, keep)
+  guard = jax.jit(functools.partial(train.keep_if_finite, platform=platform))
+  for finite, expected in ((True, new), (False, keep)):
+    chosen = guard(jnp.asarray(finite), new, keep)
+    assert jax.tree.structure(chosen) == jax.tree.structure(expected)
+    jax.tree.map(np.testing.assert_array_equal, chosen, expected)
+
+
 def _largest_file(directory):
   files = [os.path.join(d, f) for d, _, fs in os.walk(directory) for f in fs]
   return max(files, key=os.path.getsize)
