@@ -9,9 +9,10 @@ label drop and AdamW settings (b1, b2, weight decay; a fixed learning rate) of `
 float32 on the CPU, on the same uint8 batch:
 
 - library: the step `train.build` compiles for training (`train.train_step` jitted on the
-  config's mesh, the state donated): noise and label drop, forward, loss, backward, AdamW.
+  config's mesh, the state donated): noise and label drop, forward, loss, backward, AdamW; with the
+  config's `grad_accum_steps` (the batch's gradient summed over micro-batches, the same update).
 - reference: the loop body of the reference's train.py, eagerly: Gaussian noise, label drop,
-  `zero_grad`, forward, `get_loss`, backward, `torch.optim.AdamW.step`.
+  `zero_grad`, forward, `get_loss`, backward, `torch.optim.AdamW.step`, over the whole batch at once.
 
 Each side runs as its own training does: the library in this process, started as the command
 lines start (`tarflow_jax.cli`: on a CPU-only machine, freed host memory kept for reuse), the
@@ -78,6 +79,15 @@ def library_step(config):
   return program.step, state, sharding.global_batch(mesh, batch), mesh, batch
 
 
+def check_comparable(config) -> None:
+  """Exits with one line unless the reference Model can run `config`'s training step."""
+  m = config.model
+  if (not m.nvp or config.noise.type != 'gaussian' or m.dtype != 'float32' or m.head_dim != 64
+      or m.expansion != 4 or config.optim.grad_clip > 0):
+    sys.exit('The reference Model has head_dim 64 and expansion 4; this comparison covers float32 models with '
+             'nvp=True, Gaussian noise and no gradient clipping.')
+
+
 def reference_step(reference_dir: str, config, batch):
   """A function running one eager training step of the reference Model, as its train.py's loop body."""
   import torch  # pylint: disable=g-import-not-at-top
@@ -85,10 +95,6 @@ def reference_step(reference_dir: str, config, batch):
   import transformer_flow  # pylint: disable=g-import-not-at-top
 
   m, o = config.model, config.optim
-  if (not m.nvp or config.noise.type != 'gaussian' or m.dtype != 'float32' or m.head_dim != 64
-      or m.expansion != 4 or config.optim.grad_clip > 0 or config.get('grad_accum_steps', 1) != 1):
-    raise ValueError('The reference Model has head_dim 64 and expansion 4; this comparison covers float32 models '
-                     'with nvp=True, Gaussian noise, no gradient clipping and no gradient accumulation.')
   torch.manual_seed(0)
   model = transformer_flow.Model(in_channels=m.in_channels, img_size=m.img_size, patch_size=m.patch_size,
                                  channels=m.channels, num_blocks=m.num_blocks, layers_per_block=m.layers_per_block,
@@ -139,13 +145,22 @@ def main():
   from tarflow_jax import config_lib  # pylint: disable=g-import-not-at-top
 
   config = config_lib.load(args.config)
+  check_comparable(config)
   step, state, batch, mesh, host_batch = library_step(config)
   spawn = multiprocessing.get_context('spawn')
   connection, child_end = spawn.Pipe()
   child = spawn.Process(
       target=reference_worker, args=(child_end, args.reference_dir, args.config, host_batch, threads), daemon=True)
   child.start()
-  torch_version = connection.recv()
+  child_end.close()  # the child holds the only other end: its exit ends the parent's wait (EOFError)
+
+  def receive():
+    try:
+      return connection.recv()
+    except EOFError:
+      sys.exit(f'The reference process ended (exit code {child.exitcode}); its error is printed above.')
+
+  torch_version = receive()
 
   def time_library(n):
     nonlocal state
@@ -158,7 +173,7 @@ def main():
 
   def time_reference(n):
     connection.send(n)
-    return connection.recv()
+    return receive()
 
   sides = {'library': time_library, 'reference': time_reference}
   for run in sides.values():  # compile, allocate, warm the caches
@@ -171,7 +186,9 @@ def main():
   child.join()
   ratios = [ref_s / lib_s for ref_s, lib_s in zip(times['reference'], times['library'])]
   m = config.model
-  print(f'{os.path.basename(args.config)}: batch {config.batch_size}, {(m.img_size // m.patch_size) ** 2} tokens, '
+  k = config.get('grad_accum_steps', 1)
+  micro = f' (the library in {k} micro-batches)' if k > 1 else ''
+  print(f'{os.path.basename(args.config)}: batch {config.batch_size}{micro}, {(m.img_size // m.patch_size) ** 2} tokens, '
         f'width {m.channels}, {m.num_blocks} blocks x {m.layers_per_block} layers; {threads} threads each '
         f'(torch {torch_version}, jax {jax.__version__}); {args.rounds} alternating rounds of {args.steps} steps')
   for name, t in times.items():
