@@ -41,15 +41,18 @@ def timed(fn, *args, repeats: int) -> dict:
           'flops': flops, 'flops_per_s': flops / median if median else 0.0, 'memory_bytes': int(memory)}
 
 
-def recount(result: dict, fn, *args) -> dict:
-  """`result` with FLOPs from XLA's cost analysis of `fn` lowered (not compiled) on `args`.
+def recount(result: dict, fn, *args, devices: int = 1) -> dict:
+  """`result` with FLOPs per device from XLA's cost analysis of `fn` lowered (not compiled) on `args`.
 
-  For models with `scan_layers` or `remat`: XLA counts a loop body once and counts the
-  recomputation, so the model FLOPs come from the same model unrolled and without remat
-  (same parameters, same result).
+  The lowered program is the whole computation, over `devices` devices (the compiled one, which
+  `timed` counts, is one device's share).
+
+  For models with `scan_layers` or `remat`, and training steps with gradient accumulation: XLA
+  counts a loop body once and counts the recomputation, so the model FLOPs come from the same
+  model unrolled and without remat, over the whole batch at once (same parameters, same result).
   """
   cost = jax.jit(fn).lower(*args).cost_analysis()
-  flops = float(cost.get('flops', 0.0))
+  flops = float(cost.get('flops', 0.0)) / devices
   return {**result, 'flops': flops, 'flops_per_s': flops / result['median_s'] if result['median_s'] else 0.0}
 
 
@@ -92,10 +95,15 @@ def run(config, what, repeats: int, sample_batch: int, chunks: int = 8, microbat
     """`timed(make_fn(model), *args)`, its FLOPs those of `make_fn(plain)` where they differ."""
     with jax.set_mesh(mesh):  # attention kernels split over the mesh, as in training
       r = timed(make_fn(model), *args, repeats=repeats)
-    return recount(r, make_fn(plain), *args) if model.scan_layers or model.remat else r
+    return recount(r, make_fn(plain), *args, devices=mesh.size) if model.scan_layers or model.remat else r
 
   if 'train' in what:
-    r = measure(lambda m: functools.partial(train.train_step, model=m, tx=tx, config=config, lr=lr), state, batch)
+    step = lambda m, c=config: functools.partial(train.train_step, model=m, tx=tx, config=c, lr=lr)
+    r = measure(step, state, batch)
+    if config.grad_accum_steps > 1:  # XLA counts the accumulation loop's body, one micro-batch, once
+      whole_batch = config.copy_and_resolve_references()
+      whole_batch.grad_accum_steps = 1
+      r = recount(r, step(plain, whole_batch), state, batch, devices=mesh.size)
     out['train'] = {**r, 'batch': b, 'images_per_s': b / r['median_s'], 'utilisation': r['flops_per_s'] / peak}
   if 'eval' in what:
     r = measure(lambda m: lambda v, x: likelihood.log_prob(m, v, images.from_uint8(x)),
