@@ -95,6 +95,7 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                  dtype='float32')
   c.data.update(num_eval_examples=64, shuffle_buffer=512)
   c.batch_size = 16
+  c.grad_accum_steps = min(c.grad_accum_steps, 2)  # micro-batches that still split over 8 devices
   c.eval_batch_size = 32
   c.num_train_steps = 6
   c.optim.update(warmup_epochs=0.0)
