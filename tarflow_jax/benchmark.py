@@ -91,23 +91,22 @@ def run(config, what, repeats: int, sample_batch: int, chunks: int = 8, microbat
       'label': rng.integers(0, max(config.model.num_classes, 1), (b,), dtype=np.int32)})
   plain = model.clone(scan_layers=False, remat=False, attention_kernel='einsum')  # model FLOPs: `recount`
 
-  def measure(make_fn, *args):
-    """`timed(make_fn(model), *args)`, its FLOPs those of `make_fn(plain)` where they differ."""
+  def measure(fn, plain_fn, *args, looped: bool = model.scan_layers or model.remat):
+    """`timed(fn, *args)`; where XLA counts a loop body once (`looped`), the FLOPs of `plain_fn` (`recount`)."""
     with jax.set_mesh(mesh):  # attention kernels split over the mesh, as in training
-      r = timed(make_fn(model), *args, repeats=repeats)
-    return recount(r, make_fn(plain), *args, devices=mesh.size) if model.scan_layers or model.remat else r
+      r = timed(fn, *args, repeats=repeats)
+    return recount(r, plain_fn, *args, devices=mesh.size) if looped else r
 
   if 'train' in what:
-    step = lambda m, c=config: functools.partial(train.train_step, model=m, tx=tx, config=c, lr=lr)
-    r = measure(step, state, batch)
-    if config.grad_accum_steps > 1:  # XLA counts the accumulation loop's body, one micro-batch, once
-      whole_batch = config.copy_and_resolve_references()
-      whole_batch.grad_accum_steps = 1
-      r = recount(r, step(plain, whole_batch), state, batch, devices=mesh.size)
+    whole_batch = config.copy_and_resolve_references()
+    whole_batch.grad_accum_steps = 1  # XLA counts the accumulation loop's body, one micro-batch, once
+    step = lambda m, c: functools.partial(train.train_step, model=m, tx=tx, config=c, lr=lr)
+    r = measure(step(model, config), step(plain, whole_batch), state, batch,
+                looped=model.scan_layers or model.remat or config.grad_accum_steps > 1)
     out['train'] = {**r, 'batch': b, 'images_per_s': b / r['median_s'], 'utilisation': r['flops_per_s'] / peak}
   if 'eval' in what:
-    r = measure(lambda m: lambda v, x: likelihood.log_prob(m, v, images.from_uint8(x)),
-                variables, batch['image'])
+    log_prob = lambda m: lambda v, x: likelihood.log_prob(m, v, images.from_uint8(x))
+    r = measure(log_prob(model), log_prob(plain), variables, batch['image'])
     out['eval'] = {**r, 'batch': b, 'images_per_s': b / r['median_s'], 'utilisation': r['flops_per_s'] / peak}
   noise = jax.random.normal(jax.random.key(1), (sample_batch, model.num_tokens, model.token_dim))
   y = jnp.arange(sample_batch) % model.num_classes if model.num_classes else None
