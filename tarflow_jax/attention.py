@@ -56,7 +56,9 @@ def causal_attention(q, k, v, *, scale: float, kernel: str = 'auto'):
   Every kernel computes the same function, with float32 logits and softmax for
   bfloat16 inputs; they differ in memory and speed:
   - 'einsum': two einsums, materialising the (B, H, T, T) logits; the
-    fastest on a CPU, and the only one for float64 models.
+    fastest on a CPU, and the only one for float64 models. On a CPU, in float32
+    or float64, its derivative is written out (`_causal_core`) so that the
+    backward pass runs only products that XLA hands to YNNPACK.
   - 'cudnn': `jax.nn.dot_product_attention` (cuDNN's fused kernels on GPU).
   - 'splash': Pallas splash attention (TPU), blockwise with an online softmax:
     memory linear in T. Needs T a multiple of 128 and a head dimension of at
@@ -76,9 +78,56 @@ def causal_attention(q, k, v, *, scale: float, kernel: str = 'auto'):
     axes, shards = sharding.context_batch_axes()
     if q.shape[0] % shards == 0 and (axes or jax.device_count() == 1):
       return _splash_causal(q, k, v, scale=scale, axes=axes, interpret=target != 'tpu')
+  if target == 'cpu' and q.dtype in (jnp.float32, jnp.float64):
+    head_major = lambda x: x.swapaxes(1, 2)  # (B, T, H, hd) -> (B, H, T, hd)
+    return _causal_core(head_major(q), head_major(k), head_major(v), scale).swapaxes(1, 2)
   t = q.shape[1]
   causal = jnp.tril(jnp.ones((t, t), bool))  # (S, T)
   return dot_product_attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), scale=scale, mask=causal)
+
+
+def _causal_softmax(logits):
+  """Softmax over the last axis of logits (B, H, S, T), each query over the keys at or before it."""
+  t = logits.shape[-1]
+  return jax.nn.softmax(jnp.where(jnp.tril(jnp.ones((t, t), bool)), logits, -jnp.inf), axis=-1)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
+def _causal_core(q, k, v, scale: float):
+  """Causal attention of head-major q, k, v (B, H, T, hd); returns (B, H, T, hd)."""
+  weights = _causal_softmax(jnp.einsum('bhsd,bhtd->bhst', q * scale, k))
+  return jnp.einsum('bhst,bhtd->bhsd', weights, v)
+
+
+@_causal_core.defjvp
+def _causal_core_jvp(scale, primals, tangents):
+  """The tangent map written so that its transpose (the backward pass) has only plain products.
+
+  XLA's CPU backend runs a batched product in YNNPACK when neither operand is contracted over its
+  second-to-last axis; the gradients of the keys and values, `dS^T Q` and `P^T dO`, are such
+  products. Here they transpose to products of explicitly transposed weights and logit gradients.
+  """
+  (q, k, v), (dq, dk, dv) = primals, tangents
+  qs = q * scale
+  weights = _causal_softmax(jnp.einsum('bhsd,bhtd->bhst', qs, k))  # (B, H, S, T)
+  out = jnp.einsum('bhst,bhtd->bhsd', weights, v)
+  runtime_true = weights[0, 0, 0, 0] == weights[0, 0, 0, 0]  # of the primal: the backward pass has it
+  d_logits = (jnp.einsum('bhsd,bhtd->bhst', dq * scale, k)
+              + materialized_swap(jnp.einsum('bhtd,bhsd->bhts', dk, qs), runtime_true))
+  d_weights = weights * (d_logits - jnp.sum(weights * d_logits, axis=-1, keepdims=True))
+  weights_t = materialized_swap(weights, runtime_true)  # (B, H, T, S)
+  d_out = jnp.einsum('bhst,bhtd->bhsd', d_weights, v) + jnp.einsum('bhts,bhtd->bhsd', weights_t, dv)
+  return out, d_out
+
+
+def materialized_swap(x, runtime_true):
+  """x (..., M, N) as (..., N, M) in memory, whatever XLA would fold or fuse (`model.materialized_transpose`).
+
+  A conditional is a fusion boundary that XLA keeps; its two branches are the same swap, so the
+  predicate (true, but computed at run time so that it is never constant-folded) changes nothing.
+  """
+  swap = lambda a: a.swapaxes(-1, -2)
+  return jax.lax.cond(runtime_true, swap, swap, x)
 
 
 def _splash_block(length: int) -> int:

@@ -104,10 +104,9 @@ def materialized_transpose(x: Array) -> Array:
   XLA's CPU backend fuses the elementwise ops that produce x (a bias, a GELU, a residual
   sum) into the transpose, and runs that fusion as a strided loop several times slower
   than the copy of a stored array; it also drops optimisation barriers before fusing. A
-  conditional is a fusion boundary that it keeps: its two branches are the same transpose,
-  so the (runtime, never constant-folded) predicate does not change the result.
+  conditional is a fusion boundary that it keeps (`attention.materialized_swap`).
   """
-  return jax.lax.cond(x[0, 0] == x[0, 0], jnp.transpose, jnp.transpose, x)
+  return attention_lib.materialized_swap(x, x[0, 0] == x[0, 0])
 
 
 class Attention(nn.Module):

@@ -27,6 +27,37 @@ def weighted_sum(kernel, temperature, q, k, v):
   return jnp.sum(out * jnp.linspace(-1.0, 1.0, out.size).reshape(out.shape))
 
 
+def plain_causal_attention(q, k, v, scale):
+  """Causal softmax attention over (B, T, H, hd), written out in float64 for the checks below."""
+  logits = jnp.einsum('bshd,bthd->bhst', q, k) * scale
+  t = q.shape[1]
+  logits = jnp.where(jnp.tril(jnp.ones((t, t), bool)), logits, -jnp.inf)
+  weights = jnp.exp(logits - logits.max(-1, keepdims=True))
+  return jnp.einsum('bhst,bthd->bshd', weights / weights.sum(-1, keepdims=True), v)
+
+
+def test_cpu_attention_and_its_written_out_derivatives_equal_a_float64_recomputation():
+  # On a CPU the einsum path's tangent map is written by hand (attention._causal_core): its value,
+  # its reverse-mode gradient (the backward pass of training), its forward-mode Jacobian (the
+  # log-determinant checks) and a second derivative against plain attention differentiated by JAX.
+  with jax.enable_x64(True):
+    q, k, v = qkv((3, 7, 2, 4), jnp.float64)
+    weights = jax.random.normal(jax.random.key(9), q.shape, jnp.float64)
+    attend = lambda q, k, v: attention.causal_attention(q, k, v, scale=0.5, kernel='einsum')
+    plain = functools.partial(plain_causal_attention, scale=0.5)
+    f32 = lambda *arrays: tuple(a.astype(jnp.float32) for a in arrays)
+    for fn, args, tol in ((attend, f32(q, k, v), 2e-6), (attend, (q, k, v), 1e-12)):
+      np.testing.assert_allclose(fn(*args), plain(q, k, v), atol=tol, rtol=tol)
+      loss = lambda fn: lambda *a: jnp.sum(fn(*a) * weights.astype(a[0].dtype))
+      for got, want in zip(jax.grad(loss(fn), argnums=(0, 1, 2))(*args), jax.grad(loss(plain), argnums=(0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(got, want, atol=tol, rtol=tol)
+      for arg in range(3):
+        np.testing.assert_allclose(jax.jacfwd(fn, argnums=arg)(*args), jax.jacfwd(plain, argnums=arg)(q, k, v),
+                                   atol=tol, rtol=tol)
+    curvature = lambda fn: jax.grad(lambda q: jnp.sum(jax.grad(lambda q: jnp.sum(fn(q, k, v) ** 2))(q) * weights))
+    np.testing.assert_allclose(curvature(attend)(q), curvature(plain)(q), atol=1e-10, rtol=1e-10)
+
+
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
 def test_cudnn_layout_mask_and_scale_equal_the_einsum_path(dtype):
   # 'cudnn' is jax.nn.dot_product_attention; off a GPU it runs jax.nn's XLA implementation.
