@@ -115,8 +115,8 @@ def _causal_core_jvp(scale, primals, tangents):
   d_logits = (jnp.einsum('bhsd,bhtd->bhst', dq * scale, k)
               + materialized_swap(jnp.einsum('bhtd,bhsd->bhts', dk, qs), runtime_true))
   d_weights = weights * (d_logits - jnp.sum(weights * d_logits, axis=-1, keepdims=True))
-  weights_t = materialized_swap(weights, runtime_true)  # (B, H, T, S)
-  d_out = jnp.einsum('bhst,bhtd->bhsd', d_weights, v) + jnp.einsum('bhts,bhtd->bhsd', weights_t, dv)
+  d_out = (jnp.einsum('bhst,bhtd->bhsd', d_weights, v)
+           + materialized_swap(jnp.einsum('bhtd,bhst->bhds', dv, weights), runtime_true))
   return out, d_out
 
 
