@@ -105,7 +105,8 @@ def _causal_core_jvp(scale, primals, tangents):
 
   XLA's CPU backend runs a batched product in YNNPACK when neither operand is contracted over its
   second-to-last axis; the gradients of the keys and values, `dS^T Q` and `P^T dO`, are such
-  products. Here they transpose to products of explicitly transposed weights and logit gradients.
+  products. Here they transpose to products of the gradients of the logits and of the output
+  swapped in memory first (`materialized_swap`): `(dS^T) Q` and `(dO^T) P`.
   """
   (q, k, v), (dq, dk, dv) = primals, tangents
   qs = q * scale
