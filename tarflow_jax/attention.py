@@ -86,17 +86,18 @@ def causal_attention(q, k, v, *, scale: float, kernel: str = 'auto'):
   return dot_product_attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), scale=scale, mask=causal)
 
 
-def _causal_softmax(logits):
-  """Softmax over the last axis of logits (B, H, S, T), each query over the keys at or before it."""
+def _causal_weights_and_out(qs, k, v):
+  """Attention weights (B, H, S, T) and output (B, H, S, hd) of head-major pre-scaled queries qs, keys k, values v."""
+  logits = jnp.einsum('bhsd,bhtd->bhst', qs, k)
   t = logits.shape[-1]
-  return jax.nn.softmax(jnp.where(jnp.tril(jnp.ones((t, t), bool)), logits, -jnp.inf), axis=-1)
+  weights = jax.nn.softmax(jnp.where(jnp.tril(jnp.ones((t, t), bool)), logits, -jnp.inf), axis=-1)
+  return weights, jnp.einsum('bhst,bhtd->bhsd', weights, v)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
 def _causal_core(q, k, v, scale: float):
   """Causal attention of head-major q, k, v (B, H, T, hd); returns (B, H, T, hd)."""
-  weights = _causal_softmax(jnp.einsum('bhsd,bhtd->bhst', q * scale, k))
-  return jnp.einsum('bhst,bhtd->bhsd', weights, v)
+  return _causal_weights_and_out(q * scale, k, v)[1]
 
 
 @_causal_core.defjvp
@@ -110,8 +111,7 @@ def _causal_core_jvp(scale, primals, tangents):
   """
   (q, k, v), (dq, dk, dv) = primals, tangents
   qs = q * scale
-  weights = _causal_softmax(jnp.einsum('bhsd,bhtd->bhst', qs, k))  # (B, H, S, T)
-  out = jnp.einsum('bhst,bhtd->bhsd', weights, v)
+  weights, out = _causal_weights_and_out(qs, k, v)
   runtime_true = weights[0, 0, 0, 0] == weights[0, 0, 0, 0]  # of the primal: the backward pass has it
   d_logits = (jnp.einsum('bhsd,bhtd->bhst', dq * scale, k)
               + materialized_swap(jnp.einsum('bhtd,bhsd->bhts', dk, qs), runtime_true))
