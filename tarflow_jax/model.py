@@ -78,13 +78,15 @@ def dense_dot_general(x: Array, kernel: Array, dimension_numbers, precision: Any
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
 def _cpu_matmul(x: Array, kernel: Array, precision: Any) -> Array:
-  """x (..., I) @ kernel (I, O), whose kernel gradient multiplies an explicit transpose of x.
+  """x (..., I) @ kernel (I, O), whose kernel gradient multiplies an explicit transpose.
 
-  Reverse mode computes the kernel gradient `x^T @ dy` from x (N, I) as stored: XLA's CPU
-  backend runs such a transposed-operand product in Eigen, after copying dy to (O, N), instead
-  of in YNNPACK (README, figures). Here the tangent map multiplies x^T, made (I, N) in memory
-  by `materialized_transpose`, so its transpose is a plain (I, N) @ (N, O). The value and the
-  derivatives are those of `x @ kernel`.
+  Reverse mode computes the kernel gradient `x^T @ dy` from x (N, I) and dy (N, O) as stored:
+  XLA's CPU backend runs such a product, contracting both operands over their first axis, in
+  its own loops instead of in YNNPACK (README, figures). Here the tangent map is written so
+  that its transpose swaps the narrower of the two in memory (`materialized_transpose`) and
+  multiplies without a transposed operand: x^T (I, N) @ dy (N, O) when I <= O, otherwise
+  dy^T (O, N) @ x (N, I), then the small (O, I) result swapped. The value and the derivatives
+  are those of `x @ kernel`.
   """
   return jnp.matmul(x, kernel, precision=precision)
 
@@ -92,9 +94,18 @@ def _cpu_matmul(x: Array, kernel: Array, precision: Any) -> Array:
 @_cpu_matmul.defjvp
 def _cpu_matmul_jvp(precision, primals, tangents):
   (x, kernel), (dx, dkernel) = primals, tangents
-  x_t = materialized_transpose(x.reshape(-1, x.shape[-1]))  # (I, N)
-  dkernel_term = jax.lax.dot_general(x_t, dkernel, (((0,), (0,)), ((), ())), precision=precision)  # (N, O)
   out = jnp.matmul(x, kernel, precision=precision)
+  x2 = x.reshape(-1, x.shape[-1])  # (N, I)
+  if kernel.shape[0] <= kernel.shape[1]:
+    x_t = materialized_transpose(x2)  # (I, N), of the primal: a residual of the backward pass
+    dkernel_term = jax.lax.dot_general(x_t, dkernel, (((0,), (0,)), ((), ())), precision=precision)  # (N, O)
+  else:
+    # (O, I) by (N, I) -> (O, N), swapped: the backward pass swaps dy (N, O) instead. The swap of
+    # dkernel is a conditional too, or XLA folds its transpose into the (O, N) @ (N, I) product.
+    runtime_true = x2[0, 0] == x2[0, 0]
+    dkernel_t = attention_lib.materialized_swap(dkernel, runtime_true)  # (O, I)
+    term_t = jax.lax.dot_general(dkernel_t, x2, (((1,), (1,)), ((), ())), precision=precision)  # (O, N)
+    dkernel_term = attention_lib.materialized_swap(term_t, runtime_true)  # (N, O)
   return out, jnp.matmul(dx, kernel, precision=precision) + dkernel_term.reshape(out.shape)
 
 

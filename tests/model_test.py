@@ -145,12 +145,15 @@ def test_gelu_is_exact_gelu_with_its_derivative():
     np.testing.assert_allclose(jax.vmap(jax.grad(model_lib.gelu))(x), fd, atol=1e-8)
 
 
-def test_dense_products_and_their_derivatives_are_those_of_a_matmul():
-  # The CPU path of every Dense layer (an explicit transpose in the kernel's tangent map) against numpy.
+@pytest.mark.parametrize('features_in, features_out', [(4, 5), (5, 4)])
+def test_dense_products_and_their_derivatives_are_those_of_a_matmul(features_in, features_out):
+  # The CPU path of every Dense layer (an explicit transpose in the kernel's tangent map: of x when
+  # it is the narrower, of the output's cotangent otherwise) against numpy.
   assert model_lib.attention_lib.platform() == 'cpu'
   with jax.enable_x64():
     rng = np.random.default_rng(0)
-    x, kernel, dy = rng.normal(size=(2, 3, 4)), rng.normal(size=(4, 5)), rng.normal(size=(2, 3, 5))
+    x, kernel = rng.normal(size=(2, 3, features_in)), rng.normal(size=(features_in, features_out))
+    dy = rng.normal(size=(2, 3, features_out))
     dx_in, dk_in = rng.normal(size=x.shape), rng.normal(size=kernel.shape)
     f = lambda x, k: model_lib.dense_dot_general(x, k, (((2,), (0,)), ((), ())))
     np.testing.assert_allclose(f(x, kernel), x @ kernel, rtol=1e-12)
