@@ -102,7 +102,9 @@ def _cpu_matmul_jvp(precision, primals, tangents):
   else:
     # (O, I) by (N, I) -> (O, N), swapped: the backward pass swaps dy (N, O) instead. The swap of
     # dkernel is a conditional too, or XLA folds its transpose into the (O, N) @ (N, I) product.
-    runtime_true = x2[0, 0] == x2[0, 0]
+    # The predicate reads the kernel: read from x, it is a second consumer of x's producer, and XLA
+    # then stores that producer's intermediates (a GELU's erf) instead of fusing them into x.
+    runtime_true = kernel[0, 0] == kernel[0, 0]
     dkernel_t = attention_lib.materialized_swap(dkernel, runtime_true)  # (O, I)
     term_t = jax.lax.dot_general(dkernel_t, x2, (((1,), (1,)), ((), ())), precision=precision)  # (O, N)
     dkernel_term = attention_lib.materialized_swap(term_t, runtime_true)  # (N, O)
@@ -174,13 +176,19 @@ class Attention(nn.Module):
     return self._out(out), {'k': k_cache, 'v': v_cache}
 
 
-@jax.custom_jvp
 def gelu(x: Array) -> Array:
   """Exact (erf) GELU, `x * Phi(x)`, as torch's default and the reference.
 
-  Its derivative `Phi(x) + x * phi(x)` is written out: the backward pass is one
-  elementwise pass over the saved input instead of autodiff through erf.
+  Its derivative `Phi(x) + x * phi(x)` is written out (`_gelu_jvp`) and recomputed
+  from x in the backward pass (`jax.checkpoint`): the forward pass is one elementwise
+  pass that saves only its input, and the backward pass one pass over x and the
+  cotangent, instead of autodiff through erf and a stored erf(x).
   """
+  return jax.checkpoint(_gelu)(x)
+
+
+@jax.custom_jvp
+def _gelu(x: Array) -> Array:
   return x * _normal_cdf(x)
 
 
@@ -188,7 +196,7 @@ def _normal_cdf(x: Array) -> Array:
   return 0.5 * (1.0 + jax.lax.erf(x * np.asarray(0.5**0.5, x.dtype)))
 
 
-@gelu.defjvp
+@_gelu.defjvp
 def _gelu_jvp(primals, tangents):
   (x,), (dx,) = primals, tangents
   cdf = _normal_cdf(x)
