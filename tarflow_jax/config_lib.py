@@ -211,11 +211,11 @@ def finalize(c: ml_collections.ConfigDict, arg=None) -> ml_collections.ConfigDic
 
 
 def config_path(spec: str) -> str:
-  """The file of a `configs/<name>.py[:arg]` spec; raises FileNotFoundError if there is no such file."""
+  """The file of a `configs/<name>.py[:arg]` spec; raises errors.NotFound if there is no such file."""
   path = spec.partition(':')[0]
   if not os.path.isfile(path):
-    raise FileNotFoundError(f'No config file {path!r}: give a path to configs/<name>.py, optionally with ":smoke" '
-                            'or ":cpu_digits" (the configs are in the repository, not in the installed package).')
+    raise errors.NotFound(f'No config file {path!r}: give a path to configs/<name>.py, optionally with ":smoke" '
+                          'or ":cpu_digits" (the configs are in the repository, not in the installed package).')
   return path
 
 

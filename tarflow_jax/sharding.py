@@ -5,7 +5,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from tarflow_jax import config_lib
+from tarflow_jax import config_lib, errors
 
 BATCH_AXES = ('data', 'fsdp')
 
@@ -16,14 +16,14 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> jax.shard
   n = len(devices)
   sizes = [mesh_config.data, mesh_config.fsdp]
   if sizes.count(-1) > 1:
-    raise ValueError(f'At most one mesh axis may be -1, got data={sizes[0]}, fsdp={sizes[1]}.')
+    raise errors.UserError(f'At most one mesh axis may be -1, got data={sizes[0]}, fsdp={sizes[1]}.')
   known = int(np.prod([s for s in sizes if s != -1]))
   if -1 in sizes:
     if n % known:
-      raise ValueError(f'{n} devices cannot be split into mesh data={sizes[0]}, fsdp={sizes[1]}.')
+      raise errors.UserError(f'{n} devices cannot be split into mesh data={sizes[0]}, fsdp={sizes[1]}.')
     sizes[sizes.index(-1)] = n // known
   if int(np.prod(sizes)) != n:
-    raise ValueError(f'Mesh data={sizes[0]} x fsdp={sizes[1]} does not use the {n} devices; use -1 for one axis.')
+    raise errors.UserError(f'Mesh data={sizes[0]} x fsdp={sizes[1]} does not use the {n} devices; use -1 for one axis.')
   return jax.make_mesh(tuple(sizes), BATCH_AXES, devices=devices,
                        axis_types=(jax.sharding.AxisType.Auto,) * 2)
 
