@@ -55,12 +55,6 @@ def pad_batch(a, size: int, value=0) -> np.ndarray:
   return np.concatenate([a, np.full((size - len(a),) + a.shape[1:], value, a.dtype)])
 
 
-def check_microbatch(batch_size: int, microbatch: int, setting: str = 'microbatch') -> None:
-  """Raises errors.UserError naming `setting` unless micro-batches of `microbatch` examples make up the batch."""
-  if microbatch <= 0 or batch_size % microbatch:
-    raise errors.UserError(f'{setting}={microbatch} must divide the batch of {batch_size} samples.')
-
-
 class Batches:
   """Iterator over numpy batches whose position can be saved and restored (exact resume)."""
 

@@ -12,7 +12,7 @@ from typing import Optional, Union
 import jax
 import jax.numpy as jnp
 
-from tarflow_jax import data, errors, likelihood
+from tarflow_jax import errors, likelihood, sharding
 from tarflow_jax.model import FlowBlock, TarFlow, check_labels, extend_cache, flow_dtype, on_block, unpatchify
 
 Array = jax.Array
@@ -194,7 +194,7 @@ def _sample_sequentially(model, variables, noise, labels, weight, attn_temp, *, 
   """`_sample` with a `Sequential` decoder, the whole batch at once or in micro-batches: (images, trajectory)."""
   batch, microbatch = noise.shape[0], decoder.microbatch
   if microbatch is not None:
-    data.check_microbatch(batch, microbatch)
+    sharding.check_microbatch(batch, microbatch)
   args = (model, variables, noise, labels, weight, attn_temp)
   if microbatch is None or microbatch == batch:
     images, _, trajectory = _sample(*args, decoder=decoder, **static)
@@ -275,9 +275,8 @@ def _sample_in_microbatches(model, variables, noise, labels, weight, attn_temp, 
   """`_sample` over micro-batches in turn (`lax.map`): the images (B, H, W, C) and the trajectory (or None)."""
   batch, microbatch = noise.shape[0], decoder.microbatch
   groups = batch // microbatch
-  # Group j holds samples j, j + groups, ...: a batch split over devices stays split in every group.
-  split = lambda a: None if a is None else jnp.swapaxes(a.reshape(microbatch, groups, *a.shape[1:]), 0, 1)
-  merge = lambda x: jnp.swapaxes(x, 0, 1).reshape(batch, *x.shape[2:])  # (groups, microbatch, ...) -> (B, ...)
+  split = lambda a: None if a is None else sharding.split_microbatches(a, groups)  # (groups, microbatch, ...)
+  merge = sharding.merge_microbatches
 
   def decode(group):
     images, _, trajectory = _sample(model, variables, *group, weight, attn_temp, decoder=decoder, **static)

@@ -166,11 +166,11 @@ def keep_if_finite(finite: jax.Array, new: dict, keep: dict) -> dict:
 def _accumulate(grad_fn, params, x, y, k: int):
   """The mean over k micro-batches of `grad_fn(params, x_i, y_i)`: ((loss, stats), grads).
 
-  Micro-batch i holds examples i, i + k, ...: a batch split over devices stays split, with
-  no data moved between them. Every output of `grad_fn` is a mean over its examples, so the
-  mean over equal micro-batches is the value of the whole batch.
+  Micro-batch i holds examples i, i + k, ... (`sharding.split_microbatches`). Every output of
+  `grad_fn` is a mean over its examples, so the mean over equal micro-batches is the value of the
+  whole batch.
   """
-  split = lambda a: None if a is None else a.reshape(a.shape[0] // k, k, *a.shape[1:]).swapaxes(0, 1)
+  split = lambda a: None if a is None else sharding.split_microbatches(a, k)
   micro_x, micro_y = split(x), split(y)  # (k, B / k, ...)
   first = jax.eval_shape(grad_fn, params, micro_x[0], None if y is None else micro_y[0])
   zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), first)

@@ -118,7 +118,7 @@ def main(argv):
   batch_size = min(FLAGS.batch_size, num)
   microbatch = min(FLAGS.microbatch, batch_size) or None
   if microbatch:
-    data.check_microbatch(batch_size, microbatch, '--microbatch')
+    sharding.check_microbatch(batch_size, microbatch, '--microbatch')
   if FLAGS.decoder == 'jacobi':
     decoder = sampling.Jacobi(FLAGS.jacobi_segment, FLAGS.jacobi_max_iters, FLAGS.jacobi_tol)
   else:
