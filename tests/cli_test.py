@@ -240,6 +240,24 @@ def test_libraries_define_no_flags_and_read_no_argv():
     assert re.search(r'_common\.run\(main[,)]', path.read_text()), path  # every command line goes through the boundary
 
 
+@pytest.mark.parametrize('command', ['train', 'sample', 'evaluate', 'convert', 'bench', 'aot'])
+def test_importing_a_command_line_changes_nothing_in_the_process(command):
+  # JAX's platform and malloc's settings are chosen in `_common.run`, not on import; TensorFlow is
+  # imported by the command's `main` only.
+  script = ('import os, sys\n'
+            'from tarflow_jax import host_memory\n'
+            'host_memory.reuse_freed_memory = lambda: sys.exit("malloc changed on import")\n'
+            f'from tarflow_jax.cli import {command}\n'
+            'import jax\n'
+            'print(os.environ.get("JAX_PLATFORMS"), jax.config.jax_platforms, "tensorflow" in sys.modules)\n')
+  env = dict(os.environ, PYTHONPATH=REPO)
+  env.pop('JAX_PLATFORMS', None)
+  result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, cwd=REPO, env=env,
+                          timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.split() == ['None', 'None', 'False'], result.stdout
+
+
 NOISE = ('oneDNN', "Unable to initialize backend", 'host bounds', 'TPU_ACCELERATOR_TYPE', 'InitGoogle',
          '_NonBlockingMetadataStore', 'Sharding callback duration')
 
