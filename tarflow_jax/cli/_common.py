@@ -25,6 +25,7 @@ import re
 import sys
 from typing import Callable, Optional
 
+from tarflow_jax.cli import _quiet_import
 
 
 def _verbosity_asked() -> bool:
@@ -46,7 +47,8 @@ def _verbosity_asked() -> bool:
 
 if not _verbosity_asked():
   # Before TensorFlow is imported: its C++ logging is read once, then.
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow's start-up notes (oneDNN, CPU features)
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow's INFO logs once its logging has started
+  _quiet_import.install(('tensorflow',))  # and the notes it prints while it loads, before that (oneDNN, CPU features)
 
 from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
