@@ -34,12 +34,8 @@ def get_config(arg=None):
   c.data.update(source='tfds', name='imagenet2012', train_split='train', eval_split='validation', flip=True)
   c.noise.update(type='gaussian', std=0.15)
   c.label_drop = 0.1
-  # TPU-sized: each layer recomputed in the backward pass (one scan per block), parameters and Adam
-  # moments sharded over every chip (`python -m tarflow_jax.cli.aot` shows what each slice needs).
-  c.model.update(remat=True, scan_layers=True)
-  c.mesh.update(data=1, fsdp=-1)
-  c.grad_accum_steps = 2  # the paper's batch of 768 in two halves: a v4-32 holds the activations of 24 per chip
-  c.batch_size = 768
+  # The paper's batch of 768 in two halves: a v4-32 holds the activations of 24 per chip.
+  config_lib.tpu_sized(c, batch_size=768, grad_accum_steps=2)
   c.num_epochs = 320.0
   c.optim.lr = 1e-4
   # Guidance weight 2.0 is ours (no reference FID command at 128); annealed and denoised as evaluate_fid.py.

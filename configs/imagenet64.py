@@ -41,12 +41,8 @@ def get_config(arg=None):
                 flip=True)
   c.noise.update(type='gaussian', std=0.05)
   c.label_drop = 0.0
-  # TPU-sized: each layer recomputed in the backward pass (one scan per block), parameters and Adam
-  # moments sharded over every chip (`python -m tarflow_jax.cli.aot` shows what each slice needs).
-  c.model.update(remat=True, scan_layers=True)
-  c.mesh.update(data=1, fsdp=-1)
-  c.grad_accum_steps = 2  # the batch in two halves: one half's activations fit a v4-8 (64 examples per chip)
-  c.batch_size = 256
+  # The batch in two halves: one half's activations fit a v4-8 (64 examples per chip).
+  config_lib.tpu_sized(c, batch_size=256, grad_accum_steps=2)
   c.num_epochs = 200.0
   c.optim.lr = 1e-4
   # Guidance by attention temperature: weight and temperature are ours (see the docstring); annealed and

@@ -36,12 +36,8 @@ def get_config(arg=None):
   c.data.update(source='tfds', name='imagenet2012', train_split='train', eval_split='validation', flip=True)
   c.noise.update(type='gaussian', std=0.05)
   c.label_drop = 0.1
-  # TPU-sized: each layer recomputed in the backward pass (one scan per block), parameters and Adam
-  # moments sharded over every chip (`python -m tarflow_jax.cli.aot` shows what each slice needs).
-  c.model.update(remat=True, scan_layers=True)
-  c.mesh.update(data=1, fsdp=-1)
-  c.grad_accum_steps = 2  # the batch in two halves: one half's activations fit a v4-8 (64 examples per chip)
-  c.batch_size = 256
+  # The batch in two halves: one half's activations fit a v4-8 (64 examples per chip).
+  config_lib.tpu_sized(c, batch_size=256, grad_accum_steps=2)
   c.num_epochs = 200.0
   c.optim.lr = 1e-4
   # evaluate_fid.py: --cfg=2.3, annealed_guidance=True, --self_denoising_lr=1.0, --attn_temp=1.0.

@@ -2,10 +2,10 @@
 
 from tarflow_jax.reference import load_reference_checkpoint
 from tarflow_jax.likelihood import bits_per_dim, log_prob, loss
-from tarflow_jax.model import TarFlow, init_variables
+from tarflow_jax.model import Spec, TarFlow, init_variables
 from tarflow_jax.sampling import denoise, sample
 
-__all__ = ['TarFlow', 'bits_per_dim', 'denoise', 'init_variables', 'load_reference_checkpoint', 'log_prob',
+__all__ = ['Spec', 'TarFlow', 'bits_per_dim', 'denoise', 'init_variables', 'load_reference_checkpoint', 'log_prob',
            'loss', 'sample', 'train_and_evaluate']
 
 

@@ -6,29 +6,17 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from tarflow_jax import sharding
+from tarflow_jax import errors, platforms, sharding, xla_cpu
 
 KERNELS = ('auto', 'einsum', 'cudnn', 'splash')
 # Splash attention tiles the sequence in blocks of the largest of these that divides it.
 SPLASH_BLOCKS = (512, 256, 128)
 
 
-def platform() -> str:
-  """The platform that code traced now is lowered for: the context mesh's devices, else the default backend.
-
-  The ahead-of-time compiler (`tarflow_jax.aot`) traces on a CPU host for TPU devices; the
-  mesh it sets (`jax.set_mesh`) names the target platform.
-  """
-  mesh = jax.sharding.get_abstract_mesh()
-  if not mesh.empty:
-    return mesh.abstract_device.platform
-  return jax.default_backend()
-
-
 def resolve(kernel: str, target: str) -> str:
   """The kernel that `kernel` ('auto' or a name) means on the platform `target`."""
   if kernel not in KERNELS:
-    raise ValueError(f'Unknown attention kernel {kernel!r}; use one of {", ".join(KERNELS)}.')
+    raise errors.UserError(f'Unknown attention kernel {kernel!r}; use one of {", ".join(KERNELS)}.')
   if kernel != 'auto':
     return kernel
   return {'tpu': 'splash', 'gpu': 'cudnn', 'cuda': 'cudnn'}.get(target, 'einsum')
@@ -56,9 +44,7 @@ def causal_attention(q, k, v, *, scale: float, kernel: str = 'auto'):
   Every kernel computes the same function, with float32 logits and softmax for
   bfloat16 inputs; they differ in memory and speed:
   - 'einsum': two einsums, materialising the (B, H, T, T) logits; the
-    fastest on a CPU, and the only one for float64 models. On a CPU, in float32
-    or float64, its derivative is written out (`_causal_core`) so that the
-    backward pass runs only products that XLA hands to YNNPACK.
+    fastest on a CPU, and the only one for float64 models.
   - 'cudnn': `jax.nn.dot_product_attention` (cuDNN's fused kernels on GPU).
   - 'splash': Pallas splash attention (TPU), blockwise with an online softmax:
     memory linear in T. Needs T a multiple of 128 and a head dimension of at
@@ -68,7 +54,7 @@ def causal_attention(q, k, v, *, scale: float, kernel: str = 'auto'):
     Pallas' interpret mode (for tests).
   - 'auto': splash on TPU, cuDNN on GPU, einsums elsewhere.
   """
-  target = platform()
+  target = platforms.target()
   kernel = resolve(kernel, target)
   if q.dtype == jnp.float64:
     kernel = 'einsum'
@@ -78,57 +64,15 @@ def causal_attention(q, k, v, *, scale: float, kernel: str = 'auto'):
     axes, shards = sharding.context_batch_axes()
     if q.shape[0] % shards == 0 and (axes or jax.device_count() == 1):
       return _splash_causal(q, k, v, scale=scale, axes=axes, interpret=target != 'tpu')
-  if target == 'cpu' and q.dtype in (jnp.float32, jnp.float64):
-    head_major = lambda x: x.swapaxes(1, 2)  # (B, T, H, hd) -> (B, H, T, hd)
-    return _causal_core(head_major(q), head_major(k), head_major(v), scale).swapaxes(1, 2)
+  return _einsum_causal_attention(q, k, v, scale)
+
+
+@xla_cpu.replaced_on_cpu('attention', xla_cpu.causal_attention)
+def _einsum_causal_attention(q, k, v, scale: float):
+  """Causal `dot_product_attention` over (B, T, H, hd) arrays; returns (B, T, H, hd)."""
   t = q.shape[1]
   causal = jnp.tril(jnp.ones((t, t), bool))  # (S, T)
   return dot_product_attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), scale=scale, mask=causal)
-
-
-def _causal_weights_and_out(qs, k, v):
-  """Attention weights (B, H, S, T) and output (B, H, S, hd) of head-major pre-scaled queries qs, keys k, values v."""
-  logits = jnp.einsum('bhsd,bhtd->bhst', qs, k)
-  t = logits.shape[-1]
-  weights = jax.nn.softmax(jnp.where(jnp.tril(jnp.ones((t, t), bool)), logits, -jnp.inf), axis=-1)
-  return weights, jnp.einsum('bhst,bhtd->bhsd', weights, v)
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
-def _causal_core(q, k, v, scale: float):
-  """Causal attention of head-major q, k, v (B, H, T, hd); returns (B, H, T, hd)."""
-  return _causal_weights_and_out(q * scale, k, v)[1]
-
-
-@_causal_core.defjvp
-def _causal_core_jvp(scale, primals, tangents):
-  """The tangent map written so that its transpose (the backward pass) has only plain products.
-
-  XLA's CPU backend runs a batched product in YNNPACK when neither operand is contracted over its
-  second-to-last axis; the gradients of the keys and values, `dS^T Q` and `P^T dO`, are such
-  products. Here they transpose to products of the gradients of the logits and of the output
-  swapped in memory first (`materialized_swap`): `(dS^T) Q` and `(dO^T) P`.
-  """
-  (q, k, v), (dq, dk, dv) = primals, tangents
-  qs = q * scale
-  weights, out = _causal_weights_and_out(qs, k, v)
-  runtime_true = weights[0, 0, 0, 0] == weights[0, 0, 0, 0]  # of the primal: the backward pass has it
-  d_logits = (jnp.einsum('bhsd,bhtd->bhst', dq * scale, k)
-              + materialized_swap(jnp.einsum('bhtd,bhsd->bhts', dk, qs), runtime_true))
-  d_weights = weights * (d_logits - jnp.sum(weights * d_logits, axis=-1, keepdims=True))
-  d_out = (jnp.einsum('bhst,bhtd->bhsd', d_weights, v)
-           + materialized_swap(jnp.einsum('bhtd,bhst->bhds', dv, weights), runtime_true))
-  return out, d_out
-
-
-def materialized_swap(x, runtime_true):
-  """x (..., M, N) as (..., N, M) in memory, whatever XLA would fold or fuse (`model.materialized_transpose`).
-
-  A conditional is a fusion boundary that XLA keeps; its two branches are the same swap, so the
-  predicate (true, but computed at run time so that it is never constant-folded) changes nothing.
-  """
-  swap = lambda a: a.swapaxes(-1, -2)
-  return jax.lax.cond(runtime_true, swap, swap, x)
 
 
 def _splash_block(length: int) -> int:

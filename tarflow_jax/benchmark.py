@@ -6,6 +6,7 @@ same process, a utilisation ratio that survives noisy shared machines. The comma
 `python -m tarflow_jax.cli.bench`.
 """
 
+import dataclasses
 import functools
 import resource
 import time
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tarflow_jax import flops as flops_lib
-from tarflow_jax import images, likelihood, sampling, sharding, train
+from tarflow_jax import images, likelihood, platforms, sampling, sharding, train
 from tarflow_jax import model as model_lib
 
 
@@ -74,9 +75,9 @@ def peak_memory_bytes() -> int:
 def run(config, what, repeats: int, sample_batch: int, chunks: int = 8, microbatch: Optional[int] = None) -> dict:
   model = model_lib.from_config(config.model)
   mesh = sharding.make_mesh(config.mesh)
-  on_accelerator = jax.default_backend() != 'cpu'
-  peak = matmul_rate(jnp.bfloat16 if on_accelerator else jnp.float32, repeats)
-  out = {'backend': jax.default_backend(), 'devices': jax.device_count(), 'matmul_flops_per_s': peak,
+  backend = platforms.target()
+  peak = matmul_rate(jnp.float32 if backend == 'cpu' else jnp.bfloat16, repeats)
+  out = {'backend': backend, 'devices': jax.device_count(), 'matmul_flops_per_s': peak,
          'decoding': {'chunks': chunks, 'microbatch': microbatch or sample_batch},
          'config': {k: config.model[k] for k in config.model}}
   lr = train.schedule(config, 100, 1000)
@@ -89,9 +90,10 @@ def run(config, what, repeats: int, sample_batch: int, chunks: int = 8, microbat
       'image': rng.integers(0, 256, (b, config.model.img_size, config.model.img_size, config.model.in_channels),
                             dtype=np.uint8),
       'label': rng.integers(0, max(config.model.num_classes, 1), (b,), dtype=np.int32)})
-  plain = model.clone(scan_layers=False, remat=False, attention_kernel='einsum')  # model FLOPs: `recount`
+  plain = model.clone(spec=dataclasses.replace(model.spec, scan_layers=False, remat=False,
+                                                attention_kernel='einsum'))  # model FLOPs: `recount`
 
-  def measure(fn, plain_fn, *args, looped: bool = model.scan_layers or model.remat):
+  def measure(fn, plain_fn, *args, looped: bool = model.spec.scan_layers or model.spec.remat):
     """`timed(fn, *args)`; where XLA counts a loop body once (`looped`), the FLOPs of `plain_fn` (`recount`)."""
     with jax.set_mesh(mesh):  # attention kernels split over the mesh, as in training
       r = timed(fn, *args, repeats=repeats)
@@ -102,17 +104,17 @@ def run(config, what, repeats: int, sample_batch: int, chunks: int = 8, microbat
     whole_batch.grad_accum_steps = 1  # XLA counts the accumulation loop's body, one micro-batch, once
     step = lambda m, c: functools.partial(train.train_step, model=m, tx=tx, config=c, lr=lr)
     r = measure(step(model, config), step(plain, whole_batch), state, batch,
-                looped=model.scan_layers or model.remat or config.grad_accum_steps > 1)
+                looped=model.spec.scan_layers or model.spec.remat or config.grad_accum_steps > 1)
     out['train'] = {**r, 'batch': b, 'images_per_s': b / r['median_s'], 'utilisation': r['flops_per_s'] / peak}
   if 'eval' in what:
     log_prob = lambda m: lambda v, x: likelihood.log_prob(m, v, images.from_uint8(x))
     r = measure(log_prob(model), log_prob(plain), variables, batch['image'])
     out['eval'] = {**r, 'batch': b, 'images_per_s': b / r['median_s'], 'utilisation': r['flops_per_s'] / peak}
   noise = jax.random.normal(jax.random.key(1), (sample_batch, model.num_tokens, model.token_dim))
-  y = jnp.arange(sample_batch) % model.num_classes if model.num_classes else None
+  y = jnp.arange(sample_batch) % model.spec.num_classes if model.spec.num_classes else None
   guidance = sampling.guidance_from_config(config)
   if not guidance.enabled:  # guided decoding is timed even where the experiment samples without it
-    guidance = sampling.Guidance(weight=1.0, attn_temp=1.0 if model.num_classes else 0.7)
+    guidance = sampling.Guidance(weight=1.0, attn_temp=1.0 if model.spec.num_classes else 0.7)
   decoders = {}
   if 'sample' in what:
     sequential = sampling.Sequential(chunks=chunks, microbatch=microbatch)

@@ -52,7 +52,7 @@ def manager(directory: str, max_to_keep: Optional[int] = None, **options) -> ocp
       item_names=('model', 'train', 'ema', 'config'))
 
 
-class DamagedCheckpointError(RuntimeError):
+class DamagedCheckpointError(errors.UserError):
   """A checkpoint step whose files cannot be read; the message names its directory."""
 
 
@@ -69,15 +69,16 @@ def save_model(directory: str, variables, config: ml_collections.ConfigDict, ste
                overwrite: bool = False) -> None:
   """Writes variables {'params', 'prior'} and the config as checkpoint `step` of `directory`.
 
-  Raises FileExistsError if `directory` already holds checkpoints, unless `overwrite`, which
+  Raises errors.AlreadyExists if `directory` already holds checkpoints, unless `overwrite`, which
   deletes them first.
   """
   mngr = manager(directory)
   try:
     existing = list(mngr.all_steps())
     if existing and not overwrite:
-      raise FileExistsError(f'{directory!r} already holds a checkpoint (steps {existing}) and nothing was written: '
-                            'choose another directory, or pass --overwrite (overwrite=True) to replace it.')
+      raise errors.AlreadyExists(f'{directory!r} already holds a checkpoint (steps {existing}) and nothing was '
+                                 'written: choose another directory, or pass --overwrite (overwrite=True) to '
+                                 'replace it.')
     for s in existing:
       mngr.delete(s)
     mngr.save(step, args=ocp.args.Composite(model=ocp.args.StandardSave(variables),
@@ -171,7 +172,7 @@ def _merged(config: ml_collections.ConfigDict, saved: dict) -> ml_collections.Co
 def _existing(directory: str) -> ocp.CheckpointManager:
   mngr = manager(directory) if epath.Path(directory).is_dir() else None
   if mngr is None or mngr.latest_step() is None:
-    raise FileNotFoundError(
+    raise errors.NotFound(
         f'No checkpoint in {directory!r}: expected a training workdir\'s checkpoints/ or the output of '
         '`python -m tarflow_jax.convert`.')
   return mngr
@@ -216,11 +217,11 @@ class TrainCheckpointer:
   def save(self, step: int, state: dict, config: ml_collections.ConfigDict, batches=None) -> None:
     """Saves the train state (`train.init_state`) asynchronously, and the data position.
 
-    Raises FloatingPointError, writing and pruning nothing, if the state is not finite.
+    Raises errors.NonFinite, writing and pruning nothing, if the state is not finite.
     """
     if not bool(_all_finite(state)):
-      raise FloatingPointError(f'Checkpoint {step} was not written: its parameters or optimiser state are not '
-                               f'finite. The checkpoints in {self.directory!r} are as they were.')
+      raise errors.NonFinite(f'Checkpoint {step} was not written: its parameters or optimiser state are not '
+                             f'finite. The checkpoints in {self.directory!r} are as they were.')
     items = {name: ocp.args.StandardSave(item) for name, item in _items(state).items()}
     self.mngr.save(step, args=ocp.args.Composite(**items, config=ocp.args.JsonSave(json.loads(config.to_json()))),
                    force=True)

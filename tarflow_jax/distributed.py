@@ -5,6 +5,8 @@ import os
 from absl import logging
 import jax
 
+from tarflow_jax import errors
+
 _EXPLICIT = ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID')
 
 
@@ -22,8 +24,9 @@ def cluster_environment() -> tuple[str, int]:
   if 'JAX_NUM_PROCESSES' in os.environ:
     missing = [v for v in _EXPLICIT if v not in os.environ]
     if missing:
-      raise ValueError(f'JAX_NUM_PROCESSES is set but {", ".join(missing)} is not: set all of {", ".join(_EXPLICIT)} '
-                       'on every process, or none of them inside a cluster that JAX detects.')
+      raise errors.UserError(f'JAX_NUM_PROCESSES is set but {", ".join(missing)} is not: set all of '
+                             f'{", ".join(_EXPLICIT)} on every process, or none of them inside a cluster that JAX '
+                             'detects.')
     return 'JAX_NUM_PROCESSES', int(os.environ['JAX_NUM_PROCESSES'])
   from jax._src import clusters  # pylint: disable=g-import-not-at-top  # JAX has no public detection API
 
@@ -31,8 +34,8 @@ def cluster_environment() -> tuple[str, int]:
               if not e.opt_in_only_method and e.is_env_present()), None)
   if env is None:
     if 'JAX_COORDINATOR_ADDRESS' in os.environ:
-      raise ValueError('JAX_COORDINATOR_ADDRESS is set but no cluster was detected: also set JAX_NUM_PROCESSES '
-                       'and JAX_PROCESS_ID on every process.')
+      raise errors.UserError('JAX_COORDINATOR_ADDRESS is set but no cluster was detected: also set JAX_NUM_PROCESSES '
+                             'and JAX_PROCESS_ID on every process.')
     return '', 1
   return env.__name__, env.get_process_count()
 

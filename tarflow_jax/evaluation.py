@@ -17,14 +17,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tarflow_jax import data, fid, images, inception, likelihood, sampling, sharding
+from tarflow_jax import data, errors, fid, images, inception, likelihood, sampling, sharding
 
 
 def split_bits_per_dim(model, variables, config, mesh, split: str, *, num_examples: int = -1,
                        batch_size: int = 256, seed: int = 0, conditional: bool = False) -> np.ndarray:
   """Bits per dim of every image of a split (all processes' shares, gathered on every process)."""
   variables = jax.device_put(variables, sharding.replicated(mesh))
-  fn = _bpd_fn(model, conditional and bool(model.num_classes))
+  fn = _bpd_fn(model, conditional and bool(model.spec.num_classes))
   rng = jax.random.PRNGKey(seed)
   out = []
   with jax.set_mesh(mesh):  # attention kernels split over the mesh (attention.causal_attention)
@@ -53,8 +53,8 @@ def _bpd_fn(model, conditional: bool):
 def classify_split(model, variables, config, mesh, split: str, *, num_examples: int = -1,
                    batch_size: int = 256, noise_std: float = 0.0, seed: int = 0):
   """Bayes classifier argmax_y log p(x | y) over a split; returns (predictions, labels)."""
-  if not model.num_classes:
-    raise ValueError('The Bayes classifier needs a class-conditional model (num_classes > 0); this one has none.')
+  if not model.spec.num_classes:
+    raise errors.UserError('The Bayes classifier needs a class-conditional model (num_classes > 0); this one has none.')
   variables = jax.device_put(variables, sharding.replicated(mesh))
   scores = _class_scores_fn(model)
   rng = jax.random.PRNGKey(seed)
@@ -65,7 +65,7 @@ def classify_split(model, variables, config, mesh, split: str, *, num_examples: 
       if noise_std > 0:
         x = x + noise_std * jax.random.normal(jax.random.fold_in(rng, i), x.shape)
       s = np.stack([sharding.fetch(scores(variables, x, jnp.full((x.shape[0],), k, jnp.int32)))
-                    for k in range(model.num_classes)], axis=1)  # (B, K)
+                    for k in range(model.spec.num_classes)], axis=1)  # (B, K)
       preds.append(s.argmax(1)[mask])
       labels.append(sharding.fetch(batch['label'])[mask])
   return np.concatenate(preds), np.concatenate(labels)
@@ -129,7 +129,7 @@ def fid_protocol(config, num_samples: int = REFERENCE_NUM_SAMPLES) -> FidProtoco
                      sampling.denoising_from_config(config))
 
 
-class NonFiniteSamplesError(RuntimeError):
+class NonFiniteSamplesError(errors.NonFinite):
   """The model keeps producing NaN or infinite samples."""
 
 
@@ -214,7 +214,7 @@ def model_fid(model, variables, mesh, protocol: FidProtocol, inception_variables
   batch = sample_batch_size(batch_size, protocol.num_samples, mesh)
   samples, labels, redrawn = fid_samples(
       model_sampler(model, variables, mesh, protocol, decoder), protocol.num_samples, batch,
-      (model.num_tokens, model.token_dim), model.num_classes, np.random.default_rng(seed), pipeline=pipeline)
+      (model.num_tokens, model.token_dim), model.spec.num_classes, np.random.default_rng(seed), pipeline=pipeline)
   features = fid.features(inception_variables, samples, mesh, batch_size=batch_size, pipeline=pipeline)
   return fid.frechet_distance(*reference, *fid.statistics(features)), samples, labels, redrawn
 

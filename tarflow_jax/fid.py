@@ -18,7 +18,7 @@ from typing import Optional
 import jax
 import numpy as np
 
-from tarflow_jax import data, inception, sharding, state_dict
+from tarflow_jax import data, errors, inception, sharding, state_dict
 
 
 def features(variables, images: np.ndarray, mesh: Optional[jax.sharding.Mesh] = None, *,
@@ -32,7 +32,7 @@ def features(variables, images: np.ndarray, mesh: Optional[jax.sharding.Mesh] = 
   batch is padded.
   """
   if not len(images):
-    raise ValueError('No images to compute features of.')
+    raise errors.UserError('No images to compute features of.')
   mesh = mesh or sharding.default_mesh()
   variables = jax.device_put(variables, sharding.replicated(mesh))
   n_dev, n_proc, proc = mesh.size, jax.process_count(), jax.process_index()
@@ -76,7 +76,7 @@ class RunningStatistics:
 
   def result(self) -> tuple[np.ndarray, np.ndarray]:
     if self.n < 2:
-      raise ValueError(f'A covariance needs at least 2 examples, got {self.n}.')
+      raise errors.UserError(f'A covariance needs at least 2 examples, got {self.n}.')
     m = self.sum / self.n
     return self.shift + m, (self.sum_sq - self.n * np.outer(m, m)) / (self.n - 1)
 
@@ -102,14 +102,14 @@ def load_statistics(path: str) -> tuple[np.ndarray, np.ndarray]:
   """(mu, sigma) in float64 from an .npz with keys `mu` and `sigma` (ours or pytorch-fid's), or from
   the reference's .pth (see `torchmetrics_statistics`)."""
   if not os.path.exists(path):
-    raise FileNotFoundError(f'No FID statistics file {path!r}: write one with `python -m tarflow_jax.cli.evaluate '
-                            'fid_stats`, or give the reference\'s {dataset}_{img_size}_fid_stats.pth.')
+    raise errors.NotFound(f'No FID statistics file {path!r}: write one with `python -m tarflow_jax.cli.evaluate '
+                          'fid_stats`, or give the reference\'s {dataset}_{img_size}_fid_stats.pth.')
   if path.endswith('.pth'):
     return torchmetrics_statistics(path)
   with np.load(path) as f:
     if 'mu' not in f.files or 'sigma' not in f.files:
-      raise ValueError(f'{path!r} is not an FID statistics file: it needs arrays `mu` and `sigma`, '
-                       f'it has {f.files}.')
+      raise errors.UserError(f'{path!r} is not an FID statistics file: it needs arrays `mu` and `sigma`, '
+                             f'it has {f.files}.')
     return f['mu'].astype(np.float64), f['sigma'].astype(np.float64)
 
 
@@ -129,12 +129,12 @@ def torchmetrics_statistics(path: str) -> tuple[np.ndarray, np.ndarray]:
                                      'function)')
   missing = [k for k in TORCHMETRICS_REAL if not hasattr(state, 'keys') or k not in state]
   if missing:
-    raise ValueError(f'{path!r} is not an FID statistics file of torchmetrics\' FrechetInceptionDistance (as the '
-                     f'reference\'s prepare_fid_stats.py writes): it lacks {missing}.')
+    raise errors.UserError(f'{path!r} is not an FID statistics file of torchmetrics\' FrechetInceptionDistance (as the '
+                           f'reference\'s prepare_fid_stats.py writes): it lacks {missing}.')
   total, outer, n = (state[k].detach().cpu().double().numpy() for k in TORCHMETRICS_REAL)
   n = int(n)
   if n < 2:
-    raise ValueError(f'{path!r} holds the features of {n} images; a covariance needs at least 2.')
+    raise errors.UserError(f'{path!r} holds the features of {n} images; a covariance needs at least 2.')
   mu = total / n
   return mu, (outer - n * np.outer(mu, mu)) / (n - 1)
 
@@ -151,8 +151,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
   """
   mu1, mu2, sigma1, sigma2 = (np.asarray(a, np.float64) for a in (mu1, mu2, sigma1, sigma2))
   if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
-    raise ValueError(f'Statistics do not match: mu {mu1.shape} / {mu2.shape}, sigma {sigma1.shape} / '
-                     f'{sigma2.shape}.')
+    raise errors.UserError(f'Statistics do not match: mu {mu1.shape} / {mu2.shape}, sigma {sigma1.shape} / '
+                           f'{sigma2.shape}.')
   try:
     factor = np.linalg.cholesky(sigma1)
   except np.linalg.LinAlgError:

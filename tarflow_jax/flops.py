@@ -15,10 +15,10 @@ def forward_flops(model: model_lib.TarFlow) -> float:
   projections (12 C^2 per token at expansion 4) and causal attention (T (T + 1) / 2 query-key
   pairs, two matmuls).
   """
-  t, c, d = model.num_tokens, model.channels, model.token_dim
-  per_layer = 2 * t * (4 + 2 * model.expansion) * c * c + 2 * 2 * c * t * (t + 1) // 2
-  out_dim = 2 * d if model.nvp else d
-  return float(model.num_blocks * (2 * t * d * c + model.layers_per_block * per_layer + 2 * t * c * out_dim))
+  t, c, d = model.num_tokens, model.spec.channels, model.token_dim
+  per_layer = 2 * t * (4 + 2 * model.spec.expansion) * c * c + 2 * 2 * c * t * (t + 1) // 2
+  out_dim = 2 * d if model.spec.nvp else d
+  return float(model.spec.num_blocks * (2 * t * d * c + model.spec.layers_per_block * per_layer + 2 * t * c * out_dim))
 
 
 def decode_flops(model: model_lib.TarFlow, batch: int, chunks: int = 8) -> float:
@@ -27,9 +27,9 @@ def decode_flops(model: model_lib.TarFlow, batch: int, chunks: int = 8) -> float
   Per token and layer the qkv, output, and MLP projections, and attention over the cache as the
   sampler holds it (as long as the end of the token's decoding chunk, masked past the token).
   """
-  c, d = model.channels, model.token_dim
-  per_layer = 2 * (3 * c * c + c * c + 2 * model.expansion * c * c)
-  per_token = model.layers_per_block * per_layer + 2 * d * c + 2 * c * (2 * d if model.nvp else d)
+  c, d = model.spec.channels, model.token_dim
+  per_layer = 2 * (3 * c * c + c * c + 2 * model.spec.expansion * c * c)
+  per_token = model.spec.layers_per_block * per_layer + 2 * d * c + 2 * c * (2 * d if model.spec.nvp else d)
   bounds = sampling.decode_chunks(model.num_tokens, chunks)
-  attention = model.layers_per_block * 2 * 2 * c * sum((stop - start) * stop for start, stop in bounds)
-  return float(batch * model.num_blocks * ((model.num_tokens - 1) * per_token + attention))
+  attention = model.spec.layers_per_block * 2 * 2 * c * sum((stop - start) * stop for start, stop in bounds)
+  return float(batch * model.spec.num_blocks * ((model.num_tokens - 1) * per_token + attention))

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tarflow_jax import state_dict
+from tarflow_jax import errors, state_dict
 from tarflow_jax.images import to_uint8
 
 WEIGHTS_URL = ('https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/'
@@ -52,7 +52,7 @@ NETWORK = "FID Inception-v3 (the 2015-12-05 TensorFlow graph, as pytorch-fid and
 
 def check_pipeline(pipeline: str) -> None:
   if pipeline not in PIPELINES:
-    raise ValueError(f'Unknown FID input pipeline {pipeline!r}: use one of {", ".join(PIPELINES)}.')
+    raise errors.UserError(f'Unknown FID input pipeline {pipeline!r}: use one of {", ".join(PIPELINES)}.')
 
 
 def _reference_real_pixels() -> np.ndarray:
@@ -218,7 +218,7 @@ def preprocess(images, pipeline: str = 'pytorch_fid'):
   check_pipeline(pipeline)
   b, h, w, c = images.shape
   if c not in (1, 3):
-    raise ValueError(f'FID needs RGB or grayscale images, got {c} channels.')
+    raise errors.UserError(f'FID needs RGB or grayscale images, got {c} channels.')
   x = images.astype(jnp.float32)
   if pipeline == 'pytorch_fid':
     x = jax.image.resize(x / 255, (b, INPUT_SIZE, INPUT_SIZE, c), 'bilinear', antialias=False) * 2 - 1
@@ -262,9 +262,9 @@ def load_weights(path: str) -> dict:
   torch-fidelity's weights of the same network under `inception.` (same names and shapes).
   """
   if not os.path.exists(path):
-    raise FileNotFoundError(f'No FID Inception weights at {path!r}. They are pytorch-fid\'s port of the '
-                            f'2015-12-05 TensorFlow Inception: download {WEIGHTS_URL} (or pass an .npz '
-                            'of the same state dict).')
+    raise errors.NotFound(f'No FID Inception weights at {path!r}. They are pytorch-fid\'s port of the '
+                          f'2015-12-05 TensorFlow Inception: download {WEIGHTS_URL} (or pass an .npz '
+                          'of the same state dict).')
   state = state_dict.read_state_dict(path)
   nested = {k[len(NESTED_PREFIX):]: v for k, v in state.items() if k.startswith(NESTED_PREFIX)}
   return variables_from_state_dict(nested or state, path)
@@ -284,16 +284,16 @@ def variables_from_state_dict(state: dict, source: str = 'the state dict') -> di
   unused = {k for k in state if k.startswith('fc.') or k.endswith('.num_batches_tracked')}
   missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected) - unused)
   if missing or unexpected:
-    raise ValueError(f'{source} is not the FID Inception state dict ({WEIGHTS_URL}): missing keys '
-                     f'{missing[:5]}{"..." if len(missing) > 5 else ""}, unexpected keys {unexpected[:5]}'
-                     f'{"..." if len(unexpected) > 5 else ""}.')
+    raise errors.UserError(f'{source} is not the FID Inception state dict ({WEIGHTS_URL}): missing keys '
+                           f'{missing[:5]}{"..." if len(missing) > 5 else ""}, unexpected keys {unexpected[:5]}'
+                           f'{"..." if len(unexpected) > 5 else ""}.')
   flat = {}
   for key, path in expected.items():
     value = np.asarray(state[key], np.float32)
     if path[-1] == 'kernel':
       value = value.transpose(2, 3, 1, 0)  # torch OIHW -> HWIO
     if value.shape != leaves[path].shape:
-      raise ValueError(f'{source} is not the FID Inception state dict: {key} has shape '
-                       f'{np.shape(state[key])}, the network needs {leaves[path].shape} (after OIHW -> HWIO).')
+      raise errors.UserError(f'{source} is not the FID Inception state dict: {key} has shape '
+                             f'{np.shape(state[key])}, the network needs {leaves[path].shape} (after OIHW -> HWIO).')
     flat[path] = value
   return jax.tree_util.tree_map_with_path(lambda path, _: flat[tuple(k.key for k in path)], abstract)

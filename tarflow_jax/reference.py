@@ -12,7 +12,7 @@ from typing import Callable, Iterator, Mapping, Union
 import jax.numpy as jnp
 import numpy as np
 
-from tarflow_jax import config_lib
+from tarflow_jax import config_lib, errors
 from tarflow_jax.model import TarFlow, abstract_variables
 from tarflow_jax.state_dict import read_state_dict, strip_prefixes, write_state_dict
 
@@ -53,14 +53,14 @@ def _entries(model: TarFlow) -> Iterator[Union[_Rule, _Buffer]]:
 
   t = model.num_tokens
   yield _Rule('var', ('prior', 'var'), _same, _same)
-  for i in range(model.num_blocks):
+  for i in range(model.spec.num_blocks):
     ref, ours = f'blocks.{i}', ('params', f'block_{i}')
     yield _Rule(f'{ref}.pos_embed', ours + ('pos_embed',), _same, _same)
-    if model.num_classes:  # reference: (classes, 1, channels); ours: (classes, channels)
+    if model.spec.num_classes:  # reference: (classes, 1, channels); ours: (classes, channels)
       yield _Rule(f'{ref}.class_embed', ours + ('class_embed',), lambda a: a[:, 0], lambda a: a[:, None])
     yield _Buffer(f'{ref}.attn_mask', np.tril(np.ones((t, t), np.float32)))  # (T, T) causal mask
     yield from linear(f'{ref}.proj_in', ours + ('proj_in',))
-    for l in range(model.layers_per_block):
+    for l in range(model.spec.layers_per_block):
       lref, lours = f'{ref}.attn_blocks.{l}', ours + (f'layer_{l}',)
       yield from norm(f'{lref}.attention.norm', lours + ('attention', 'norm'))
       yield from linear(f'{lref}.attention.qkv', lours + ('attention', 'qkv'))
@@ -94,7 +94,7 @@ def describe_state_dict(state: Mapping[str, np.ndarray]) -> dict:
 
 def _describe_model(model: TarFlow) -> dict:
   """The model's architecture fields, and the two that a state dict shows instead of img_size and patch_size."""
-  fields = {k: getattr(model, k) for k in config_lib.ARCHITECTURE_FIELDS}
+  fields = {k: getattr(model.spec, k) for k in config_lib.ARCHITECTURE_FIELDS}
   return {**fields, 'num_tokens': model.num_tokens, 'token_dim': model.token_dim}
 
 
@@ -106,7 +106,7 @@ _FIELD_HINTS = {
 }
 
 
-class ArchitectureMismatch(ValueError):
+class ArchitectureMismatch(errors.UserError):
   """A checkpoint whose weights do not fit the model's architecture."""
 
 
@@ -169,7 +169,7 @@ REFERENCE_MODEL_ARGS = ('in_channels', 'img_size', 'patch_size', 'channels', 'nu
 def to_reference(model: TarFlow, variables) -> dict:
   """Our variables to the reference's state dict, float32 numpy arrays in its `state_dict()` order.
 
-  The reference's `Model(**{f: getattr(model, f) for f in REFERENCE_MODEL_ARGS})` takes it with
+  The reference's `Model(**{f: getattr(model.spec, f) for f in REFERENCE_MODEL_ARGS})` takes it with
   `load_state_dict(..., strict=True)` (as torch tensors): the same keys, shapes and dtypes, the
   causal-mask buffers included. It computes the same function only when `model` has the reference's
   head_dim and expansion, which `export_reference_checkpoint` checks.
@@ -184,11 +184,11 @@ def export_reference_checkpoint(model: TarFlow, variables, path: str, overwrite:
   Raises `ArchitectureMismatch` for a model that the reference's Model cannot compute (head_dim other
   than 64, expansion other than 4), FileExistsError for an existing `path` unless `overwrite`.
   """
-  if (model.head_dim, model.expansion) != (REFERENCE_HEAD_DIM, REFERENCE_EXPANSION):
+  if (model.spec.head_dim, model.spec.expansion) != (REFERENCE_HEAD_DIM, REFERENCE_EXPANSION):
     raise ArchitectureMismatch(
         f'The reference\'s Model has head_dim={REFERENCE_HEAD_DIM} and expansion={REFERENCE_EXPANSION} built in; '
-        f'this model has head_dim={model.head_dim} and expansion={model.expansion}, so its weights would compute '
-        'another function there (or not load). Only models with those two values can be exported.')
+        f'this model has head_dim={model.spec.head_dim} and expansion={model.spec.expansion}, so its weights would '
+        'compute another function there (or not load). Only models with those two values can be exported.')
   state = to_reference(model, variables)
   write_state_dict(path, state, overwrite=overwrite)
   return state

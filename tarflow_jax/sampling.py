@@ -12,7 +12,7 @@ from typing import Optional, Union
 import jax
 import jax.numpy as jnp
 
-from tarflow_jax import data, likelihood
+from tarflow_jax import errors, likelihood, sharding
 from tarflow_jax.model import FlowBlock, TarFlow, check_labels, extend_cache, flow_dtype, on_block, unpatchify
 
 Array = jax.Array
@@ -42,9 +42,9 @@ class Guidance:
 
   def __post_init__(self):
     if self.guide_what not in GUIDE_WHAT:
-      raise ValueError(f'guide_what must be one of {GUIDE_WHAT}, got {self.guide_what!r}.')
+      raise errors.UserError(f'guide_what must be one of {GUIDE_WHAT}, got {self.guide_what!r}.')
     if self.weight < 0:
-      raise ValueError(f'guidance must be >= 0, got {self.weight}.')
+      raise errors.UserError(f'guidance must be >= 0, got {self.weight}.')
 
   @property
   def enabled(self) -> bool:
@@ -170,7 +170,7 @@ def sample(model: TarFlow, variables, noise: Array, labels: Optional[Array] = No
     images, trajectory = _sample_sequentially(*args, **static)
     if return_iterations:
       chunk_lengths = jnp.asarray([stop - start for start, stop in decode_chunks(model.num_tokens, decoder.chunks)])
-      iterations = [chunk_lengths] * model.num_blocks
+      iterations = [chunk_lengths] * model.spec.num_blocks
   extras = ((iterations,) if return_iterations else ()) + ((trajectory,) if return_trajectory else ())
   return (images, *extras) if extras else images
 
@@ -181,20 +181,20 @@ def _check_sample_args(model, noise, labels, guidance, decoder):
                     f'got {decoder!r}.')
   want = (model.num_tokens, model.token_dim)
   if noise.ndim != 3 or tuple(noise.shape[1:]) != want:
-    raise ValueError(f'Expected noise of shape (batch, {want[0]}, {want[1]}) (tokens, patch dim), '
-                     f'got {tuple(noise.shape)}.')
-  check_labels(labels, model.num_classes)
-  if guidance.enabled and not model.num_classes and guidance.attn_temp == 1.0:
-    raise ValueError('Guidance on an unconditional model compares the model with itself at attention '
-                     'temperature attn_temp; with attn_temp=1.0 it does nothing. Set attn_temp (e.g. 0.5 to 0.9) '
-                     'or guidance=0.')
+    raise errors.UserError(f'Expected noise of shape (batch, {want[0]}, {want[1]}) (tokens, patch dim), '
+                           f'got {tuple(noise.shape)}.')
+  check_labels(labels, model.spec.num_classes)
+  if guidance.enabled and not model.spec.num_classes and guidance.attn_temp == 1.0:
+    raise errors.UserError('Guidance on an unconditional model compares the model with itself at attention '
+                           'temperature attn_temp; with attn_temp=1.0 it does nothing. Set attn_temp (e.g. 0.5 to 0.9) '
+                           'or guidance=0.')
 
 
 def _sample_sequentially(model, variables, noise, labels, weight, attn_temp, *, decoder, **static):
   """`_sample` with a `Sequential` decoder, the whole batch at once or in micro-batches: (images, trajectory)."""
   batch, microbatch = noise.shape[0], decoder.microbatch
   if microbatch is not None:
-    data.check_microbatch(batch, microbatch)
+    sharding.check_microbatch(batch, microbatch)
   args = (model, variables, noise, labels, weight, attn_temp)
   if microbatch is None or microbatch == batch:
     images, _, trajectory = _sample(*args, decoder=decoder, **static)
@@ -231,7 +231,7 @@ def _conditioning(model, labels, batch, weight, attn_temp, *, guided, guide_what
   """The rows to run for `batch` samples with labels (B,) or None, and the guidance weight of each token."""
   temperature = None
   if guided:
-    if model.num_classes:
+    if model.spec.num_classes:
       cond = labels if labels is not None else jnp.full((batch,), -1, jnp.int32)
       labels = jnp.concatenate([cond, jnp.full((batch,), -1, cond.dtype)])  # (2B,)
     temperature = jnp.concatenate([jnp.ones((batch,)), jnp.full((batch,), attn_temp)])  # (2B,)
@@ -251,14 +251,14 @@ def _sample(model, variables, noise, labels, weight, attn_temp, *, guided, guide
   iterations: per block, Jacobi's; None for each block with `Sequential`. trajectory: None unless `trajectory`.
   """
   batch, num_tokens, _ = noise.shape
-  image = lambda x: unpatchify(x, model.patch_size, model.img_size)  # (B, T, D) -> (B, H, W, C)
-  x = noise.astype(flow_dtype(model.dtype))
+  image = lambda x: unpatchify(x, model.spec.patch_size, model.spec.img_size)  # (B, T, D) -> (B, H, W, C)
+  x = noise.astype(flow_dtype(model.spec.dtype))
   steps = [image(x)] if trajectory else None
   x = x * jnp.sqrt(variables['prior']['var'])  # (B, T, D)
   cond = _conditioning(model, labels, batch, weight, attn_temp, guided=guided, guide_what=guide_what,
                        annealed=annealed)
-  iterations = [None] * model.num_blocks
-  for i in reversed(range(model.num_blocks)):
+  iterations = [None] * model.spec.num_blocks
+  for i in reversed(range(model.spec.num_blocks)):
     step = _inverse_step_of_block(model, variables, i, cond)
     cache = model.apply(variables, batch * cond.branches, 0, method=on_block(i, FlowBlock.init_cache))
     if isinstance(decoder, Jacobi):
@@ -275,9 +275,8 @@ def _sample_in_microbatches(model, variables, noise, labels, weight, attn_temp, 
   """`_sample` over micro-batches in turn (`lax.map`): the images (B, H, W, C) and the trajectory (or None)."""
   batch, microbatch = noise.shape[0], decoder.microbatch
   groups = batch // microbatch
-  # Group j holds samples j, j + groups, ...: a batch split over devices stays split in every group.
-  split = lambda a: None if a is None else jnp.swapaxes(a.reshape(microbatch, groups, *a.shape[1:]), 0, 1)
-  merge = lambda x: jnp.swapaxes(x, 0, 1).reshape(batch, *x.shape[2:])  # (groups, microbatch, ...) -> (B, ...)
+  split = lambda a: None if a is None else sharding.split_microbatches(a, groups)  # (groups, microbatch, ...)
+  merge = sharding.merge_microbatches
 
   def decode(group):
     images, _, trajectory = _sample(model, variables, *group, weight, attn_temp, decoder=decoder, **static)
@@ -380,5 +379,5 @@ def denoise(model: TarFlow, variables, x: Array, y: Optional[Array] = None, *,
   `sigma` is the standard deviation of the training noise; `step_scale`
   tunes the step (the reference uses values around 0.9 to 1.4 per dataset).
   """
-  check_labels(y, model.num_classes)
+  check_labels(y, model.spec.num_classes)
   return x + (step_scale * sigma**2) * score(model, variables, x, y)

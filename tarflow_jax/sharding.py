@@ -1,11 +1,11 @@
-"""Device mesh from the config, shardings of the train state and batches, global batches."""
+"""Device mesh from the config, shardings of the train state and batches, global batches, micro-batches."""
 
 import jax
 import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from tarflow_jax import config_lib
+from tarflow_jax import errors
 
 BATCH_AXES = ('data', 'fsdp')
 
@@ -16,21 +16,21 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> jax.shard
   n = len(devices)
   sizes = [mesh_config.data, mesh_config.fsdp]
   if sizes.count(-1) > 1:
-    raise ValueError(f'At most one mesh axis may be -1, got data={sizes[0]}, fsdp={sizes[1]}.')
+    raise errors.UserError(f'At most one mesh axis may be -1, got data={sizes[0]}, fsdp={sizes[1]}.')
   known = int(np.prod([s for s in sizes if s != -1]))
   if -1 in sizes:
     if n % known:
-      raise ValueError(f'{n} devices cannot be split into mesh data={sizes[0]}, fsdp={sizes[1]}.')
+      raise errors.UserError(f'{n} devices cannot be split into mesh data={sizes[0]}, fsdp={sizes[1]}.')
     sizes[sizes.index(-1)] = n // known
   if int(np.prod(sizes)) != n:
-    raise ValueError(f'Mesh data={sizes[0]} x fsdp={sizes[1]} does not use the {n} devices; use -1 for one axis.')
+    raise errors.UserError(f'Mesh data={sizes[0]} x fsdp={sizes[1]} does not use the {n} devices; use -1 for one axis.')
   return jax.make_mesh(tuple(sizes), BATCH_AXES, devices=devices,
                        axis_types=(jax.sharding.AxisType.Auto,) * 2)
 
 
 def default_mesh(devices=None) -> jax.sharding.Mesh:
-  """The mesh of `config_lib.default()` (every device on the 'data' axis), for tools without an experiment config."""
-  return make_mesh(config_lib.default().mesh, devices)
+  """Every device on the 'data' axis (the default config's mesh), for tools without an experiment config."""
+  return make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1)), devices)
 
 
 # Arrays smaller than this stay replicated: sharding them saves little memory and costs collectives.
@@ -87,6 +87,25 @@ def global_batch(mesh, local_batch: dict) -> dict:
   """This process's slice of a batch (numpy) to global arrays sharded over the batch axis."""
   sharding = batch_sharding(mesh)
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
+
+
+def check_microbatch(batch_size: int, microbatch: int, setting: str = 'microbatch') -> None:
+  """Raises errors.UserError naming `setting` unless micro-batches of `microbatch` examples make up the batch."""
+  if microbatch <= 0 or batch_size % microbatch:
+    raise errors.UserError(f'{setting}={microbatch} must divide the batch of {batch_size} samples.')
+
+
+def split_microbatches(a: jax.Array, n: int) -> jax.Array:
+  """A batch (B, ...) as n micro-batches (n, B / n, ...), micro-batch i holding examples i, i + n, ...
+
+  A batch split over devices stays split in every micro-batch, with no data moved between them.
+  """
+  return a.reshape(a.shape[0] // n, n, *a.shape[1:]).swapaxes(0, 1)
+
+
+def merge_microbatches(x: jax.Array) -> jax.Array:
+  """Micro-batches (n, B / n, ...) back to the batch (B, ...); the inverse of `split_microbatches`."""
+  return x.swapaxes(0, 1).reshape(-1, *x.shape[2:])
 
 
 def fetch(x) -> np.ndarray:

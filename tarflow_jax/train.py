@@ -18,7 +18,7 @@ import numpy as np
 import optax
 
 from tarflow_jax import checkpoint, config_lib, data, errors, evaluation, finetune, images, likelihood, sampling
-from tarflow_jax import attention, sharding
+from tarflow_jax import sharding, xla_cpu
 from tarflow_jax import model as model_lib
 
 
@@ -79,7 +79,7 @@ def model_inputs(batch: dict, rng: jax.Array, config: ml_collections.ConfigDict,
   elif config.noise.type == 'gaussian':
     x = images.from_uint8(batch['image']) + config.noise.std * jax.random.normal(noise_rng, shape)
   else:
-    raise ValueError(f'Unknown noise.type {config.noise.type!r}: use "gaussian" or "uniform".')
+    raise errors.UserError(f'Unknown noise.type {config.noise.type!r}: use "gaussian" or "uniform".')
   y = None
   if config.model.num_classes:
     y = batch['label'].astype(jnp.int32)
@@ -146,7 +146,7 @@ def train_step(state: dict, batch: dict, *, model, tx, config, lr: optax.Schedul
   # A finite gradient can still overflow in the update (a huge learning rate, an Adam moment past
   # float32's range): such a step must not reach the state, or the next checkpoint holds it.
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & checkpoint.all_finite(new)
-  new = keep_if_finite(finite, new, {**state, 'step': state['step'] + 1}, attention.platform())
+  new = keep_if_finite(finite, new, {**state, 'step': state['step'] + 1})
   metrics = {
       'loss': loss, 'loss/mse_z': 0.5 * jnp.mean(stats['z2']), 'loss/logdet': stats['logdet'],
       'grad_norm': grad_norm, 'lr': lr(state['step']), 'finite': finite.astype(jnp.float32),
@@ -157,27 +157,20 @@ def train_step(state: dict, batch: dict, *, model, tx, config, lr: optax.Schedul
   return new, metrics
 
 
-def keep_if_finite(finite: jax.Array, new: dict, keep: dict, platform: str) -> dict:
-  """`new` where the scalar `finite` is true, else `keep` (two trees of the same structure).
-
-  On the CPU one conditional chooses the tree: XLA's CPU backend fuses the flag (a reduction over
-  every leaf of the state) into each of a per-leaf select's kernels, and its fusion pass then takes
-  most of the training step's compile time. Other platforms select per leaf: on a TPU the
-  conditional costs memory (docs/benchmarks.md).
-  """
-  if platform == 'cpu':
-    return jax.lax.cond(finite, lambda: new, lambda: keep)
+@xla_cpu.replaced_on_cpu('finite_guard', xla_cpu.keep_if_finite)
+def keep_if_finite(finite: jax.Array, new: dict, keep: dict) -> dict:
+  """`new` where the scalar `finite` is true, else `keep` (two trees of the same structure), leaf by leaf."""
   return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, keep)
 
 
 def _accumulate(grad_fn, params, x, y, k: int):
   """The mean over k micro-batches of `grad_fn(params, x_i, y_i)`: ((loss, stats), grads).
 
-  Micro-batch i holds examples i, i + k, ...: a batch split over devices stays split, with
-  no data moved between them. Every output of `grad_fn` is a mean over its examples, so the
-  mean over equal micro-batches is the value of the whole batch.
+  Micro-batch i holds examples i, i + k, ... (`sharding.split_microbatches`). Every output of
+  `grad_fn` is a mean over its examples, so the mean over equal micro-batches is the value of the
+  whole batch.
   """
-  split = lambda a: None if a is None else a.reshape(a.shape[0] // k, k, *a.shape[1:]).swapaxes(0, 1)
+  split = lambda a: None if a is None else sharding.split_microbatches(a, k)
   micro_x, micro_y = split(x), split(y)  # (k, B / k, ...)
   first = jax.eval_shape(grad_fn, params, micro_x[0], None if y is None else micro_y[0])
   zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), first)
@@ -279,7 +272,7 @@ def _check_finite(history: list, writer) -> None:
         what, hint = 'parameters or optimiser state after the update', 'lower optim.lr or set optim.grad_clip'
       else:
         what, hint = 'loss or gradient', 'check the data for NaN/Inf, or lower optim.lr / set optim.grad_clip'
-      raise FloatingPointError(
+      raise errors.NonFinite(
           f'Non-finite {what} at step {step} (loss={m["loss"]}, grad_norm={m["grad_norm"]}). Training stopped; '
           f'that step was not applied and the checkpoints on disk are as they were: {hint}.')
 
@@ -436,8 +429,8 @@ def generate(model, state, config, noise, mesh) -> np.ndarray:
   With a moving average of the parameters in the state, samples with the average.
   """
   y = None
-  if model.num_classes:
-    y = jnp.arange(noise.shape[0]) % model.num_classes
+  if model.spec.num_classes:
+    y = jnp.arange(noise.shape[0]) % model.spec.num_classes
   variables = sampling_variables(state)
   if noise.shape[0] % mesh.size == 0:
     noise = jax.device_put(noise, sharding.batch_sharding(mesh))
@@ -457,7 +450,7 @@ def _check_workdir(workdir: str) -> None:
     probe.write_text('ok')
     probe.unlink()
   except OSError as e:
-    raise PermissionError(f'Cannot write to --workdir={workdir!r} ({e}); choose a writable directory.') from e
+    raise errors.NotWritable(f'Cannot write to --workdir={workdir!r} ({e}); choose a writable directory.') from e
 
 
 def _flat_hparams(config: ml_collections.ConfigDict) -> dict:

@@ -87,8 +87,8 @@ def test_collectives_are_counted_from_compiled_text():
 
 
 def test_forward_flops_count_the_matmuls_of_the_architecture():
-  model = model_lib.TarFlow(in_channels=3, img_size=8, patch_size=2, channels=64, num_blocks=2,
-                            layers_per_block=3, expansion=4)
+  model = model_lib.TarFlow(model_lib.Spec(in_channels=3, img_size=8, patch_size=2, channels=64, num_blocks=2,
+                                           layers_per_block=3, expansion=4))
   t, c, d = 16, 64, 12
   layer = 2 * t * (3 * c * c + c * c + 2 * 4 * c * c) + 2 * 2 * c * (t * (t + 1) // 2)
   assert flops_lib.forward_flops(model) == 2 * (2 * t * d * c + 3 * layer + 2 * t * c * 2 * d)

@@ -1,5 +1,6 @@
 """Every attention kernel computes the einsum path's function: cuDNN's layout, splash (Pallas, interpreted)."""
 
+import dataclasses
 import functools
 
 import jax
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 from tarflow_jax import attention
-from tarflow_jax.model import TarFlow
+from tarflow_jax.model import Spec, TarFlow
 import toy
 
 
@@ -25,37 +26,6 @@ def weighted_sum(kernel, temperature, q, k, v):
   out = attention.causal_attention(q / temperature[:, None, None, None], k, v, scale=q.shape[-1] ** -0.5,
                                    kernel=kernel).astype(jnp.float32)
   return jnp.sum(out * jnp.linspace(-1.0, 1.0, out.size).reshape(out.shape))
-
-
-def plain_causal_attention(q, k, v, scale):
-  """Causal softmax attention over (B, T, H, hd), written out in float64 for the checks below."""
-  logits = jnp.einsum('bshd,bthd->bhst', q, k) * scale
-  t = q.shape[1]
-  logits = jnp.where(jnp.tril(jnp.ones((t, t), bool)), logits, -jnp.inf)
-  weights = jnp.exp(logits - logits.max(-1, keepdims=True))
-  return jnp.einsum('bhst,bthd->bshd', weights / weights.sum(-1, keepdims=True), v)
-
-
-def test_cpu_attention_and_its_written_out_derivatives_equal_a_float64_recomputation():
-  # On a CPU the einsum path's tangent map is written by hand (attention._causal_core): its value,
-  # its reverse-mode gradient (the backward pass of training), its forward-mode Jacobian (the
-  # log-determinant checks) and a second derivative against plain attention differentiated by JAX.
-  with jax.enable_x64(True):
-    q, k, v = qkv((3, 7, 2, 4), jnp.float64)
-    weights = jax.random.normal(jax.random.key(9), q.shape, jnp.float64)
-    attend = lambda q, k, v: attention.causal_attention(q, k, v, scale=0.5, kernel='einsum')
-    plain = functools.partial(plain_causal_attention, scale=0.5)
-    f32 = lambda *arrays: tuple(a.astype(jnp.float32) for a in arrays)
-    for fn, args, tol in ((attend, f32(q, k, v), 2e-6), (attend, (q, k, v), 1e-12)):
-      np.testing.assert_allclose(fn(*args), plain(q, k, v), atol=tol, rtol=tol)
-      loss = lambda fn: lambda *a: jnp.sum(fn(*a) * weights.astype(a[0].dtype))
-      for got, want in zip(jax.grad(loss(fn), argnums=(0, 1, 2))(*args), jax.grad(loss(plain), argnums=(0, 1, 2))(q, k, v)):
-        np.testing.assert_allclose(got, want, atol=tol, rtol=tol)
-      for arg in range(3):
-        np.testing.assert_allclose(jax.jacfwd(fn, argnums=arg)(*args), jax.jacfwd(plain, argnums=arg)(q, k, v),
-                                   atol=tol, rtol=tol)
-    curvature = lambda fn: jax.grad(lambda q: jnp.sum(jax.grad(lambda q: jnp.sum(fn(q, k, v) ** 2))(q) * weights))
-    np.testing.assert_allclose(curvature(attend)(q), curvature(plain)(q), atol=1e-10, rtol=1e-10)
 
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
@@ -119,13 +89,14 @@ def test_auto_picks_the_kernel_of_the_target_platform():
 
 def test_a_model_with_splash_attention_trains_like_the_einsum_model():
   # 256 tokens (32x32, patch 2): the smallest square grid that splash takes. One train step on 2 devices.
-  model = TarFlow(in_channels=1, img_size=32, patch_size=2, channels=64, num_blocks=2, layers_per_block=1,
-                  num_classes=0, attention_kernel='splash')
+  model = TarFlow(Spec(in_channels=1, img_size=32, patch_size=2, channels=64, num_blocks=2, layers_per_block=1,
+                       num_classes=0, attention_kernel='splash'))
   variables = toy.random_variables(model)
   x = toy.images(model, batch=2)
 
   def loss(kernel, params):
-    z, logdets, _ = model.clone(attention_kernel=kernel).apply({'params': params, 'prior': variables['prior']}, x)
+    with_kernel = model.clone(spec=dataclasses.replace(model.spec, attention_kernel=kernel))
+    z, logdets, _ = with_kernel.apply({'params': params, 'prior': variables['prior']}, x)
     return 0.5 * jnp.mean(z**2) - jnp.mean(logdets)
 
   with jax.set_mesh(mesh(2)):

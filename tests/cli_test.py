@@ -192,8 +192,8 @@ def test_convert_without_torch_says_how_to_read_a_pth(small_config, tmp_path):
 
 
 def test_convert_refuses_another_architecture(small_config, tmp_path):
-  model = model_lib.TarFlow(in_channels=1, img_size=8, patch_size=4, channels=64, num_blocks=2, layers_per_block=1,
-                            head_dim=16)
+  model = model_lib.TarFlow(model_lib.Spec(in_channels=1, img_size=8, patch_size=4, channels=64, num_blocks=2,
+                                           layers_per_block=1, head_dim=16))
   from tarflow_jax import reference  # pylint: disable=g-import-not-at-top
   np.savez(tmp_path / 'wide.npz', **reference.to_reference(model, toy.random_variables(model)))
   result = run('tarflow_jax.cli.convert', f'--config={small_config}', f'--checkpoint={tmp_path}/wide.npz',
@@ -217,12 +217,35 @@ def test_only_user_errors_lose_their_traceback():
   assert _common.user_error_message(FileNotFoundError(2, 'No such file or directory', '/x.npz')) == \
       'No such file or directory: /x.npz'
   assert _common.user_error_message(ZeroDivisionError('division by zero')) is None
-  assert _common.user_error_message(ValueError('raised outside the package')) is None  # no traceback: not ours
+  assert _common.user_error_message(ValueError('bad value')) is None  # untyped: a bug, whoever raised it
+  assert _common.user_error_message(RuntimeError('bad state')) is None
+  from tarflow_jax import data, reference  # pylint: disable=g-import-not-at-top
+  for typed in (errors.NotFound, errors.AlreadyExists, errors.NotWritable, errors.MissingExtra, errors.NonFinite,
+                data.DatasetNotFoundError, checkpoint.DamagedCheckpointError, reference.ArchitectureMismatch):
+    assert _common.user_error_message(typed('do this instead')) == 'do this instead', typed
   bad = config_lib.cpu_digits(config_lib.default())
   bad.log_every = 0
   with pytest.raises(errors.UserError) as raised:
     config_lib.validate(bad)
   assert _common.user_error_message(raised.value) == 'config.log_every=0 must be positive.'
+
+
+def test_a_bug_in_library_code_keeps_its_traceback(tmp_path):
+  """A ValueError raised inside the library on valid input (a sample grid handed images without their batch
+  axis, as a bug upstream would) is no user error: the command line shows its traceback and exits 1."""
+  script = ('import numpy as np\n'
+            'from tarflow_jax import images\n'
+            'from tarflow_jax.cli import _common\n'
+            f'_common.run(lambda argv: images.save_png({str(tmp_path / "grid.png")!r}, '
+            'images.grid(np.zeros((8, 8, 1), np.uint8))))\n')
+  env = dict(os.environ, PYTHONPATH=REPO)
+  env.pop('TARFLOW_TRACEBACK', None)
+  result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, cwd=REPO, env=env,
+                          timeout=300)
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert 'Traceback' in result.stderr and 'error: ' not in result.stderr
+  assert re.search(r'tarflow_jax/images\.py", line \d+, in grid\n(.*\n)*ValueError: not enough values to unpack',
+                   result.stderr), result.stderr[-3000:]
 
 
 def test_libraries_define_no_flags_and_read_no_argv():
@@ -237,6 +260,24 @@ def test_libraries_define_no_flags_and_read_no_argv():
   assert not offenders, f'flags or argv outside tarflow_jax/cli/: {offenders}'
   for path in pathlib.Path(PACKAGE, 'cli').glob('[!_]*.py'):
     assert re.search(r'_common\.run\(main[,)]', path.read_text()), path  # every command line goes through the boundary
+
+
+@pytest.mark.parametrize('command', ['train', 'sample', 'evaluate', 'convert', 'bench', 'aot'])
+def test_importing_a_command_line_changes_nothing_in_the_process(command):
+  # JAX's platform and malloc's settings are chosen in `_common.run`, not on import; TensorFlow is
+  # imported by the command's `main` only.
+  script = ('import os, sys\n'
+            'from tarflow_jax import host_memory\n'
+            'host_memory.reuse_freed_memory = lambda: sys.exit("malloc changed on import")\n'
+            f'from tarflow_jax.cli import {command}\n'
+            'import jax\n'
+            'print(os.environ.get("JAX_PLATFORMS"), jax.config.jax_platforms, "tensorflow" in sys.modules)\n')
+  env = dict(os.environ, PYTHONPATH=REPO)
+  env.pop('JAX_PLATFORMS', None)
+  result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, cwd=REPO, env=env,
+                          timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.split() == ['None', 'None', 'False'], result.stdout
 
 
 NOISE = ('oneDNN', 'cpu_feature_guard', 'InitializeLog', "Unable to initialize backend", 'host bounds',

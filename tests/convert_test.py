@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from tarflow_jax import checkpoint, reference, sampling, state_dict
-from tarflow_jax.model import TarFlow, abstract_variables, patchify
+from tarflow_jax.model import Spec, TarFlow, abstract_variables, patchify
 import toy
 
 FIXTURE = os.path.join(os.path.dirname(__file__), 'fixtures', 'cond_small')
@@ -32,7 +32,7 @@ def state():
 
 
 def test_round_trip_reproduces_the_reference_state_dict(state):
-  model = TarFlow(**COND_SMALL)
+  model = TarFlow(Spec(**COND_SMALL))
   back = reference.to_reference(model, reference.from_reference(model, state))
   want = state_dict.strip_prefixes(state)
   assert sorted(back) == sorted(want)
@@ -49,7 +49,7 @@ def test_round_trip_from_our_variables(nvp, num_classes):
 
 
 def test_prefixes_of_wrappers_are_stripped(state):
-  model = TarFlow(**COND_SMALL)
+  model = TarFlow(Spec(**COND_SMALL))
   wrapped = {'module._orig_mod.' + k[len('state/'):]: v for k, v in state.items()}
   jax.tree.map(np.testing.assert_array_equal, reference.from_reference(model, wrapped),
                reference.from_reference(model, state))
@@ -62,7 +62,7 @@ def test_describe_state_dict_takes_what_from_reference_takes(state, prefix):
   wrapped = {prefix + k[len('state/'):]: v for k, v in state.items()}
   assert reference.describe_state_dict(wrapped) == want
   assert reference.describe_state_dict(state) == want  # the fixture's own 'state/' prefix
-  reference.from_reference(TarFlow(**COND_SMALL), wrapped)
+  reference.from_reference(TarFlow(Spec(**COND_SMALL)), wrapped)
 
 
 @pytest.mark.parametrize('change, match', [
@@ -76,13 +76,13 @@ def test_describe_state_dict_takes_what_from_reference_takes(state, prefix):
     (dict(nvp=False), r'nvp=True, the model has nvp=False'),
 ])
 def test_checkpoint_of_another_architecture_is_refused(state, change, match):
-  model = TarFlow(**{**COND_SMALL, **change})
+  model = TarFlow(Spec(**{**COND_SMALL, **change}))
   with pytest.raises(reference.ArchitectureMismatch, match=match):
     reference.from_reference(model, state)
 
 
 def test_missing_and_unexpected_keys_are_named(state):
-  model = TarFlow(**COND_SMALL)
+  model = TarFlow(Spec(**COND_SMALL))
   missing = dict(state)
   del missing['state/blocks.1.attn_blocks.0.mlp.norm.bias']
   with pytest.raises(reference.ArchitectureMismatch, match=r"first 'blocks.1.attn_blocks.0.mlp.norm.bias'"):
@@ -127,7 +127,7 @@ def test_cli_writes_a_checkpoint_the_tools_can_load(tmp_path):
   assert 'parameters' in result.stdout
   assert len((result.stdout + result.stderr).splitlines()) == 1, result.stdout + result.stderr  # Orbax's INFO hidden
   model, variables, restored_config = checkpoint.load_model(str(out))
-  assert restored_config.model.channels == 128 and model.num_classes == 3
+  assert restored_config.model.channels == 128 and model.spec.num_classes == 3
   with np.load(FIXTURE + '.npz') as data:
     x = jnp.asarray(data['inputs/x']).transpose(0, 2, 3, 1)
     z, _, _ = model.apply(variables, x, jnp.asarray(data['inputs/y']))
@@ -172,7 +172,7 @@ def _read_exported(path) -> dict:
 def test_export_writes_the_recorded_state_dict(state, tmp_path, suffix):
   if suffix == '.pth':
     pytest.importorskip('torch', reason='writing a .pth needs torch (pip install -e ".[torch]")')
-  model = TarFlow(**COND_SMALL)
+  model = TarFlow(Spec(**COND_SMALL))
   path = str(tmp_path / f'model{suffix}')
   reference.export_reference_checkpoint(model, reference.from_reference(model, state), path)
   got, want = _read_exported(path), state_dict.strip_prefixes(state)
@@ -185,9 +185,9 @@ def test_export_writes_the_recorded_state_dict(state, tmp_path, suffix):
 
 
 def test_export_refuses_what_the_reference_cannot_load(state, tmp_path, monkeypatch):
-  model = TarFlow(**COND_SMALL)
+  model = TarFlow(Spec(**COND_SMALL))
   variables = reference.from_reference(model, state)
-  narrow = TarFlow(**COND_SMALL, head_dim=32)  # the reference's heads are 64 wide: same shapes, another function
+  narrow = TarFlow(Spec(**COND_SMALL, head_dim=32))  # the reference's heads are 64 wide: same shapes, another function
   with pytest.raises(reference.ArchitectureMismatch, match='head_dim=64 and expansion=4 built in; this model has '
                      'head_dim=32'):
     reference.export_reference_checkpoint(narrow, variables, str(tmp_path / 'narrow.npz'))
@@ -231,7 +231,7 @@ def test_exported_pth_loads_into_the_reference_model_and_computes_our_forward(tm
   variables['prior']['var'] = np.exp(rng.normal(0.0, 0.3, variables['prior']['var'].shape)).astype(np.float32)
   path = str(tmp_path / 'model.pth')
   reference.export_reference_checkpoint(model, variables, path)
-  theirs = transformer_flow.Model(**{f: getattr(model, f) for f in reference.REFERENCE_MODEL_ARGS})
+  theirs = transformer_flow.Model(**{f: getattr(model.spec, f) for f in reference.REFERENCE_MODEL_ARGS})
   theirs.load_state_dict(torch.load(path, map_location='cpu', weights_only=True), strict=True)
   x = toy.images(model)
   y = jnp.array([0, 2, -1]) if num_classes else None
@@ -241,7 +241,7 @@ def test_exported_pth_loads_into_the_reference_model_and_computes_our_forward(tm
                              None if y is None else torch.tensor(np.asarray(y)))
   np.testing.assert_allclose(tz.numpy(), z, atol=1e-5)
   np.testing.assert_allclose(tlogdets.numpy(), logdets, atol=1e-6)
-  assert float(jnp.abs(z - patchify(x, model.patch_size)).max()) > 1e-2  # not the identity
+  assert float(jnp.abs(z - patchify(x, model.spec.patch_size)).max()) > 1e-2  # not the identity
   # Sampling: the reference's prior variance came along (random for nvp=False).
   noise = jax.random.normal(jax.random.key(4), (2, model.num_tokens, model.token_dim))
   with torch.no_grad():
@@ -251,7 +251,7 @@ def test_exported_pth_loads_into_the_reference_model_and_computes_our_forward(tm
 
 
 def test_cli_exports_a_checkpoint_directory(tmp_path):
-  model = TarFlow(**COND_SMALL)
+  model = TarFlow(Spec(**COND_SMALL))
   config = ml_collections.ConfigDict({'model': COND_SMALL})
   variables = reference.from_reference(model, state_dict.read_state_dict(FIXTURE + '.npz'))
   checkpoint.save_model(str(tmp_path / 'run'), variables, config)

@@ -64,14 +64,6 @@ def test_a_short_batch_is_padded_to_the_batch_size():
   assert data.pad_batch(images, 2) is images
 
 
-def test_a_micro_batch_that_does_not_divide_the_batch_names_the_setting():
-  data.check_microbatch(6, 3)
-  with pytest.raises(ValueError, match='--microbatch=4 must divide the batch of 6 samples'):
-    data.check_microbatch(6, 4, '--microbatch')
-  with pytest.raises(ValueError, match='microbatch=0 must divide'):
-    data.check_microbatch(6, 0)
-
-
 @pytest.mark.parametrize('source', ['embedded_mnist', 'folder'])
 def test_processes_get_equally_many_eval_batches_when_the_split_does_not_divide(source, tmp_path, monkeypatch):
   # 500 held-out digits (or 7 files) over 3 processes: shares of 167/167/166 (3/2/2). Each process must still

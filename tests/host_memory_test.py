@@ -21,7 +21,8 @@ if mode == 'call':
   from tarflow_jax import host_memory
   assert host_memory.reuse_freed_memory()
 elif mode == 'command':
-  import tarflow_jax.cli  # what every command line imports first
+  from tarflow_jax.cli import _common
+  _common.prepare_process()  # what every command line's `_common.run` does first
 import jax, jax.numpy as jnp
 
 def f(x):  # x (1024, 8192) float32, 32 MiB; temporaries of its size

@@ -5,7 +5,7 @@ import collections
 import jax
 import numpy as np
 
-from tarflow_jax.model import TarFlow, init_variables
+from tarflow_jax.model import Spec, TarFlow, init_variables
 
 # Wide enough that every role pools thousands of draws, small enough to initialise in a second.
 MODEL = dict(in_channels=3, img_size=16, patch_size=4, channels=128, num_blocks=2, layers_per_block=2,
@@ -67,7 +67,7 @@ def distribution_errors(params):
 
 
 def params_of(initializer, seed=0):
-  return init_variables(TarFlow(**MODEL, initializer=initializer), jax.random.PRNGKey(seed))['params']
+  return init_variables(TarFlow(Spec(**MODEL, initializer=initializer)), jax.random.PRNGKey(seed))['params']
 
 
 def test_default_init_draws_every_parameter_as_the_reference():
@@ -77,7 +77,7 @@ def test_default_init_draws_every_parameter_as_the_reference():
                    'fc1/kernel', 'fc1/bias', 'fc2/kernel', 'fc2/bias', 'proj_out/kernel', 'proj_out/bias',
                    'norm/scale', 'norm/bias', 'pos_embed', 'class_embed'}
   assert not distribution_errors(params), '\n'.join(distribution_errors(params))
-  assert TarFlow(**MODEL).initializer == 'reference'
+  assert Spec(**MODEL).initializer == 'reference'
 
 
 def test_flax_init_fails_the_reference_check():

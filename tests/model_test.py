@@ -1,10 +1,7 @@
 """The flow itself: patch layout, the fresh flow, exact log-determinant, autoregressive structure."""
 
-import contextlib
-import io
 
 import jax
-from jax import ad_checkpoint
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -41,7 +38,7 @@ def test_fresh_model_is_elementwise_affine():
   np.testing.assert_allclose(z2 - z0, 2 * (z1 - z0), atol=1e-5)
   np.testing.assert_array_equal(l1, l0)
   np.testing.assert_array_equal(l2, l0)
-  assert float(jnp.abs(z1 - patchify(x, model.patch_size)).max()) > 1e-3  # the biases are not zero
+  assert float(jnp.abs(z1 - patchify(x, model.spec.patch_size)).max()) > 1e-3  # the biases are not zero
 
 
 def test_fresh_model_with_flax_init_is_identity():
@@ -49,7 +46,7 @@ def test_fresh_model_with_flax_init_is_identity():
   variables = model_lib.init_variables(model, jax.random.key(0))
   x = toy.images(model)
   z, logdets, _ = model.apply(variables, x, jnp.array([0, 1, 2]))
-  np.testing.assert_array_equal(z, patchify(x, model.patch_size))
+  np.testing.assert_array_equal(z, patchify(x, model.spec.patch_size))
   np.testing.assert_array_equal(logdets, 0.0)
 
 
@@ -80,9 +77,9 @@ def test_log_determinant_equals_slogdet_of_jacobian(nvp):
 def test_each_block_is_autoregressive_in_its_reading_order():
   model = toy.tiny_model(img_size=6, num_blocks=2)  # 9 tokens
   variables = toy.random_variables(model)
-  x = patchify(toy.images(model, batch=1), model.patch_size)[0]  # (T, D)
+  x = patchify(toy.images(model, batch=1), model.spec.patch_size)[0]  # (T, D)
   t, d = x.shape
-  for i in range(model.num_blocks):
+  for i in range(model.spec.num_blocks):
     block = lambda h: model.apply(variables, i, h[None], method=_block_forward)[0]
     jac = np.asarray(jax.jacfwd(block)(x))  # (T, D, T, D) in the original order
     if i % 2:  # reading order of odd blocks is reversed
@@ -106,8 +103,8 @@ def _block_forward(module: TarFlow, i, h):
 def test_block_inverse_steps_undo_its_forward_in_either_order(size):
   model = toy.tiny_model(img_size=6, num_blocks=2)  # 9 tokens; block 1 reads them reversed
   variables = toy.random_variables(model)
-  x = patchify(toy.images(model, batch=2), model.patch_size)  # (B, T, D)
-  for i in range(model.num_blocks):
+  x = patchify(toy.images(model, batch=2), model.spec.patch_size)  # (B, T, D)
+  for i in range(model.spec.num_blocks):
     z, _ = model.apply(variables, x, method=model_lib.on_block(i, model_lib.FlowBlock.__call__))
     cache = model.apply(variables, 2, method=model_lib.on_block(i, model_lib.FlowBlock.init_cache))
     inverse_step = model_lib.on_block(i, model_lib.FlowBlock.inverse_step)
@@ -132,50 +129,6 @@ def test_bfloat16_matmuls_keep_float32_flow_arithmetic():
   np.testing.assert_allclose(z16, z32, atol=0.1)
   np.testing.assert_allclose(ld16, ld32, atol=0.02)
   assert float(jnp.abs(z16 - z32).max()) > 0  # really ran in bfloat16
-
-
-def test_gelu_is_exact_gelu_with_its_derivative():
-  with jax.enable_x64():
-    x = jnp.linspace(-8.0, 8.0, 2001, dtype=jnp.float64)
-    want = jax.nn.gelu(x, approximate=False)
-    np.testing.assert_allclose(model_lib.gelu(x), want, rtol=1e-12, atol=1e-14)
-    want_grad = jax.vmap(jax.grad(lambda v: jax.nn.gelu(v, approximate=False)))(x)
-    np.testing.assert_allclose(jax.vmap(jax.grad(model_lib.gelu))(x), want_grad, rtol=1e-10, atol=1e-12)
-    # Against finite differences too, independently of jax.nn.
-    h = 1e-6
-    fd = (model_lib.gelu(x + h) - model_lib.gelu(x - h)) / (2 * h)
-    np.testing.assert_allclose(jax.vmap(jax.grad(model_lib.gelu))(x), fd, atol=1e-8)
-
-
-def test_gelu_saves_only_its_input_for_the_backward_pass():
-  # What the backward pass reads besides the cotangent: x alone, not erf(x) or the slope.
-  x = jnp.linspace(-3.0, 3.0, 12, dtype=jnp.float32).reshape(3, 4)
-  printed = io.StringIO()
-  with contextlib.redirect_stdout(printed):
-    ad_checkpoint.print_saved_residuals(model_lib.gelu, x)
-  assert printed.getvalue().strip().splitlines() == ['f32[3,4] from the argument x'], printed.getvalue()
-
-
-@pytest.mark.parametrize('features_in, features_out', [(4, 5), (5, 4)])
-def test_dense_products_and_their_derivatives_are_those_of_a_matmul(features_in, features_out):
-  # The CPU path of every Dense layer (an explicit transpose in the kernel's tangent map: of x when
-  # it is the narrower, of the output's cotangent otherwise) against numpy.
-  assert model_lib.attention_lib.platform() == 'cpu'
-  with jax.enable_x64():
-    rng = np.random.default_rng(0)
-    x, kernel = rng.normal(size=(2, 3, features_in)), rng.normal(size=(features_in, features_out))
-    dy = rng.normal(size=(2, 3, features_out))
-    dx_in, dk_in = rng.normal(size=x.shape), rng.normal(size=kernel.shape)
-    f = lambda x, k: model_lib.dense_dot_general(x, k, (((2,), (0,)), ((), ())))
-    np.testing.assert_allclose(f(x, kernel), x @ kernel, rtol=1e-12)
-    gx, gk = jax.grad(lambda x, k: jnp.sum(f(x, k) * dy), argnums=(0, 1))(x, kernel)
-    np.testing.assert_allclose(gx, dy @ kernel.T, rtol=1e-12)
-    np.testing.assert_allclose(gk, np.einsum('bti,bto->io', x, dy), rtol=1e-12)
-    _, tangent = jax.jvp(f, (x, kernel), (dx_in, dk_in))
-    np.testing.assert_allclose(tangent, dx_in @ kernel + x @ dk_in, rtol=1e-12)
-  # Its transpose whichever way the conditional goes (x[0, 0] NaN makes its predicate false).
-  for a in (np.arange(6.0).reshape(2, 3), np.array([[np.nan, 1.0, 2.0], [3.0, 4.0, np.inf]])):
-    np.testing.assert_array_equal(jax.jit(model_lib.materialized_transpose)(a), a.T)
 
 
 @pytest.mark.parametrize('remat, scan_layers, policy', [
@@ -203,7 +156,7 @@ def test_remat_and_scan_change_neither_the_function_nor_its_gradient(remat, scan
   shown = {'dots_saveable': 'DotsSaveable(only_if_no_batch_dims=False)',
            'dots_with_no_batch_dims_saveable': 'DotsSaveable(only_if_no_batch_dims=True)'}
   recomputed = program.count(f'policy={shown.get(policy, "<function " + policy)}')
-  assert recomputed == (model.num_blocks * (1 if scan_layers else model.layers_per_block) if remat else 0)
+  assert recomputed == (model.spec.num_blocks * (1 if scan_layers else model.spec.layers_per_block) if remat else 0)
   assert (program.count('scan[') > 0) == scan_layers
   # Sampling (the cached step) is unaffected.
   noise = jax.random.normal(jax.random.key(3), (3, model.num_tokens, model.token_dim))
@@ -220,7 +173,7 @@ def test_unknown_remat_policy_is_refused():
 def test_from_config():
   model = model_lib.from_config({'in_channels': 3, 'img_size': 8, 'patch_size': 2, 'channels': 64,
                                  'num_blocks': 2, 'layers_per_block': 1, 'dtype': 'bfloat16'})
-  assert model.dtype == jnp.bfloat16 and model.num_tokens == 16 and model.token_dim == 12
+  assert model.spec.dtype == jnp.bfloat16 and model.num_tokens == 16 and model.token_dim == 12
 
 
 @pytest.mark.parametrize('shape, match', [

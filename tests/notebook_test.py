@@ -107,7 +107,7 @@ def test_official_checkpoint_smoke_converts_and_samples(tmp_path, monkeypatch):
   # The converted checkpoint is one the command-line tools read.
   from tarflow_jax import checkpoint  # pylint: disable=g-import-not-at-top
   model, variables, config = checkpoint.load_model(str(tmp_path / 'converted'))
-  assert model.num_classes == 3 and config.noise.std == 0.07 and set(variables) == {'params', 'prior'}
+  assert model.spec.num_classes == 3 and config.noise.std == 0.07 and set(variables) == {'params', 'prior'}
 
 
 def test_official_checkpoint_says_where_to_get_a_missing_checkpoint(tmp_path, monkeypatch):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from tarflow_jax import likelihood, reference, sampling
-from tarflow_jax.model import TarFlow
+from tarflow_jax.model import Spec, TarFlow
 
 FIXTURES = os.environ.get('TARFLOW_FIXTURES', os.path.join(os.path.dirname(__file__), 'fixtures'))
 # train_* stems are training trajectories (tests/reference_training_test.py).
@@ -47,7 +47,7 @@ class Case:
     with np.load(stem + '.npz') as f:
       self.data = {k: f[k] for k in f.files}
     self.stem = stem
-    self.model = TarFlow(**{k: self.spec[k] for k in ARCH_FIELDS})
+    self.model = TarFlow(Spec(**{k: self.spec[k] for k in ARCH_FIELDS}))
     self.variables = reference.load_reference_checkpoint(self.model, stem + '.npz')
     self.x = nhwc(self.data['inputs/x'])
     self.y = jnp.asarray(self.data['inputs/y']) if 'inputs/y' in self.data else None

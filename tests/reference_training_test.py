@@ -17,7 +17,7 @@ import optax
 import pytest
 
 from tarflow_jax import config_lib, reference, train
-from tarflow_jax.model import TarFlow
+from tarflow_jax.model import Spec, TarFlow
 
 FIXTURES = os.environ.get('TARFLOW_FIXTURES', os.path.join(os.path.dirname(__file__), 'fixtures'))
 STEMS = sorted(os.path.splitext(p)[0] for p in glob.glob(os.path.join(FIXTURES, 'train_*.json')))
@@ -51,7 +51,7 @@ def test_train_step_reproduces_reference_trajectory(stem):
     spec = json.load(f)
   with np.load(stem + '.npz') as f:
     data = {k: f[k] for k in f.files}
-  model = TarFlow(**{k: spec[k] for k in ARCH_FIELDS})
+  model = TarFlow(Spec(**{k: spec[k] for k in ARCH_FIELDS}))
   config = config_lib.default()
   config.model.update({k: spec[k] for k in ARCH_FIELDS})
   config.optim.update(b1=spec['b1'], b2=spec['b2'], weight_decay=spec['weight_decay'], grad_clip=0.0)

@@ -18,14 +18,14 @@ def loop_inverse(model, variables, noise, y, **guidance):
 
 def loop_trajectory(model, variables, noise, y, guidance=0.0, guide_what='ab', attn_temp=1.0, annealed=False):
   """`loop_inverse`'s images (B, H, W, C) before the blocks (the noise, unscaled) and after inverting each block."""
-  image = lambda x: unpatchify(jnp.asarray(x, jnp.float32), model.patch_size, model.img_size)
+  image = lambda x: unpatchify(jnp.asarray(x, jnp.float32), model.spec.patch_size, model.spec.img_size)
   trajectory = [image(noise)]
   x = np.array(noise * np.sqrt(variables['prior']['var']), np.float64)
   batch, num_tokens, _ = x.shape
-  y_uncond = None if not model.num_classes else jnp.full((batch,), -1)
+  y_uncond = None if not model.spec.num_classes else jnp.full((batch,), -1)
   affine = jax.jit(lambda i, h, y, temp: model.apply(variables, jnp.asarray(h, jnp.float32), y, temp,
                                                      method=on_block(i, FlowBlock.affine_params)), static_argnums=0)
-  for i in reversed(range(model.num_blocks)):
+  for i in reversed(range(model.spec.num_blocks)):
     h = x[:, ::-1].copy() if i % 2 else x.copy()  # reading order of block i
     for t in range(num_tokens - 1):
       a, b = affine(i, h, y, None)
@@ -61,7 +61,7 @@ def test_sampler_equals_loop_inverse(setting):
   model = toy.tiny_model(num_classes=setting.pop('num_classes'), nvp=setting.pop('nvp', True), img_size=6)
   variables = toy.random_variables(model)
   noise = jax.random.normal(jax.random.key(5), (3, model.num_tokens, model.token_dim))
-  y = jnp.array([0, 2, -1]) if model.num_classes and setting.pop('labels', True) else None
+  y = jnp.array([0, 2, -1]) if model.spec.num_classes and setting.pop('labels', True) else None
   setting.pop('labels', None)
   annealed = setting.pop('annealed', False)
   guidance = sampling.Guidance(setting['guidance'], setting.get('guide_what', 'ab'), setting.get('attn_temp', 1.0),
@@ -126,7 +126,7 @@ def test_sample_inverts_forward(nvp, num_classes):
   z, _, _ = model.apply(variables, x, y)
   noise = z / jnp.sqrt(variables['prior']['var'])
   np.testing.assert_allclose(sampling.sample(model, variables, noise, y), x, atol=1e-5)
-  assert float(jnp.abs(z - patchify(x, model.patch_size)).max()) > 1e-2  # the flow is not the identity
+  assert float(jnp.abs(z - patchify(x, model.spec.patch_size)).max()) > 1e-2  # the flow is not the identity
 
 
 def test_second_call_does_not_recompile():
@@ -260,7 +260,7 @@ def test_sequential_decoding_reports_one_iteration_per_token():
   noise = jax.random.normal(jax.random.key(9), (2, model.num_tokens, model.token_dim))
   images, iterations = sampling.sample(model, variables, noise, return_iterations=True)
   np.testing.assert_array_equal(images, sampling.sample(model, variables, noise))
-  assert [its.tolist() for its in iterations] == [[model.num_tokens - 1]] * model.num_blocks
+  assert [its.tolist() for its in iterations] == [[model.num_tokens - 1]] * model.spec.num_blocks
 
 
 @pytest.fixture(scope='module')
@@ -280,10 +280,10 @@ def test_trajectory_is_the_forward_pass_backwards(conditional_vp, decoder):
   z, _, block_latents = model.apply(variables, x, y)
   noise = z / jnp.sqrt(variables['prior']['var'])
   images, trajectory = sampling.sample(model, variables, noise, y, decoder=decoder, return_trajectory=True)
-  image = lambda h: unpatchify(h, model.patch_size, model.img_size)
+  image = lambda h: unpatchify(h, model.spec.patch_size, model.spec.img_size)
   # The noise, then each block's input (the output of the block before it), the last block first; the images last.
   want = [image(noise)] + [image(h) for h in block_latents[-2::-1]] + [x]
-  assert len(trajectory) == model.num_blocks + 1
+  assert len(trajectory) == model.spec.num_blocks + 1
   np.testing.assert_array_equal(trajectory[-1], images)
   for i, (got, expected) in enumerate(zip(trajectory, want)):
     np.testing.assert_allclose(got, expected, atol=1e-5, err_msg=f'entry {i}')
@@ -303,7 +303,7 @@ def test_guided_trajectory_equals_the_loop_inverse_block_by_block(conditional_vp
   images, iterations, trajectory = sampling.sample(model, variables, noise, y, guidance=guidance, decoder=decoder,
                                                    return_iterations=True, return_trajectory=True)
   want = loop_trajectory(model, variables, noise, y, guidance=1.5, attn_temp=0.7, annealed=True)
-  assert len(trajectory) == len(want) == model.num_blocks + 1 and len(iterations) == model.num_blocks
+  assert len(trajectory) == len(want) == model.spec.num_blocks + 1 and len(iterations) == model.spec.num_blocks
   np.testing.assert_array_equal(trajectory[-1], images)
   for i, (got, expected) in enumerate(zip(trajectory, want)):
     np.testing.assert_allclose(got, expected, atol=2e-5, rtol=0, err_msg=f'entry {i}')

@@ -40,6 +40,24 @@ def test_mesh_sizes_from_config():
 def test_default_mesh_is_the_default_config_mesh():
   assert dict(sharding.default_mesh().shape) == {'data': 8, 'fsdp': 1}
   assert dict(sharding.default_mesh(jax.devices()[:2]).shape) == {'data': 2, 'fsdp': 1}
+  assert dict(sharding.default_mesh().shape) == dict(sharding.make_mesh(config_lib.default().mesh).shape)
+
+
+def test_a_micro_batch_that_does_not_divide_the_batch_names_the_setting():
+  sharding.check_microbatch(6, 3)
+  with pytest.raises(ValueError, match='--microbatch=4 must divide the batch of 6 samples'):
+    sharding.check_microbatch(6, 4, '--microbatch')
+  with pytest.raises(ValueError, match='microbatch=0 must divide'):
+    sharding.check_microbatch(6, 0)
+
+
+def test_micro_batch_i_holds_every_nth_example_and_merging_restores_the_batch():
+  batch = np.arange(12 * 2).reshape(12, 2)
+  micro = np.asarray(sharding.split_microbatches(batch, 3))  # (3, 4, 2)
+  assert micro.shape == (3, 4, 2)
+  for i in range(3):
+    np.testing.assert_array_equal(micro[i], batch[i::3])
+  np.testing.assert_array_equal(sharding.merge_microbatches(micro), batch)
 
 
 def test_the_compiled_program_is_the_training_program():

@@ -7,9 +7,9 @@
   python -m tarflow_jax.cli.bench     (tarflow-bench)     timing and utilisation of any config
   python -m tarflow_jax.cli.aot       (tarflow-aot)       ahead-of-time compilation for a TPU slice
 
-Every one runs through `_common.run`, the one place that turns user errors into an `error: ...` line.
-Importing this package prepares the process first (`_common`'s start-up: quiet logs, host memory),
-before any command imports TensorFlow or starts JAX's backends.
+Every one runs through `_common.run`, the one place that turns user errors into an `error: ...` line,
+and which prepares the process (JAX's platform, host memory) before the command imports TensorFlow
+or starts JAX's backends. Importing this package only quiets TensorFlow's C++ start-up notes.
 """
 
 from tarflow_jax.cli import _common  # pylint: disable=unused-import

@@ -6,11 +6,10 @@ program with one line, `error: ...`, on stderr and exit status 2, instead of a t
 bugs keep their traceback; `--traceback` (or TARFLOW_TRACEBACK=1) shows it for user errors too.
 
 Start-up, on import (`tarflow_jax.cli` imports this module before any command's own imports):
-the C++ start-up notes of TensorFlow (tf.data) and, on a machine with no accelerator, JAX's probe
-for one (and libtpu's warnings when it is installed) are kept off the screen, and the INFO lines
-of JAX, Optax, TensorFlow and Orbax are dropped; `--verbosity=1` shows them.
-On a CPU-only machine, freed host memory is kept for reuse (`host_memory`: each training step
-would otherwise map its buffers afresh).
+the C++ start-up notes of TensorFlow (tf.data) are kept off the screen, and the INFO lines of JAX,
+Optax, TensorFlow and Orbax are dropped; `--verbosity=1` shows them. Then `run` prepares the
+process (`prepare_process`): on a machine with no accelerator JAX does not probe for one, and on
+a CPU freed host memory is kept for reuse.
 `run(main, exit_at_once=True)` ends the process as soon as `main` has returned and the output is
 flushed, skipping the interpreter's teardown of the libraries' native state.
 `check_choices` and `report` are the --what check and the table-and-JSON ending of the measuring
@@ -24,7 +23,6 @@ import logging as py_logging
 import os
 import re
 import sys
-import traceback
 from typing import Callable, Optional
 
 from tarflow_jax.cli import _quiet_import
@@ -47,49 +45,20 @@ def _verbosity_asked() -> bool:
   return False
 
 
-@functools.lru_cache(maxsize=None)
-def _no_accelerator() -> bool:
-  """True on a Linux machine with no TPU on its PCI bus (vendor Google) and no GPU device node.
-
-  Anywhere else (another OS, a device node of any GPU runtime) JAX probes its backends as usual.
-  """
-  import glob  # pylint: disable=g-import-not-at-top
-  if not sys.platform.startswith('linux') or not os.path.isdir('/sys/bus/pci/devices'):
-    return False
-  for path in glob.glob('/sys/bus/pci/devices/*/vendor'):
-    try:
-      with open(path) as f:
-        if f.read().strip() == '0x1ae0':
-          return False
-    except OSError:
-      continue
-  return not any(os.path.exists(d) for d in ('/dev/nvidiactl', '/dev/nvidia0', '/dev/dxg', '/dev/kfd', '/dev/dri'))
-
-
 if not _verbosity_asked():
-  # Before TensorFlow and JAX are imported: their C++ logging and backend choice are read once, then.
+  # Before TensorFlow is imported: its C++ logging is read once, then.
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow's INFO logs once its logging has started
   _quiet_import.install(('tensorflow',))  # and the notes it prints while it loads, before that (oneDNN, CPU features)
-  if 'JAX_PLATFORMS' not in os.environ and 'JAX_FORCE_TPU_INIT' not in os.environ and _no_accelerator():
-    os.environ['JAX_PLATFORMS'] = 'cpu'  # no probe for a TPU: no "Unable to initialize backend", no libtpu warnings
-    if 'jax' in sys.modules:  # imported already (the package's __init__): it read the variable; backends start later
-      sys.modules['jax'].config.update('jax_platforms', 'cpu')
 
 from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
-from tarflow_jax import config_lib, errors, host_memory  # pylint: disable=g-import-not-at-top
-
-if os.environ.get('JAX_PLATFORMS', '').split(',')[0] == 'cpu' or _no_accelerator():
-  # Before JAX starts its CPU backend and TensorFlow its threads: the buffers of one call of a
-  # compiled program are reused by the next instead of mapped afresh (host_memory).
-  host_memory.reuse_freed_memory()
+from tarflow_jax import config_lib, errors, host_memory, platforms  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
 flags.DEFINE_bool('traceback', False, 'Show the traceback of user errors too (also: TARFLOW_TRACEBACK=1).')
 
 EXIT_USER_ERROR = 2
-_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _OVERRIDE = re.compile(r'--config\.(?P<field>[\w.]+)(=|$)')
 
 
@@ -108,15 +77,38 @@ class DropOrbaxInfo(py_logging.Filter):
     return not any(part in record.pathname for part in _LIBRARY_PATHS)
 
 
-def run(main: Callable[[list], Optional[int]], exit_at_once: bool = False) -> None:
-  """Runs `main(argv)` as absl.app.run does, with user errors reported as one `error: ...` line.
+def run(main: Callable[[list], Optional[int]], exit_at_once: bool = False, platform: Optional[str] = None) -> None:
+  """Prepares the process (`prepare_process`), then runs `main(argv)` as absl.app.run does, with user
+  errors reported as one `error: ...` line.
 
   exit_at_once: once `main` returns, flush the output, run the atexit handlers and end the process
   (os._exit) instead of letting the interpreter finalise every native object of TensorFlow, JAX and
   TensorStore, which can keep a finished run alive for a long while. `main` must have closed what
   it wrote (checkpoints, metric writers) itself.
+  platform: the JAX platform to run on unless JAX_PLATFORMS names one (the ahead-of-time compiler: 'cpu').
   """
+  prepare_process(platform)
   app.run(functools.partial(_guarded, main, exit_at_once), flags_parser=_parse_flags)
+
+
+def prepare_process(platform: Optional[str] = None) -> None:
+  """Chooses JAX's platform and the host's malloc settings, before JAX starts a backend or TensorFlow its threads.
+
+  The command lines import TensorFlow and start JAX's backends only inside `main`, so `run` calls
+  this first. On a machine with no accelerator (`platforms.no_accelerator`) JAX runs on the CPU
+  without probing for a TPU (no "Unable to initialize backend", no libtpu warnings; `--verbosity=1`
+  lets it probe), and on the CPU freed host memory is kept for reuse (`host_memory`: each training
+  step would otherwise map its buffers afresh).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  if 'JAX_PLATFORMS' not in os.environ and 'JAX_FORCE_TPU_INIT' not in os.environ:
+    if platform is None and not _verbosity_asked() and platforms.no_accelerator():
+      platform = 'cpu'
+    if platform:
+      os.environ['JAX_PLATFORMS'] = platform  # for the processes this one starts
+      jax.config.update('jax_platforms', platform)
+  if (jax.config.jax_platforms or '').split(',')[0] == 'cpu' or platforms.no_accelerator():
+    host_memory.reuse_freed_memory()
 
 
 def check_choices(flag: str, given: list, allowed) -> None:
@@ -177,36 +169,17 @@ def _exit(message: str, hint: str = '') -> None:
 def user_error_message(e: BaseException) -> Optional[str]:
   """The message to show for `e` if it is a user error, else None (a bug: keep the traceback).
 
-  User errors: app.UsageError, errors.UserError and the library's specific errors (a dataset not
-  prepared, a damaged checkpoint, another architecture); a ValueError, OSError, ImportError,
-  ArithmeticError or RuntimeError that the package's own code raised, which is how it rejects bad
-  input; and an OSError about a named file.
+  User errors, by type: absl's app.UsageError, errors.UserError and its subclasses (which the
+  library raises for input the user must change), and an OSError naming a file (a path given that
+  does not exist or cannot be read). Whatever else was raised, and where, is a bug.
   """
   if isinstance(e, app.UsageError):
     return f'{e} (--helpshort lists the flags)'
-  if isinstance(e, _library_errors()):
-    return str(e)
-  if isinstance(e, (ValueError, OSError, ImportError, ArithmeticError, RuntimeError)) and _raised_by_package(e):
+  if isinstance(e, errors.UserError):
     return str(e)
   if isinstance(e, OSError) and e.filename:
     return f'{e.strerror or e}: {e.filename}'
   return None
-
-
-_LIBRARY_ERRORS = (('tarflow_jax.data', 'DatasetNotFoundError'), ('tarflow_jax.checkpoint', 'DamagedCheckpointError'),
-                   ('tarflow_jax.reference', 'ArchitectureMismatch'))
-
-
-def _library_errors() -> tuple:
-  """errors.UserError and the specific error types of the library modules loaded (only they raise them)."""
-  loaded = [getattr(sys.modules[module], name) for module, name in _LIBRARY_ERRORS if module in sys.modules]
-  return (errors.UserError, *loaded)
-
-
-def _raised_by_package(e: BaseException) -> bool:
-  """Whether the innermost frame of `e`'s traceback is code of tarflow_jax."""
-  frames = traceback.extract_tb(e.__traceback__)
-  return bool(frames) and os.path.abspath(frames[-1].filename).startswith(_PACKAGE_DIR + os.sep)
 
 
 def _parse_flags(argv: list) -> list:

@@ -10,13 +10,9 @@ collectives of the compiled program. Needs libtpu (`pip install -e ".[tpu]"`), n
 
 import os
 
-os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # compile for the named topology; run nothing here
-os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')  # describing a topology claims no TPU
-
 from absl import app, flags
 from ml_collections import config_flags
 
-from tarflow_jax import compilation
 from tarflow_jax.cli import _common
 
 FLAGS = flags.FLAGS
@@ -32,12 +28,14 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   _common.check_choices('what', FLAGS.what, ('train', 'sample'))
+  from tarflow_jax import compilation  # pylint: disable=g-import-not-at-top  # TensorFlow: after start-up
   result = compilation.report(FLAGS.config, FLAGS.topology, FLAGS.what, FLAGS.max_batch)
   _common.report(compilation.table(result), result, FLAGS.json)
 
 
 def run():
-  _common.run(main)
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')  # describing a topology claims no TPU
+  _common.run(main, platform='cpu')  # compile for the named topology; run nothing here
 
 
 if __name__ == '__main__':

@@ -6,7 +6,7 @@ r"""Benchmark of training, sampling and likelihood evaluation for any config (be
 from absl import app, flags
 from ml_collections import config_flags
 
-from tarflow_jax import benchmark, errors
+from tarflow_jax import errors
 from tarflow_jax.cli import _common
 
 WHAT = ('train', 'sample', 'jacobi', 'eval')
@@ -29,6 +29,7 @@ def main(argv):
   for name in ('repeats', 'sample_batch', 'chunks'):
     if FLAGS[name].value <= 0:
       raise errors.UserError(f'--{name}={FLAGS[name].value} must be positive.')
+  from tarflow_jax import benchmark  # pylint: disable=g-import-not-at-top  # TensorFlow: after start-up
   result = benchmark.run(FLAGS.config, set(FLAGS.what), FLAGS.repeats, FLAGS.sample_batch, FLAGS.chunks,
                          FLAGS.microbatch or None)
   _common.report(benchmark.table(result), result, FLAGS.json)

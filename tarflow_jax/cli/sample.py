@@ -111,14 +111,14 @@ def main(argv):
     noise = rng.standard_normal((num, model.num_tokens, model.token_dim), np.float32)
     labels = None
   if labels is None:
-    labels = labels_for(FLAGS.labels, num, model.num_classes, rng)
+    labels = labels_for(FLAGS.labels, num, model.spec.num_classes, rng)
 
   mesh = sharding.make_mesh(config.mesh)
   variables = jax.device_put(variables, sharding.replicated(mesh))
   batch_size = min(FLAGS.batch_size, num)
   microbatch = min(FLAGS.microbatch, batch_size) or None
   if microbatch:
-    data.check_microbatch(batch_size, microbatch, '--microbatch')
+    sharding.check_microbatch(batch_size, microbatch, '--microbatch')
   if FLAGS.decoder == 'jacobi':
     decoder = sampling.Jacobi(FLAGS.jacobi_segment, FLAGS.jacobi_max_iters, FLAGS.jacobi_tol)
   else:
@@ -155,7 +155,7 @@ def main(argv):
           f'(sequential decoding takes {model.num_tokens - 1} per block).')
   if jax.process_index() == 0:
     os.makedirs(FLAGS.output, exist_ok=True)
-    columns = model.num_classes if FLAGS.labels == 'rows' and 0 < model.num_classes <= 32 else 0
+    columns = model.spec.num_classes if FLAGS.labels == 'rows' and 0 < model.spec.num_classes <= 32 else 0
     images.save_png(os.path.join(FLAGS.output, 'samples.png'), images.grid(samples, columns))
     np.savez(os.path.join(FLAGS.output, 'samples.npz'), images=samples,
              labels=labels if labels is not None else np.full(num, -1, np.int32))
