@@ -140,16 +140,16 @@ def fid_files(args) -> tuple[str, str]:
       args.workdir, f'fid_stats_train_{args.fid_stats_examples if args.fid_stats_examples > 0 else "all"}.npz')
   if not os.path.exists(stats):
     run('tarflow_jax.cli.evaluate', 'fid_stats', f'--config={args.config}', f'--inception={inception}',
-        f'--output={stats}', f'--num_examples={args.fid_stats_examples}')
+        f'--output={stats}', f'--num_examples={args.fid_stats_examples}', f'--batch_size={args.fid_batch_size}')
   return inception, stats
 
 
-def score_fid(checkpoint: str, inception: str, stats: str, num_samples: int) -> dict:
+def score_fid(checkpoint: str, inception: str, stats: str, num_samples: int, batch_size: int) -> dict:
   """FID of `num_samples` samples of a checkpoint (the same latents and labels for every model: seed 0)."""
   output = checkpoint + f'_fid{num_samples}.json'
   if not os.path.exists(output):
     run('tarflow_jax.cli.evaluate', 'fid', f'--checkpoint={checkpoint}', f'--stats={stats}', f'--inception={inception}',
-        f'--num_examples={num_samples}', '--seed=0', f'--output={output}')
+        f'--num_examples={num_samples}', '--seed=0', f'--batch_size={batch_size}', f'--output={output}')
   with open(output) as f:
     result = json.load(f)
   return {'fid': result['fid'], 'fid_samples': result['num_samples'], 'fid_stats': stats}
@@ -178,6 +178,8 @@ def main():
                       '<workdir> if absent).')
   parser.add_argument('--fid_stats_examples', type=int, default=-1,
                       help='The statistics made here: of the first N training images (-1: all).')
+  parser.add_argument('--fid_batch_size', type=int, default=100,
+                      help='Images per Inception batch (at 299x299, about 40 MB of host memory each on a CPU).')
   args = parser.parse_args()
   args.config = os.path.abspath(args.config)
   args.workdir = args.workdir or f'/tmp/tarflow_compare_{os.path.splitext(os.path.basename(args.config))[0]}'
@@ -211,7 +213,7 @@ def main():
         run('tarflow_jax.main', f'--config={args.config}', f'--workdir={checkpoint}', f'--config.seed={seed}', *changes)
       results[name] = {'side': side, 'seed': seed, **evaluate(checkpoint, args.eval_examples)}
       if args.fid:
-        results[name].update(score_fid(checkpoint, inception, stats, args.fid_samples))
+        results[name].update(score_fid(checkpoint, inception, stats, args.fid_samples, args.fid_batch_size))
       print(name, results[name], flush=True)
       with open(results_path, 'w') as f:
         json.dump(results, f, indent=2)

@@ -52,7 +52,7 @@ def get_config(arg=None):
   c.log_every = 100
   c.eval_every = c.sample_every = c.checkpoint_every = 800
   c.fid_every = c.num_train_steps
-  c.fid.update(num_samples=1_000, batch_size=200, inception=FID_INCEPTION, stats=FID_STATS)
+  c.fid.update(num_samples=1_000, batch_size=100, inception=FID_INCEPTION, stats=FID_STATS)
   c = config_lib.finalize(c, arg)
   if arg:  # a few steps to check the data path: no FID files needed
     c.fid_every = 0
