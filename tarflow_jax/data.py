@@ -114,14 +114,14 @@ def read_idx(path: str) -> np.ndarray:
   with (gzip.open if path.endswith('.gz') else open)(path, 'rb') as f:
     content = f.read()
   if len(content) < 4 or content[:2] != b'\0\0' or content[2] not in _IDX_TYPES:
-    raise ValueError(f'{path!r} is not an IDX file (it starts with {content[:4].hex()}, not 0000TTNN).')
+    raise errors.UserError(f'{path!r} is not an IDX file (it starts with {content[:4].hex()}, not 0000TTNN).')
   rank = content[3]
   shape = tuple(int(n) for n in np.frombuffer(content, '>u4', rank, offset=4))
   dtype = np.dtype(_IDX_TYPES[content[2]])
   size = int(np.prod(shape)) * dtype.itemsize
   if len(content) != 4 + 4 * rank + size:
-    raise ValueError(f'{path!r} holds {len(content) - 4 - 4 * rank} bytes of data, its header says {shape} of '
-                     f'{dtype} ({size} bytes): the file is truncated or damaged.')
+    raise errors.UserError(f'{path!r} holds {len(content) - 4 - 4 * rank} bytes of data, its header says {shape} of '
+                            f'{dtype} ({size} bytes): the file is truncated or damaged.')
   return np.frombuffer(content, dtype, offset=4 + 4 * rank).reshape(shape).astype(dtype.newbyteorder('='))
 
 
@@ -133,7 +133,7 @@ def idx_dir(data: ml_collections.ConfigDict) -> str:
 def idx_split(data: ml_collections.ConfigDict, split: str) -> tuple[np.ndarray, np.ndarray]:
   """Images (N, H, W, 1) uint8 and labels (N,) int32 of one split of an IDX dataset."""
   if split not in IDX_SPLITS:
-    raise ValueError(f'IDX datasets have splits "train" and "test", not {split!r}.')
+    raise errors.UserError(f'IDX datasets have splits "train" and "test", not {split!r}.')
   folder = idx_dir(data)
   paths = [os.path.join(folder, f'{IDX_SPLITS[split]}-{kind}-ubyte.gz') for kind in ('images-idx3', 'labels-idx1')]
   missing = [p for p in paths if not os.path.isfile(p)]
@@ -145,8 +145,8 @@ def idx_split(data: ml_collections.ConfigDict, split: str) -> tuple[np.ndarray, 
                                '--config.data.data_dir to a folder holding its *-idx*-ubyte.gz files.')
   images, labels = (read_idx(p) for p in paths)
   if images.ndim != 3 or images.dtype != np.uint8 or labels.shape != images.shape[:1]:
-    raise ValueError(f'{paths[0]!r} and {paths[1]!r} are not images (N, H, W) uint8 and their labels (N,): '
-                     f'they hold {images.shape} {images.dtype} and {labels.shape} {labels.dtype}.')
+    raise errors.UserError(f'{paths[0]!r} and {paths[1]!r} are not images (N, H, W) uint8 and their labels (N,): '
+                            f'they hold {images.shape} {images.dtype} and {labels.shape} {labels.dtype}.')
   return images[..., None], labels.astype(np.int32)
 
 

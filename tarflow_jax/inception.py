@@ -332,9 +332,9 @@ def state_dict_from_tf_graph(state: dict, source: str = 'the state dict') -> dic
   expected = {f'{layer}.{name}' for layer in TF_GRAPH_LAYERS.values() for name in ('weight', 'beta', 'mean', 'var')}
   missing, unexpected = sorted(expected - set(layers)), sorted(set(layers) - expected)
   if missing or unexpected:
-    raise ValueError(f'{source} is not the FID Inception graph as StyleGAN ports it ({WHEEL}\'s default_1.pt): '
-                     f'missing keys {missing[:5]}{"..." if len(missing) > 5 else ""}, unexpected keys '
-                     f'{unexpected[:5]}{"..." if len(unexpected) > 5 else ""}.')
+    raise errors.UserError(f'{source} is not the FID Inception graph as StyleGAN ports it ({WHEEL}\'s default_1.pt): '
+                            f'missing keys {missing[:5]}{"..." if len(missing) > 5 else ""}, unexpected keys '
+                            f'{unexpected[:5]}{"..." if len(unexpected) > 5 else ""}.')
   out = {}
   for ours, theirs in TF_GRAPH_LAYERS.items():
     beta = np.asarray(layers[f'{theirs}.beta'], np.float32)
