@@ -45,11 +45,12 @@ class _Manager(ocp.CheckpointManager):
     return False
 
 
-def manager(directory: str, max_to_keep: Optional[int] = None, **options) -> ocp.CheckpointManager:
+def manager(directory: str, max_to_keep: Optional[int] = None, create: bool = True,
+            **options) -> ocp.CheckpointManager:
   """A CheckpointManager over `directory` with the items above."""
   return _Manager(
       absolute(directory),
-      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, **options),
+      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create, **options),
       item_names=('model', 'train', 'ema', 'config'))
 
 
@@ -108,7 +109,28 @@ def load_model(directory: str, step: Optional[int] = None, raw_weights: bool = F
   if (epath.Path(directory) / 'checkpoints').is_dir():
     directory = os.path.join(directory, 'checkpoints')
   mngr = _existing(directory)
-  step = mngr.latest_step() if step is None else step
+  if step is not None:
+    return _load_step(mngr, step, raw_weights, shardings, check_config)
+  # A run training in this workdir writes new steps (Orbax lists a step once it is complete) and
+  # prunes old ones, perhaps the one being read: then the newest is read again.
+  for _ in range(_READ_ATTEMPTS - 1):
+    step = mngr.latest_step()
+    try:
+      return _load_step(mngr, step, raw_weights, shardings, check_config)
+    except DamagedCheckpointError:
+      if epath.Path(_step_dir(mngr, step)).exists():
+        raise
+      logging.info('Checkpoint %s was removed (pruned by the training run) while it was read: reading the newest '
+                   'again.', _step_dir(mngr, step))
+      mngr.reload()
+  return _load_step(mngr, mngr.latest_step(), raw_weights, shardings, check_config)
+
+
+_READ_ATTEMPTS = 3
+
+
+def _load_step(mngr: ocp.CheckpointManager, step: int, raw_weights: bool, shardings, check_config):
+  """`load_model` of one step."""
   try:
     saved = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
   except Exception as e:  # pylint: disable=broad-except
@@ -175,7 +197,11 @@ def _merged(config: ml_collections.ConfigDict, saved: dict) -> ml_collections.Co
 
 
 def _existing(directory: str) -> ocp.CheckpointManager:
-  mngr = manager(directory) if epath.Path(directory).is_dir() else None
+  """A manager of `directory` that only reads: it creates nothing and cleans nothing up beside a run writing there.
+
+  (Orbax's read_only option does the same, with a warning at every start.)
+  """
+  mngr = manager(directory, create=False) if epath.Path(directory).is_dir() else None
   if mngr is None or mngr.latest_step() is None:
     raise FileNotFoundError(
         f'No checkpoint in {directory!r}: expected a training workdir\'s checkpoints/ or the output of '

@@ -5,7 +5,7 @@
   storage refused (no space, a quota, permission, a read-only or vanished mount); None for
   anything else, which is a bug and keeps its traceback. `what_to_do` and `free_space` complete
   the message.
-- `atomic_output`: a file that appears whole under its name or not at all.
+- `atomic_output` (and `save_npz`, `save_json`): a file that appears whole under its name or not at all.
 - `quiet_background_writers` / `join_background_writers`: Orbax (checkpoints) and clu (TensorBoard)
   write in background threads. A failed write is re-raised in the caller's thread, where the
   caller reports it once; the threads also log it, each with a traceback, and Orbax abandons the
@@ -17,6 +17,7 @@
 import contextlib
 import errno
 import gc
+import json
 import logging
 import os
 import re
@@ -28,6 +29,7 @@ import time
 from typing import Optional
 
 from etils import epath
+import numpy as np
 
 from tarflow_jax import errors
 
@@ -129,6 +131,20 @@ def atomic_output(path: str, mode: str = 'wb'):
     with contextlib.suppress(OSError):
       os.unlink(tmp)
     raise
+
+
+def save_npz(path: str, **arrays) -> str:
+  """np.savez by way of `atomic_output`; as np.savez, a path without .npz gets it. Returns the path written."""
+  path = path if path.endswith('.npz') else f'{path}.npz'
+  with atomic_output(path) as f:
+    np.savez(f, **arrays)
+  return path
+
+
+def save_json(path: str, value) -> None:
+  """`value` as indented JSON, by way of `atomic_output`."""
+  with atomic_output(path, 'w') as f:
+    json.dump(value, f, indent=2)
 
 
 class _DuplicateReports(logging.Filter):

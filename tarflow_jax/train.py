@@ -332,7 +332,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state['variables']['params']))
       logging.info('Model: %s parameters; %d steps (%d per epoch), global batch %d on %d devices.',
                    f'{params:,}', total_steps, steps_per_epoch, config.batch_size, jax.device_count())
-    actions = _Periodic(config, workdir, program.model, mesh, total_steps, ckpt, train_data.batches, writer)
+    actions = _Periodic(config, workdir, program.model, mesh, total_steps, ckpt, writer)
     if not resumed and config.eval_every > 0:
       actions.evaluate(int(state['step']), state)
     step = _loop(state, program, mesh, train_data.batches, total_steps, actions, preemption)
@@ -373,7 +373,7 @@ def _loop(state: dict, program: Program, mesh, batches, total_steps: int, action
       state, metrics = program.step(state, batch)
     step += 1
     stop = preemption.reached(step)
-    actions.after_step(step, state, metrics, stop)
+    actions.after_step(step, state, metrics, batches, stop)
     if stop:
       logging.warning('Stopped at step %d after a preemption notice (SIGTERM); rerun the same command to resume.',
                       step)
@@ -389,9 +389,9 @@ class _Periodic:
   """
 
   def __init__(self, config, workdir: str, model, mesh, total_steps: int, ckpt: checkpoint.TrainCheckpointer,
-               batches, writer):
+               writer):
     self.config, self.workdir, self.model, self.mesh, self.total = config, workdir, model, mesh, total_steps
-    self.ckpt, self.batches, self.writer = ckpt, batches, writer
+    self.ckpt, self.writer = ckpt, writer
     self.progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
                                                     every_steps=config.log_every)
     self.sample_noise = jax.random.normal(jax.random.PRNGKey(config.seed + 1),
@@ -399,8 +399,9 @@ class _Periodic:
     self.fid_of = evaluation.training_fid(config, model, mesh) if config.fid_every > 0 else None
     self.history, self.last, self.evals = [], {}, {}
 
-  def after_step(self, step: int, state: dict, metrics: dict, stop: bool) -> None:
-    """After `step`; `stop`: a preemption notice, which logs and checkpoints now and skips the rest."""
+  def after_step(self, step: int, state: dict, metrics: dict, batches: data.Batches, stop: bool) -> None:
+    """After `step`; `batches`: the training stream, whose position a checkpoint holds; `stop`: a preemption
+    notice, which logs and checkpoints now and skips the rest."""
     c = self.config
     self.history.append((step, metrics))
     with self._writing('the training metrics', step):
@@ -409,7 +410,7 @@ class _Periodic:
       self.log_metrics(step)
     if stop or _due(step, c.checkpoint_every, self.total):
       _check_finite([(s, jax.device_get(m)) for s, m in self.history], self.writer)
-      self.ckpt.save(step, state, c, self.batches)
+      self.ckpt.save(step, state, c, batches)
     if stop:
       return
     if _due(step, c.sample_every, self.total):
