@@ -319,13 +319,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, take_ove
 
 def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = sharding.make_mesh(config.mesh)
-  train_data = data.get_split(config, config.data.train_split, config.batch_size, train=True, seed=config.seed)
-  steps_per_epoch, total_steps = _steps(config, train_data.num_examples)
+  # The training stream's one reference, which `_teardown` lets go of on another thread.
+  stream = [data.get_split(config, config.data.train_split, config.batch_size, train=True, seed=config.seed)]
+  steps_per_epoch, total_steps = _steps(config, stream[0].num_examples)
   program = build(config, mesh, schedule(config, steps_per_epoch, total_steps))
   ckpt = checkpoint.TrainCheckpointer(workdir, config.keep_checkpoints)
   writer, preemption = None, _Preemption()
   try:
-    state, resumed = _restore_or_init(config, program, ckpt, train_data.batches, total_steps)
+    state, resumed = _restore_or_init(config, program, ckpt, stream[0].batches, total_steps)
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() != 0)
     if not resumed:
       writer.write_hparams(_flat_hparams(config))
@@ -335,11 +336,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     actions = _Periodic(config, workdir, program.model, mesh, total_steps, ckpt, writer)
     if not resumed and config.eval_every > 0:
       actions.evaluate(int(state['step']), state)
-    step = _loop(state, program, mesh, train_data.batches, total_steps, actions, preemption)
+    step = _loop(state, program, mesh, stream[0].batches, total_steps, actions, preemption)
   except BaseException:
-    _teardown(preemption, ckpt, writer, train_data, raise_errors=False)  # the first error is the one to report
+    _teardown(preemption, ckpt, writer, stream, raise_errors=False)  # the first error is the one to report
     raise
-  _teardown(preemption, ckpt, writer, train_data, raise_errors=True)
+  _teardown(preemption, ckpt, writer, stream, raise_errors=True)
   return {'step': step, 'train': actions.last, 'eval': actions.evals}
 
 
@@ -469,9 +470,10 @@ def _write_error(error: Exception, what: str, step: Optional[int], workdir: str,
       f'{f" ({space})" if space else ""}. Training stopped; {last}. {storage.what_to_do(cause)}')
 
 
-def _teardown(preemption: '_Preemption', ckpt: checkpoint.TrainCheckpointer, writer, train_data,
+def _teardown(preemption: '_Preemption', ckpt: checkpoint.TrainCheckpointer, writer, stream: list,
               raise_errors: bool) -> None:
-  """Ends a run, finished or failed: waits for the last checkpoint, closes the metric writer, drops the input.
+  """Ends a run, finished or failed: waits for the last checkpoint, closes the metric writer, lets go of the
+  training stream (`stream`, the split in a list that holds its one reference).
 
   All three are done whatever fails; then, with `raise_errors`, the first failure is raised
   (storage.WriteError where storage refused the write); otherwise (a run already failing with its
@@ -488,9 +490,7 @@ def _teardown(preemption: '_Preemption', ckpt: checkpoint.TrainCheckpointer, wri
   # Tearing down the training stream's tf.data iterator (its shuffle buffer, its prefetch threads)
   # takes from a second to half a minute, at random: a background thread does it, so that the run
   # ends at once. The command line then ends the process without waiting for it (_common.run).
-  holder = [train_data]
-  del train_data
-  threading.Thread(target=holder.clear, name='release training data', daemon=True).start()
+  threading.Thread(target=stream.clear, name='release training data', daemon=True).start()
   if not failures:
     return
   what, error = failures[0]
