@@ -176,6 +176,12 @@ def _step_dir(mngr: ocp.CheckpointManager, step: int) -> str:
   return str(epath.Path(mngr.directory) / str(step))
 
 
+def first_line(error: BaseException) -> str:
+  """`error`'s type and the first line of its message."""
+  lines = str(error).strip().splitlines()
+  return f'{type(error).__name__}: {lines[0][:300] if lines else ""}'
+
+
 def _reason(error: BaseException) -> str:
   """The first line of the innermost error: TensorStore's outer message is a page of its spec."""
   while error.__cause__ is not None:

@@ -26,6 +26,7 @@ import shutil
 import sys
 import threading
 import time
+import traceback
 from typing import Optional
 
 from etils import epath
@@ -153,8 +154,8 @@ class _DuplicateReports(logging.Filter):
   def filter(self, record):
     if record.levelno < logging.ERROR or not record.exc_info or record.exc_info[1] is None:
       return True
-    where = f'{record.pathname} {record.getMessage()}'
-    from_writer = any(name in where for name in _BACKGROUND_WRITERS)
+    files = [record.pathname] + [frame.filename for frame in traceback.extract_tb(record.exc_info[2])]
+    from_writer = any(name in f for f in files for name in _BACKGROUND_WRITERS)
     return not (from_writer and write_failure_cause(record.exc_info[1]) is not None)
 
 
@@ -190,7 +191,8 @@ def join_background_writers() -> None:
   deadline = time.monotonic() + _JOIN_TIMEOUT_S
   for thread in threading.enumerate():
     if type(thread).__module__.startswith('orbax.') and thread is not threading.current_thread():
-      thread.join(timeout=max(0.0, deadline - time.monotonic()))
+      with contextlib.suppress(Exception):  # Orbax's threads raise their failure (the one reported) from join
+        thread.join(timeout=max(0.0, deadline - time.monotonic()))
   gc.collect()
 
 

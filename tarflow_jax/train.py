@@ -495,7 +495,8 @@ def _teardown(preemption: '_Preemption', ckpt: checkpoint.TrainCheckpointer, wri
     return
   what, error = failures[0]
   if not raise_errors:
-    logging.warning('Also, while stopping, %s could not be written: %s', what, error)
+    logging.warning('Also, while stopping, %s could not be written: %s', what,
+                    storage.write_failure_cause(error) or checkpoint.first_line(error))
     return
   reported = _write_error(error, what, None, os.path.dirname(ckpt.directory), ckpt)
   if reported is error:
