@@ -112,21 +112,22 @@ def load_model(directory: str, step: Optional[int] = None, raw_weights: bool = F
   if step is not None:
     return _load_step(mngr, step, raw_weights, shardings, check_config)
   # A run training in this workdir writes new steps (Orbax lists a step once it is complete) and
-  # prunes old ones, perhaps the one being read: then the newest is read again.
-  for _ in range(_READ_ATTEMPTS - 1):
+  # prunes old ones, perhaps the one being read: a step that fails to read while a newer one has
+  # appeared is passed over for the newest; the newest failing is damage.
+  for attempt in range(_READ_ATTEMPTS):
     step = mngr.latest_step()
     try:
       return _load_step(mngr, step, raw_weights, shardings, check_config)
     except DamagedCheckpointError:
-      if epath.Path(_step_dir(mngr, step)).exists():
+      mngr = _existing(directory)
+      if attempt == _READ_ATTEMPTS - 1 or (mngr.latest_step() or -1) <= step:
         raise
-      logging.info('Checkpoint %s was removed (pruned by the training run) while it was read: reading the newest '
-                   'again.', _step_dir(mngr, step))
-      mngr.reload()
-  return _load_step(mngr, mngr.latest_step(), raw_weights, shardings, check_config)
+      logging.info('Checkpoint %s was pruned by the run training there while it was read: reading step %d.',
+                   _step_dir(mngr, step), mngr.latest_step())
+  raise AssertionError('unreachable')
 
 
-_READ_ATTEMPTS = 3
+_READ_ATTEMPTS = 20
 
 
 def _load_step(mngr: ocp.CheckpointManager, step: int, raw_weights: bool, shardings, check_config):
@@ -207,7 +208,15 @@ def _existing(directory: str) -> ocp.CheckpointManager:
 
   (Orbax's read_only option does the same, with a warning at every start.)
   """
-  mngr = manager(directory, create=False) if epath.Path(directory).is_dir() else None
+  storage.quiet_background_io()  # a read of a step that a run prunes meanwhile fails in Orbax's threads
+  mngr = None
+  for attempt in range(_READ_ATTEMPTS):
+    try:
+      mngr = manager(directory, create=False) if epath.Path(directory).is_dir() else None
+      break
+    except FileNotFoundError:  # Orbax lists each step's files: a run pruned one meanwhile
+      if attempt == _READ_ATTEMPTS - 1:
+        raise
   if mngr is None or mngr.latest_step() is None:
     raise FileNotFoundError(
         f'No checkpoint in {directory!r}: expected a training workdir\'s checkpoints/ or the output of '
@@ -246,7 +255,7 @@ class TrainCheckpointer:
     self._last_good = self.mngr.latest_step()  # the newest step known to be written in full
     self._in_flight = None  # the step whose asynchronous save has not been seen to finish
     self._failed = False
-    storage.quiet_background_writers()
+    storage.quiet_background_io()
 
   def latest_step(self) -> Optional[int]:
     return self.mngr.latest_step()

@@ -6,12 +6,13 @@
   anything else, which is a bug and keeps its traceback. `what_to_do` and `free_space` complete
   the message.
 - `atomic_output` (and `save_npz`, `save_json`): a file that appears whole under its name or not at all.
-- `quiet_background_writers` / `join_background_writers`: Orbax (checkpoints) and clu (TensorBoard)
-  write in background threads. A failed write is re-raised in the caller's thread, where the
-  caller reports it once; the threads also log it, each with a traceback, and Orbax abandons the
-  other writes of the failed item, which then print "Event loop is closed" and, when collected
-  (at interpreter shutdown if not before), "Exception ignored" tracebacks. Those duplicates are
-  dropped, and after a failure the writer threads are waited for and their writes collected.
+- `quiet_background_io` / `join_background_writers`: Orbax (checkpoints) and clu (TensorBoard)
+  write and read in background threads. A failure there is re-raised in the caller's thread, where
+  the caller reports it once; the threads also log it, each with a traceback, and Orbax abandons
+  the item's other writes or reads, which then print "Event loop is closed", "exception was never
+  retrieved" and, when collected (at interpreter shutdown if not before), "Exception ignored"
+  tracebacks. Those duplicates are dropped, and after a failed write the writer threads are
+  waited for and their writes collected.
 """
 
 import contextlib
@@ -52,7 +53,7 @@ _FIXES = {
 _STATUS_CODES = ('RESOURCE_EXHAUSTED', 'PERMISSION_DENIED', 'NOT_FOUND', 'UNAVAILABLE', 'DEADLINE_EXCEEDED',
                  'UNAUTHENTICATED', 'DATA_LOSS')
 _OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
-_BACKGROUND_WRITERS = tuple(f'{os.sep}{name}{os.sep}' for name in ('orbax', 'clu'))
+_BACKGROUND_IO = tuple(f'{os.sep}{name}{os.sep}' for name in ('orbax', 'clu'))
 _JOIN_TIMEOUT_S = 120.0
 
 
@@ -149,21 +150,23 @@ def save_json(path: str, value) -> None:
 
 
 class _DuplicateReports(logging.Filter):
-  """Drops the background writers' own ERROR records of a refused write (their callers re-raise it)."""
+  """Drops the ERROR records with a traceback that Orbax's and clu's threads log (their callers re-raise it)."""
 
   def filter(self, record):
     if record.levelno < logging.ERROR or not record.exc_info or record.exc_info[1] is None:
       return True
     files = [record.pathname] + [frame.filename for frame in traceback.extract_tb(record.exc_info[2])]
-    from_writer = any(name in f for f in files for name in _BACKGROUND_WRITERS)
-    return not (from_writer and write_failure_cause(record.exc_info[1]) is not None)
+    return not any(name in f for f in files for name in _BACKGROUND_IO)
 
 
 _quiet = False
 
 
-def quiet_background_writers() -> None:
-  """Drops, for this process, the duplicate reports of a failed write (see the module's docstring). Idempotent."""
+def quiet_background_io() -> None:
+  """Drops, for this process, the duplicate reports of a failed write or read (see the module's docstring).
+
+  Idempotent.
+  """
   global _quiet
   if _quiet:
     return
@@ -175,7 +178,7 @@ def quiet_background_writers() -> None:
   def hook(unraisable):
     exc, code = unraisable.exc_value, getattr(unraisable.object, 'cr_code', None)
     abandoned = ((isinstance(exc, RuntimeError) and str(exc) == 'Event loop is closed')
-                 or (code is not None and any(name in code.co_filename for name in _BACKGROUND_WRITERS)))
+                 or (code is not None and any(name in code.co_filename for name in _BACKGROUND_IO)))
     if not abandoned:
       previous(unraisable)
 
