@@ -454,6 +454,8 @@ class _Periodic:
     try:
       yield
     except Exception as e:  # pylint: disable=broad-except
+      if storage.write_failure_cause(e) is not None:
+        self.ckpt.wait()  # the message names the last good checkpoint; a save failing too is the error to report
       raise _write_error(e, what, step, self.workdir, self.ckpt) from e
 
 
