@@ -1,4 +1,4 @@
-"""Writing to storage that can refuse: why a write failed, outputs whole or not at all, quiet background writers.
+"""Writing to storage that can refuse: why a write failed, outputs whole or not at all, quiet background I/O.
 
 - `WriteError`: what a run raises when storage refuses one of its writes.
 - `write_failure_cause`: "no space left on device (ENOSPC)" for a write that the file system or
@@ -58,7 +58,7 @@ _JOIN_TIMEOUT_S = 120.0
 
 
 class WriteError(errors.UserError):
-  """Storage refused a write (no space, a quota, permission, a vanished mount); the message names what, where and why."""
+  """Storage refused a write (no space, a quota, permission, a vanished mount); says what, where and why."""
 
 
 def write_failure_cause(error: BaseException) -> Optional[str]:

@@ -365,7 +365,11 @@ def _restore_or_init(config, program: Program, ckpt: checkpoint.TrainCheckpointe
 
 def _loop(state: dict, program: Program, mesh, batches, total_steps: int, actions: '_Periodic',
           preemption: '_Preemption') -> int:
-  """Steps from the state's step to `total_steps` (or a preemption notice), with the periodic actions; the step reached."""
+  """Steps from the state's step to `total_steps` (or a preemption notice), with the periodic actions.
+
+  Returns:
+    The step reached.
+  """
   step = int(state['step'])
   logging.info('Training from step %d to %d.', step, total_steps)
   while step < total_steps:

@@ -2,7 +2,7 @@
 
 `acquire(workdir)` takes `{workdir}/writer.lock` for this run before the run writes anything
 there; `Lock.release` removes it when the run ends. The file (JSON) names the holder: host,
-process id, start time and command, and what tells a live process from a dead one on the same
+process id and start time, and what tells a live process from a dead one on the same
 host: the boot id, the process's own start time (so a reused pid is not taken for the holder)
 and its pid namespace (a container on the same host cannot see the holder's processes).
 
@@ -26,7 +26,6 @@ import json
 import os
 import secrets
 import socket
-import sys
 from typing import Optional
 
 from absl import logging
@@ -55,9 +54,12 @@ class Lock:
   token: str
 
   def release(self) -> None:
-    holder = _read(self.path)
-    if holder is not None and holder.get('token') == self.token:
-      epath.Path(self.path).unlink(missing_ok=True)
+    try:
+      holder = _read(self.path)
+      if holder is not None and holder.get('token') == self.token:
+        epath.Path(self.path).unlink(missing_ok=True)
+    except OSError as e:  # a vanished mount: the run's own error, if any, is the one to report
+      logging.warning('Could not remove the lock %s (%s); the next run on this host takes it over.', self.path, e)
 
 
 def acquire(workdir: str, take_over: bool = False) -> Optional[Lock]:
@@ -105,8 +107,10 @@ def _acquire(workdir: str, take_over: bool) -> Lock:
                               'run may be starting there. If none is, remove that file and rerun.')
     alive = _alive(holder, me)
     if alive:
-      raise WorkdirInUseError(f'--workdir={workdir} is in use by another training run ({_describe(holder)}); nothing '
-                              f'was written. Wait for that run to end, or use another --workdir. (Lock: {path}.)')
+      command = _command_line(holder['pid'])
+      raise WorkdirInUseError(f'--workdir={workdir} is in use by another training run ({_describe(holder)}'
+                              f'{f": {command}" if command else ""}); nothing was written. Wait for that run to end, '
+                              f'or use another --workdir. (Lock: {path}.)')
     if alive is None and not take_over:
       raise WorkdirInUseError(
           f'--workdir={workdir} is held by a training run on another host ({_describe(holder)}), which cannot be '
@@ -184,7 +188,6 @@ def _this_process() -> dict:
       'host': socket.gethostname(),
       'pid': os.getpid(),
       'started': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M:%S UTC'),
-      'command': ' '.join(sys.argv),
       'processes': jax.process_count(),
       'boot_id': _read_text('/proc/sys/kernel/random/boot_id'),
       'process_start': _process_start(os.getpid()),
@@ -199,9 +202,14 @@ def _describe(holder: dict) -> str:
     words += f', started {holder["started"]}'
   if holder.get('processes', 1) > 1:
     words += f', {holder["processes"]} processes'
-  if holder.get('command'):
-    words += f': {holder["command"]}'
   return words
+
+
+def _command_line(pid: int) -> str:
+  """The command line of a process on this host (Linux), '' where it cannot be read."""
+  text = _read_text(f'/proc/{pid}/cmdline')
+  words = ' '.join((text or '').replace('\0', ' ').split())
+  return words if len(words) <= 300 else f'{words[:300]}...'
 
 
 def _process_start(pid: int) -> Optional[int]:

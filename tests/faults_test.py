@@ -206,8 +206,8 @@ def test_a_lock_from_another_host_is_taken_over_only_with_the_flag(tmp_path, cap
   _write_lock(tmp_path, host='node-7', pid=4242)
   with pytest.raises(workdir_lock.WorkdirInUseError,
                      match=r'held by a training run on another host \(pid 4242 on host node-7, .*\), which cannot be '
-                           r'checked from here; nothing was written\. If that run is no longer running \(a lost host\), '
-                           r'rerun with --take_over_workdir'):
+                           r'checked from here; nothing was written\. If that run is no longer running \(a lost '
+                           r'host\), rerun with --take_over_workdir'):
     workdir_lock.acquire(str(tmp_path))
   # Another container on this host has its own process ids: not checked either.
   _write_lock(tmp_path, pid_namespace='pid:[1]')
