@@ -10,6 +10,7 @@ Tools that only sample or evaluate restore 'model' (its 'params' replaced by 'em
 one, unless asked for the raw weights) and 'config'.
 """
 
+import contextlib
 import json
 import os
 from typing import Optional
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
-from tarflow_jax import config_lib, errors, sharding
+from tarflow_jax import config_lib, errors, sharding, storage
 from tarflow_jax import model as model_lib
 
 
@@ -44,16 +45,22 @@ class _Manager(ocp.CheckpointManager):
     return False
 
 
-def manager(directory: str, max_to_keep: Optional[int] = None, **options) -> ocp.CheckpointManager:
+def manager(directory: str, max_to_keep: Optional[int] = None, create: bool = True,
+            **options) -> ocp.CheckpointManager:
   """A CheckpointManager over `directory` with the items above."""
   return _Manager(
       absolute(directory),
-      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, **options),
+      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create, **options),
       item_names=('model', 'train', 'ema', 'config'))
 
 
 class DamagedCheckpointError(errors.UserError):
   """A checkpoint step whose files cannot be read; the message names its directory."""
+
+
+class CheckpointWriteError(storage.WriteError):
+  """A checkpoint that the file system refused (no space, quota, permission, a vanished mount); the message
+  names the workdir, the step, the cause and the last good checkpoint."""
 
 
 def all_finite(tree) -> jax.Array:
@@ -103,7 +110,29 @@ def load_model(directory: str, step: Optional[int] = None, raw_weights: bool = F
   if (epath.Path(directory) / 'checkpoints').is_dir():
     directory = os.path.join(directory, 'checkpoints')
   mngr = _existing(directory)
-  step = mngr.latest_step() if step is None else step
+  if step is not None:
+    return _load_step(mngr, step, raw_weights, shardings, check_config)
+  # A run training in this workdir writes new steps (Orbax lists a step once it is complete) and
+  # prunes old ones, perhaps the one being read: a step that fails to read while a newer one has
+  # appeared is passed over for the newest; the newest failing is damage.
+  for attempt in range(_READ_ATTEMPTS):
+    step = mngr.latest_step()
+    try:
+      return _load_step(mngr, step, raw_weights, shardings, check_config)
+    except DamagedCheckpointError:
+      mngr = _existing(directory)
+      if attempt == _READ_ATTEMPTS - 1 or (mngr.latest_step() or -1) <= step:
+        raise
+      logging.info('Checkpoint %s was pruned by the run training there while it was read: reading step %d.',
+                   _step_dir(mngr, step), mngr.latest_step())
+  raise AssertionError('unreachable')
+
+
+_READ_ATTEMPTS = 20
+
+
+def _load_step(mngr: ocp.CheckpointManager, step: int, raw_weights: bool, shardings, check_config):
+  """`load_model` of one step."""
   try:
     saved = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
   except Exception as e:  # pylint: disable=broad-except
@@ -149,6 +178,12 @@ def _step_dir(mngr: ocp.CheckpointManager, step: int) -> str:
   return str(epath.Path(mngr.directory) / str(step))
 
 
+def first_line(error: BaseException) -> str:
+  """`error`'s type and the first line of its message."""
+  lines = str(error).strip().splitlines()
+  return f'{type(error).__name__}: {lines[0][:300] if lines else ""}'
+
+
 def _reason(error: BaseException) -> str:
   """The first line of the innermost error: TensorStore's outer message is a page of its spec."""
   while error.__cause__ is not None:
@@ -170,7 +205,19 @@ def _merged(config: ml_collections.ConfigDict, saved: dict) -> ml_collections.Co
 
 
 def _existing(directory: str) -> ocp.CheckpointManager:
-  mngr = manager(directory) if epath.Path(directory).is_dir() else None
+  """A manager of `directory` that only reads: it creates nothing and cleans nothing up beside a run writing there.
+
+  (Orbax's read_only option does the same, with a warning at every start.)
+  """
+  storage.quiet_background_io()  # a read of a step that a run prunes meanwhile fails in Orbax's threads
+  mngr = None
+  for attempt in range(_READ_ATTEMPTS):
+    try:
+      mngr = manager(directory, create=False) if epath.Path(directory).is_dir() else None
+      break
+    except FileNotFoundError:  # Orbax lists each step's files: a run pruned one meanwhile
+      if attempt == _READ_ATTEMPTS - 1:
+        raise
   if mngr is None or mngr.latest_step() is None:
     raise errors.NotFound(
         f'No checkpoint in {directory!r}: expected a training workdir\'s checkpoints/ or the output of '
@@ -206,9 +253,18 @@ class TrainCheckpointer:
     self._damaged_dir = epath.Path(absolute(workdir)) / 'damaged_checkpoints'
     self._remove_half_written()
     self.mngr = manager(self.directory, max_to_keep=keep)
+    self._last_good = self.mngr.latest_step()  # the newest step known to be written in full
+    self._in_flight = None  # the step whose asynchronous save has not been seen to finish
+    self._failed = False
+    storage.quiet_background_io()
 
   def latest_step(self) -> Optional[int]:
     return self.mngr.latest_step()
+
+  @property
+  def last_good(self) -> Optional[int]:
+    """The newest step known to be written in full (None before the first)."""
+    return self._last_good
 
   def saved_config(self, step: int) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(
@@ -217,16 +273,21 @@ class TrainCheckpointer:
   def save(self, step: int, state: dict, config: ml_collections.ConfigDict, batches=None) -> None:
     """Saves the train state (`train.init_state`) asynchronously, and the data position.
 
-    Raises errors.NonFinite, writing and pruning nothing, if the state is not finite.
+    Raises errors.NonFinite, writing and pruning nothing, if the state is not finite; and
+    CheckpointWriteError if the file system refuses this step or the one still being written
+    (whose files are then removed; older steps stay as they are).
     """
     if not bool(_all_finite(state)):
       raise errors.NonFinite(f'Checkpoint {step} was not written: its parameters or optimiser state are not '
                              f'finite. The checkpoints in {self.directory!r} are as they were.')
+    self._finish_in_flight()
     items = {name: ocp.args.StandardSave(item) for name, item in _items(state).items()}
-    self.mngr.save(step, args=ocp.args.Composite(**items, config=ocp.args.JsonSave(json.loads(config.to_json()))),
-                   force=True)
-    if batches is not None:
-      batches.save(self._data_path(step))
+    with self._writing(step):
+      self.mngr.save(step, args=ocp.args.Composite(**items, config=ocp.args.JsonSave(json.loads(config.to_json()))),
+                     force=True)
+      self._in_flight = step
+      if batches is not None:
+        batches.save(self._data_path(step))
     self._prune_data_states(keep=step)
 
   def restore(self, step: int, abstract_state: dict, batches=None) -> dict:
@@ -294,6 +355,7 @@ class TrainCheckpointer:
         self._set_aside(bad, error, resume_step=step)
       if damaged:
         self.mngr.reload()
+      self._last_good = step
       return step, state
     if damaged:
       step, error = damaged[0]
@@ -323,11 +385,65 @@ class TrainCheckpointer:
       multihost_utils.sync_global_devices(f'damaged checkpoint {step} moved')
 
   def wait(self) -> None:
-    self.mngr.wait_until_finished()
+    """Waits for the asynchronous save; raises CheckpointWriteError if it failed."""
+    self._finish_in_flight()
 
   def close(self) -> None:
-    self.mngr.wait_until_finished()
-    self.mngr.close()
+    """Waits for the last save (raising CheckpointWriteError if it failed) and closes the manager."""
+    self._finish_in_flight()
+    if not self._failed:  # after a failed save Orbax's close would raise it again; its writers are done
+      self.mngr.close()
+
+  def _finish_in_flight(self) -> None:
+    if self._in_flight is None:
+      return
+    with self._writing(self._in_flight):
+      self.mngr.wait_until_finished()
+    self._last_good, self._in_flight = self._in_flight, None
+
+  @contextlib.contextmanager
+  def _writing(self, step: int):
+    """Turns a failed write of `step` into CheckpointWriteError, once its half-written files are gone.
+
+    Whatever the cause, Orbax's writer threads are waited for and the step's files removed, so that
+    no write is left running and older steps stay as they are; a cause that is not the file
+    system's (a bug) keeps its own exception.
+    """
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except
+      cause = storage.write_failure_cause(e)
+      message = cause and self._failure_message(step, cause)  # the free space before the step's files go
+      self._abandon(step)
+      if cause is None:
+        raise
+      raise CheckpointWriteError(message) from e
+
+  def _abandon(self, step: int) -> None:
+    """After a failed save of `step`: waits for Orbax's writers, then removes what they wrote of `step`."""
+    self._failed, self._in_flight = True, None
+    try:
+      self.mngr.wait_until_finished()
+    except Exception:  # pylint: disable=broad-except  # the failure being reported
+      pass
+    storage.join_background_writers()
+    if jax.process_index() == 0:
+      directory = epath.Path(self.directory)
+      for path in [directory / str(step), *directory.glob(f'{step}{ocp.path.atomicity.TMP_DIR_SUFFIX}*'),
+                   self._data_dir / str(step)]:
+        with contextlib.suppress(OSError):
+          path.rmtree(missing_ok=True)
+
+  def _failure_message(self, step: int, cause: str) -> str:
+    workdir = os.path.dirname(self.directory)
+    if self._last_good is None:
+      last = 'no checkpoint had been written yet, so rerunning starts from the beginning'
+    else:
+      last = (f'the last good checkpoint is step {self._last_good} ({_step_dir(self.mngr, self._last_good)}), '
+              f'from which rerunning the same command resumes')
+    space = storage.free_space(workdir)
+    return (f'Checkpoint {step} could not be written to --workdir={workdir}: {cause}{f" ({space})" if space else ""}. '
+            f'Training stopped and that step was removed; {last}. {storage.what_to_do(cause)}')
 
   def _remove_half_written(self) -> None:
     """Deletes the `<step>.orbax-checkpoint-tmp-*` directories that a killed run left, on process 0.

@@ -18,7 +18,7 @@ from typing import Optional
 import jax
 import numpy as np
 
-from tarflow_jax import data, errors, inception, sharding, state_dict
+from tarflow_jax import data, errors, inception, sharding, state_dict, storage
 
 
 def features(variables, images: np.ndarray, mesh: Optional[jax.sharding.Mesh] = None, *,
@@ -83,7 +83,7 @@ class RunningStatistics:
 
 def save_statistics(path: str, mu: np.ndarray, sigma: np.ndarray, pipeline: str = 'pytorch_fid') -> None:
   """pytorch-fid's .npz of `mu` and `sigma`, and the input pipeline the features came from."""
-  np.savez(path, mu=mu, sigma=sigma, pipeline=pipeline)
+  storage.save_npz(path, mu=mu, sigma=sigma, pipeline=pipeline)
 
 
 def statistics_pipeline(path: str) -> str:

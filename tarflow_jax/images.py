@@ -2,11 +2,12 @@
 
 import math
 
-from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
+
+from tarflow_jax import storage
 
 
 def from_uint8(x) -> jax.Array:
@@ -32,8 +33,6 @@ def grid(images: np.ndarray, columns: int = 0, pad: int = 2) -> np.ndarray:
 
 
 def save_png(path: str, image: np.ndarray) -> None:
-  """Writes one (H, W, C) uint8 image to a local or remote (gs://) path, making the folder if needed."""
-  path = epath.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  with path.open('wb') as f:
+  """Writes one (H, W, C) uint8 image to a local or remote (gs://) path, whole or not at all, making the folder."""
+  with storage.atomic_output(str(path)) as f:
     Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(f, format='PNG')

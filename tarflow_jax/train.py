@@ -1,15 +1,15 @@
 """Training: noise augmentation, the jitted step over a device mesh, checkpoints, metrics and samples."""
 
+import contextlib
 import functools
 import glob
 import os
 import signal
 import threading
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 from absl import logging
 from clu import metric_writers, periodic_actions
-from etils import epath
 import jax
 import jax.numpy as jnp
 from jax.experimental import multihost_utils
@@ -18,7 +18,7 @@ import numpy as np
 import optax
 
 from tarflow_jax import checkpoint, config_lib, data, errors, evaluation, finetune, images, likelihood, sampling
-from tarflow_jax import sharding, xla_cpu
+from tarflow_jax import sharding, storage, workdir_lock, xla_cpu
 from tarflow_jax import model as model_lib
 
 
@@ -288,111 +288,219 @@ def _steps(config, num_train_examples: int):
   return steps_per_epoch, total
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, take_over_workdir: bool = False) -> dict:
   """Trains `config` in `workdir`, resuming from its latest checkpoint.
 
+  The run holds the workdir for itself (`workdir_lock`) from before its first write to its end.
+
+  Args:
+    config: the experiment.
+    workdir: where checkpoints, logs and samples go.
+    take_over_workdir: take the workdir from a run on another host that holds it (known to be dead).
   Returns:
     {'step': the step reached, 'train': the last logged training metrics, 'eval': {step: held-out
     bits/dim}} of this run.
   """
   config_lib.validate(config, jax.devices(), jax.process_count())
-  _check_workdir(workdir)
-  mesh = sharding.make_mesh(config.mesh)
-  train_data = data.get_split(config, config.data.train_split, config.batch_size, train=True, seed=config.seed)
-  steps_per_epoch, total_steps = _steps(config, train_data.num_examples)
-  program = build(config, mesh, schedule(config, steps_per_epoch, total_steps))
-  model = program.model
+  lock = workdir_lock.acquire(workdir, take_over=take_over_workdir)
+  try:
+    return _train(config, workdir)
+  finally:
+    if lock is not None:
+      lock.release()
 
+
+def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  mesh = sharding.make_mesh(config.mesh)
+  # The training stream's one reference, which `_teardown` lets go of on another thread.
+  stream = [data.get_split(config, config.data.train_split, config.batch_size, train=True, seed=config.seed)]
+  steps_per_epoch, total_steps = _steps(config, stream[0].num_examples)
+  program = build(config, mesh, schedule(config, steps_per_epoch, total_steps))
   ckpt = checkpoint.TrainCheckpointer(workdir, config.keep_checkpoints)
+  writer, preemption = None, _Preemption()
+  try:
+    state, resumed = _restore_or_init(config, program, ckpt, stream[0].batches, total_steps)
+    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() != 0)
+    if not resumed:
+      writer.write_hparams(_flat_hparams(config))
+      params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state['variables']['params']))
+      logging.info('Model: %s parameters; %d steps (%d per epoch), global batch %d on %d devices.',
+                   f'{params:,}', total_steps, steps_per_epoch, config.batch_size, jax.device_count())
+    actions = _Periodic(config, workdir, program.model, mesh, total_steps, ckpt, writer)
+    if not resumed and config.eval_every > 0:
+      actions.evaluate(int(state['step']), state)
+    step = _loop(state, program, mesh, stream[0].batches, total_steps, actions, preemption)
+  except BaseException:
+    _teardown(preemption, ckpt, writer, stream, raise_errors=False)  # the first error is the one to report
+    raise
+  _teardown(preemption, ckpt, writer, stream, raise_errors=True)
+  return {'step': step, 'train': actions.last, 'eval': actions.evals}
+
+
+def _restore_or_init(config, program: Program, ckpt: checkpoint.TrainCheckpointer, batches,
+                     total_steps: int) -> tuple[dict, bool]:
+  """The state to start from: (state, resumed), from the newest intact checkpoint, else `initial_state`."""
   start, state = ckpt.restore_latest(
-      program.abstract_state, train_data.batches,
+      program.abstract_state, batches,
       check_config=lambda saved: checkpoint.check_same_architecture(saved, config, ckpt.directory))
-  resumed = start is not None
-  if resumed:
+  if start is not None:
     logging.info('Resumed from step %d of %s.', start, ckpt.directory)
     if config.init_from:
       logging.info('config.init_from=%s is not used: the run resumes from its own checkpoint.', config.init_from)
-  else:
-    state = initial_state(config, program)
-    start = int(state['step'])
-    if start >= total_steps:
-      raise errors.UserError(f'The run given by config.init_optimizer_from is at step {start}, past this config\'s '
-                             f'{total_steps} steps: set config.num_train_steps (or num_epochs) to the run\'s total.')
+    return state, True
+  state = initial_state(config, program)
+  start = int(state['step'])
+  if start >= total_steps:
+    raise errors.UserError(f'The run given by config.init_optimizer_from is at step {start}, past this config\'s '
+                           f'{total_steps} steps: set config.num_train_steps (or num_epochs) to the run\'s total.')
+  return state, False
 
-  is_main = jax.process_index() == 0
-  writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
-  if not resumed:
-    writer.write_hparams(_flat_hparams(config))
-    params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state['variables']['params']))
-    logging.info('Model: %s parameters; %d steps (%d per epoch), global batch %d on %d devices.',
-                 f'{params:,}', total_steps, steps_per_epoch, config.batch_size, jax.device_count())
-  progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer, every_steps=config.log_every)
-  sample_noise = jax.random.normal(jax.random.PRNGKey(config.seed + 1),
-                                   (config.sample.num, model.num_tokens, model.token_dim))
 
-  evals = {}
-  fid_of = evaluation.training_fid(config, model, mesh) if config.fid_every > 0 else None
+def _loop(state: dict, program: Program, mesh, batches, total_steps: int, actions: '_Periodic',
+          preemption: '_Preemption') -> int:
+  """Steps from the state's step to `total_steps` (or a preemption notice), with the periodic actions.
 
-  def run_eval(step):
-    with progress.timed('eval'):
-      evals[step] = float(np.mean(evaluation.split_bits_per_dim(
-          model, sampling_variables(state), config, mesh, config.data.eval_split, num_examples=config.data.num_eval_examples,
-          batch_size=config.eval_batch_size, seed=config.seed + 2)))
-      writer.write_scalars(step, {'eval/bits_per_dim': evals[step]})
+  Returns:
+    The step reached.
+  """
+  step = int(state['step'])
+  logging.info('Training from step %d to %d.', step, total_steps)
+  while step < total_steps:
+    batch = sharding.global_batch(mesh, next(batches))
+    with jax.set_mesh(mesh):  # attention kernels split over the mesh (attention.causal_attention)
+      state, metrics = program.step(state, batch)
+    step += 1
+    stop = preemption.reached(step)
+    actions.after_step(step, state, metrics, batches, stop)
+    if stop:
+      logging.warning('Stopped at step %d after a preemption notice (SIGTERM); rerun the same command to resume.',
+                      step)
+      break
+  return step
 
-  def write_samples(step):
-    with progress.timed('sample'):
-      grid = images.grid(images.to_uint8(generate(model, state, config, sample_noise, mesh)))
-      if is_main:
-        images.save_png(os.path.join(workdir, 'samples', f'step_{step:07d}.png'), grid)
-      writer.write_images(step, {'samples': grid[None]})
 
-  if not resumed and config.eval_every > 0:
-    run_eval(start)
-  preemption = _Preemption()
-  history, last = [], {}
-  step = start
-  logging.info('Training from step %d to %d.', start, total_steps)
-  try:
-    while step < total_steps:
-      batch = sharding.global_batch(mesh, next(train_data.batches))
-      with jax.set_mesh(mesh):  # attention kernels split over the mesh (attention.causal_attention)
-        state, metrics = program.step(state, batch)
-      step += 1
-      history.append((step, metrics))
-      progress(step)
-      stop = preemption.reached(step)
-      if stop or _due(step, config.log_every, total_steps):
-        history = [(s, jax.device_get(m)) for s, m in history]
-        _check_finite(history, writer)
-        last = {k: float(np.mean([m[k] for _, m in history])) for k in history[-1][1] if k != 'finite'}
-        writer.write_scalars(step, {f'train/{k}': v for k, v in last.items()})
-        history = []
-      if stop or _due(step, config.checkpoint_every, total_steps):
-        _check_finite([(s, jax.device_get(m)) for s, m in history], writer)
-        ckpt.save(step, state, config, train_data.batches)
-      if stop:
-        logging.warning('Stopped at step %d after a preemption notice (SIGTERM); rerun the same command to resume.',
-                        step)
-        break
-      if _due(step, config.sample_every, total_steps):
-        write_samples(step)
-      if _due(step, config.eval_every, total_steps):
-        run_eval(step)
-      if _due(step, config.fid_every, total_steps):
-        with progress.timed('fid'):
-          writer.write_scalars(step, {'eval/fid': fid_of(sampling_variables(state))})
-  finally:
-    preemption.restore()
-    ckpt.close()  # waits for the last asynchronous save
-    writer.close()
-    # Tearing down the training stream's tf.data iterator (its shuffle buffer, its prefetch threads)
-    # takes from a second to half a minute, at random: a background thread does it, so that the run
-    # ends at once. The command line then ends the process without waiting for it (_common.run).
-    holder = [train_data]
-    del train_data
-    threading.Thread(target=holder.clear, name='release training data', daemon=True).start()
-  return {'step': step, 'train': last, 'eval': evals}
+class _Periodic:
+  """What a run does between steps when due (`_due`): metrics, checkpoints, sample grids, held-out bits/dim, FID.
+
+  A write that storage refuses (a full disk) stops the run with storage.WriteError, which names the
+  last good checkpoint.
+  """
+
+  def __init__(self, config, workdir: str, model, mesh, total_steps: int, ckpt: checkpoint.TrainCheckpointer,
+               writer):
+    self.config, self.workdir, self.model, self.mesh, self.total = config, workdir, model, mesh, total_steps
+    self.ckpt, self.writer = ckpt, writer
+    self.progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
+                                                    every_steps=config.log_every)
+    self.sample_noise = jax.random.normal(jax.random.PRNGKey(config.seed + 1),
+                                          (config.sample.num, model.num_tokens, model.token_dim))
+    self.fid_of = evaluation.training_fid(config, model, mesh) if config.fid_every > 0 else None
+    self.history, self.last, self.evals = [], {}, {}
+
+  def after_step(self, step: int, state: dict, metrics: dict, batches: data.Batches, stop: bool) -> None:
+    """After `step`; `batches`: the training stream, whose position a checkpoint holds; `stop`: a preemption
+    notice, which logs and checkpoints now and skips the rest."""
+    c = self.config
+    self.history.append((step, metrics))
+    with self._writing('the training metrics', step):
+      self.progress(step)
+    if stop or _due(step, c.log_every, self.total):
+      self.log_metrics(step)
+    if stop or _due(step, c.checkpoint_every, self.total):
+      _check_finite([(s, jax.device_get(m)) for s, m in self.history], self.writer)
+      self.ckpt.save(step, state, c, batches)
+    if stop:
+      return
+    if _due(step, c.sample_every, self.total):
+      self.write_samples(step, state)
+    if _due(step, c.eval_every, self.total):
+      self.evaluate(step, state)
+    if _due(step, c.fid_every, self.total):
+      with self.progress.timed('fid'):
+        fid = self.fid_of(sampling_variables(state))
+      with self._writing('the FID', step):
+        self.writer.write_scalars(step, {'eval/fid': fid})
+
+  def log_metrics(self, step: int) -> None:
+    history = [(s, jax.device_get(m)) for s, m in self.history]
+    _check_finite(history, self.writer)
+    self.last = {k: float(np.mean([m[k] for _, m in history])) for k in history[-1][1] if k != 'finite'}
+    with self._writing('the training metrics', step):
+      self.writer.write_scalars(step, {f'train/{k}': v for k, v in self.last.items()})
+    self.history = []
+
+  def evaluate(self, step: int, state: dict) -> None:
+    c = self.config
+    with self.progress.timed('eval'):
+      self.evals[step] = float(np.mean(evaluation.split_bits_per_dim(
+          self.model, sampling_variables(state), c, self.mesh, c.data.eval_split,
+          num_examples=c.data.num_eval_examples, batch_size=c.eval_batch_size, seed=c.seed + 2)))
+      with self._writing('the held-out bits/dim', step):
+        self.writer.write_scalars(step, {'eval/bits_per_dim': self.evals[step]})
+
+  def write_samples(self, step: int, state: dict) -> None:
+    with self.progress.timed('sample'):
+      grid = images.grid(images.to_uint8(generate(self.model, state, self.config, self.sample_noise, self.mesh)))
+      with self._writing('the sample grid', step):
+        if jax.process_index() == 0:
+          images.save_png(os.path.join(self.workdir, 'samples', f'step_{step:07d}.png'), grid)
+        self.writer.write_images(step, {'samples': grid[None]})
+
+  @contextlib.contextmanager
+  def _writing(self, what: str, step: int):
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except
+      if storage.write_failure_cause(e) is not None:
+        self.ckpt.wait()  # the message names the last good checkpoint; a save failing too is the error to report
+      raise _write_error(e, what, step, self.workdir, self.ckpt) from e
+
+
+def _write_error(error: Exception, what: str, step: Optional[int], workdir: str, ckpt) -> Exception:
+  """storage.WriteError for a write that storage refused, naming the last good checkpoint; else `error` itself."""
+  cause = storage.write_failure_cause(error)
+  if cause is None or isinstance(error, errors.UserError):
+    return error
+  last = ('no checkpoint was written yet' if ckpt.last_good is None else
+          f'the last good checkpoint is step {ckpt.last_good}, from which rerunning the same command resumes')
+  space = storage.free_space(workdir)
+  return storage.WriteError(
+      f'Could not write {what}{"" if step is None else f" of step {step}"} to --workdir={workdir}: {cause}'
+      f'{f" ({space})" if space else ""}. Training stopped; {last}. {storage.what_to_do(cause)}')
+
+
+def _teardown(preemption: '_Preemption', ckpt: checkpoint.TrainCheckpointer, writer, stream: list,
+              raise_errors: bool) -> None:
+  """Ends a run, finished or failed: waits for the last checkpoint, closes the metric writer, lets go of the
+  training stream (`stream`, the split in a list that holds its one reference).
+
+  All three are done whatever fails; then, with `raise_errors`, the first failure is raised
+  (storage.WriteError where storage refused the write); otherwise (a run already failing with its
+  own error) it is logged.
+  """
+  preemption.restore()
+  failures = []
+  for what, close in (('the last checkpoint', ckpt.close), ('the metrics', writer and writer.close)):
+    try:
+      if close is not None:
+        close()
+    except Exception as e:  # pylint: disable=broad-except
+      failures.append((what, e))
+  # Tearing down the training stream's tf.data iterator (its shuffle buffer, its prefetch threads)
+  # takes from a second to half a minute, at random: a background thread does it, so that the run
+  # ends at once. The command line then ends the process without waiting for it (_common.run).
+  threading.Thread(target=stream.clear, name='release training data', daemon=True).start()
+  if not failures:
+    return
+  what, error = failures[0]
+  if not raise_errors:
+    logging.warning('Also, while stopping, %s could not be written: %s', what,
+                    storage.write_failure_cause(error) or checkpoint.first_line(error))
+    return
+  reported = _write_error(error, what, None, os.path.dirname(ckpt.directory), ckpt)
+  if reported is error:
+    raise error
+  raise reported from error
 
 
 def summary(workdir: str, result: dict, command: str = '') -> str:
@@ -440,17 +548,6 @@ def generate(model, state, config, noise, mesh) -> np.ndarray:
     with jax.set_mesh(mesh):
       x = sampling.denoise(model, variables, x, y, sigma=denoising.sigma, step_scale=denoising.step_scale)
   return sharding.fetch(x)
-
-
-def _check_workdir(workdir: str) -> None:
-  try:
-    path = epath.Path(workdir)
-    path.mkdir(parents=True, exist_ok=True)
-    probe = path / f'.write_test_{jax.process_index()}'  # processes may share the directory
-    probe.write_text('ok')
-    probe.unlink()
-  except OSError as e:
-    raise errors.NotWritable(f'Cannot write to --workdir={workdir!r} ({e}); choose a writable directory.') from e
 
 
 def _flat_hparams(config: ml_collections.ConfigDict) -> dict:

@@ -17,7 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from tarflow_jax import checkpoint, config_lib, data, likelihood, sharding, train, xla_cpu
+from tarflow_jax import checkpoint, config_lib, data, errors, likelihood, sharding, train, xla_cpu
 from tarflow_jax import model as model_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -167,7 +167,7 @@ def test_missing_dataset_says_how_to_get_it(tmp_path):
 def test_unwritable_workdir_is_a_clear_error(tmp_path):
   blocker = tmp_path / 'a_file'
   blocker.write_text('')
-  with pytest.raises(PermissionError, match='Cannot write to --workdir'):
+  with pytest.raises(errors.UserError, match='Cannot write to --workdir'):
     train.train_and_evaluate(smoke_config(), str(blocker / 'run'))
 
 

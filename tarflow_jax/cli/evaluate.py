@@ -25,7 +25,6 @@ without PyTorch read (or a .pth that pytorch-fid and torch-fidelity load).
 """
 
 import dataclasses
-import json
 import os
 
 from absl import app, flags, logging
@@ -34,6 +33,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from tarflow_jax import checkpoint, config_lib, errors, evaluation, fid, inception, sharding, state_dict
+from tarflow_jax import storage
 from tarflow_jax.cli import _common
 
 COMMANDS = ('bpd', 'classify', 'fid_stats', 'fid', 'inception_weights')
@@ -111,8 +111,7 @@ def main(argv):
     mean, stderr = evaluation.mean_and_stderr(bpd)
     print(f'bits/dim on {config.data.name}:{split} ({len(bpd)} images): {mean:.4f} +- {stderr:.4f} (standard error)')
     if FLAGS.output:
-      np.savez(FLAGS.output, bpd=bpd)
-      logging.info('Per-image bits/dim written to %s', FLAGS.output)
+      logging.info('Per-image bits/dim written to %s', storage.save_npz(FLAGS.output, bpd=bpd))
   else:
     preds, labels = evaluation.classify_split(model, variables, config, mesh, split, noise_std=FLAGS.noise_std,
                                               **kwargs)
@@ -163,9 +162,8 @@ def fid_score():
   print(f'FID {score:.4f} of {result["num_samples"]} samples {source}; against {FLAGS.stats}.')
   print(f'Features: {inception.NETWORK}, weights from {FLAGS.inception}; {inception.PIPELINES[pipeline]}.')
   if FLAGS.output and jax.process_index() == 0:
-    with open(FLAGS.output, 'w') as f:
-      json.dump(dict(fid=score, stats=FLAGS.stats, inception=FLAGS.inception, feature_pipeline=pipeline, **result),
-                f, indent=2)
+    storage.save_json(FLAGS.output, dict(fid=score, stats=FLAGS.stats, inception=FLAGS.inception,
+                                         feature_pipeline=pipeline, **result))
 
 
 def inception_weights():

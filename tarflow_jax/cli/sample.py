@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tarflow_jax import checkpoint, data, errors, images, sampling, sharding
+from tarflow_jax import checkpoint, data, errors, images, sampling, sharding, storage
 from tarflow_jax.cli import _common
 
 FLAGS = flags.FLAGS
@@ -157,8 +157,8 @@ def main(argv):
     os.makedirs(FLAGS.output, exist_ok=True)
     columns = model.spec.num_classes if FLAGS.labels == 'rows' and 0 < model.spec.num_classes <= 32 else 0
     images.save_png(os.path.join(FLAGS.output, 'samples.png'), images.grid(samples, columns))
-    np.savez(os.path.join(FLAGS.output, 'samples.npz'), images=samples,
-             labels=labels if labels is not None else np.full(num, -1, np.int32))
+    storage.save_npz(os.path.join(FLAGS.output, 'samples.npz'), images=samples,
+                     labels=labels if labels is not None else np.full(num, -1, np.int32))
     print(f'Wrote {FLAGS.output}/samples.png and samples.npz')
 
 

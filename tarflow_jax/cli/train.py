@@ -18,6 +18,9 @@ from tarflow_jax.cli import _common
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py).', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and samples; a run resumes from it.')
+flags.DEFINE_bool('take_over_workdir', False, 'Take --workdir over from the run on another host that holds it '
+                  '(its writer.lock), for a run known to be dead (a lost host). Dead runs on this host are taken '
+                  'over without it.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -28,7 +31,7 @@ def main(argv):
   distributed.initialize_distributed()
   logging.info('JAX %s on %s: %d devices.', jax.__version__, jax.default_backend(), jax.device_count())
   from tarflow_jax import train  # pylint: disable=g-import-not-at-top  # TensorFlow: after the flags are checked
-  result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir, take_over_workdir=FLAGS.take_over_workdir)
   if jax.process_index() == 0:
     command = ' '.join(shlex.quote(a) for a in ['python', '-m', 'tarflow_jax.main', *sys.argv[1:]])
     print(train.summary(FLAGS.workdir, result, command), flush=True)
