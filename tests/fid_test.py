@@ -263,6 +263,23 @@ def test_tf1_resize_and_the_references_pixels():
   np.testing.assert_array_equal(inception.samples_to_uint8(samples, 'torchmetrics'), k)
 
 
+def test_clean_fid_resize_is_pils_bicubic():
+  """The 'clean_fid' pipeline: each channel as PIL resizes a float image (bicubic, mode 'F'), clipped to
+  [0, 255] (the cubic kernel overshoots), then (x - 128) / 128; shrinking too; samples rounded."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  for shape in ((2, 28, 28, 1), (1, 9, 13, 3), (1, 331, 310, 3)):
+    x = rng.integers(0, 256, shape, dtype=np.uint8)
+    got = np.asarray(inception.preprocess(x, 'clean_fid'))
+    want = np.stack([np.stack([np.asarray(Image.fromarray(image[..., c].astype(np.float32), mode='F').resize(
+        (299, 299), resample=Image.BICUBIC)) for c in range(shape[-1])], -1) for image in x])
+    want = (np.clip(want, 0, 255) - 128) / 128
+    assert got.shape == (shape[0], 299, 299, 3) and want.max() == 127 / 128  # clipped overshoot
+    np.testing.assert_allclose(got, np.broadcast_to(want, got.shape), rtol=0, atol=1e-6)
+  samples = (np.arange(256) + 0.6) / 127.5 - 1
+  np.testing.assert_array_equal(inception.samples_to_uint8(samples, 'clean_fid'), np.minimum(np.arange(256) + 1, 255))
+
+
 def torchmetrics_state(torch, features, weights=None):
   """What the reference's prepare_fid_stats.py saves: torchmetrics' FID state after real images only."""
   f = torch.from_numpy(features).double()
