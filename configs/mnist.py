@@ -12,7 +12,7 @@ denoising, as here. It then uses the model as a Bayes classifier on the clean te
 
 Deliberate differences: `grad_accum_steps=4` runs each batch of 256 as four micro-batches of 64
 with one update (the same update, up to float rounding): on a CPU the step is then 1.36x faster
-than over the whole batch with `remat` (README, figures); on a GPU or TPU,
+than over the whole batch with `remat` (docs/benchmarks.md); on a GPU or TPU,
 `--config.grad_accum_steps=1` runs the batch at once. Logging, evaluation and checkpoint intervals
 are in steps (the notebook samples every 10 epochs).
 """
@@ -24,7 +24,7 @@ def get_config(arg=None):
   c = config_lib.default()
   c.model.update(in_channels=1, img_size=28, patch_size=4, channels=128, num_blocks=4, layers_per_block=4,
                  nvp=True, num_classes=10, dtype='float32')
-  c.grad_accum_steps = 4  # micro-batches of 64: faster on a CPU than the whole batch (README, figures)
+  c.grad_accum_steps = 4  # micro-batches of 64: faster on a CPU than the whole batch (docs/benchmarks.md)
   c.data.update(source='tfds', name='mnist', train_split='train', eval_split='test', flip=False)
   c.noise.update(type='gaussian', std=0.1)
   c.label_drop = 0.0  # the notebook never drops labels (so guidance has no unconditional branch to use)

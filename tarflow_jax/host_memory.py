@@ -7,7 +7,7 @@ which cannot hold a block that large, so the block is mapped afresh from the sys
 and unmapped after it: the step then page-faults through all of it again each time (27,000 faults
 of 4 KiB per demo step). `reuse_freed_memory` turns that off for the process: one arena for every
 thread, no mapping of large blocks, no trimming below 1 GiB of free memory at the top of the heap,
-so that the second call of a program finds its buffer already mapped (README, figures).
+so that the second call of a program finds its buffer already mapped (docs/benchmarks.md).
 
 It must run before JAX starts its CPU backend and before TensorFlow is imported: the threads they
 start pick their arena on their first allocation, and a thread keeps its arena. The command lines

@@ -82,7 +82,7 @@ def _cpu_matmul(x: Array, kernel: Array, precision: Any) -> Array:
 
   Reverse mode computes the kernel gradient `x^T @ dy` from x (N, I) and dy (N, O) as stored:
   XLA's CPU backend runs such a product, contracting both operands over their first axis, in
-  its own loops instead of in YNNPACK (README, figures). Here the tangent map is written so
+  its own loops instead of in YNNPACK (docs/benchmarks.md). Here the tangent map is written so
   that its transpose swaps the narrower of the two in memory (`materialized_transpose`) and
   multiplies without a transposed operand: x^T (I, N) @ dy (N, O) when I <= O, otherwise
   dy^T (O, N) @ x (N, I), then the small (O, I) result swapped. The value and the derivatives

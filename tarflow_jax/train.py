@@ -163,7 +163,7 @@ def keep_if_finite(finite: jax.Array, new: dict, keep: dict, platform: str) -> d
   On the CPU one conditional chooses the tree: XLA's CPU backend fuses the flag (a reduction over
   every leaf of the state) into each of a per-leaf select's kernels, and its fusion pass then takes
   most of the training step's compile time. Other platforms select per leaf: on a TPU the
-  conditional costs memory (README, figures).
+  conditional costs memory (docs/benchmarks.md).
   """
   if platform == 'cpu':
     return jax.lax.cond(finite, lambda: new, lambda: keep)

@@ -31,6 +31,7 @@ def aot(tmp_path, *args) -> dict:
   return json.loads(out.read_text())
 
 
+@pytest.mark.extras
 @needs_libtpu
 @pytest.mark.parametrize('fsdp', [1, 8])
 def test_small_model_compiles_for_a_v5e_slice_with_the_intended_shardings(tmp_path, fsdp):
@@ -53,6 +54,7 @@ def test_small_model_compiles_for_a_v5e_slice_with_the_intended_shardings(tmp_pa
   assert bool(weights_moved) == (fsdp > 1), train['collectives']
 
 
+@pytest.mark.extras
 @needs_libtpu
 @pytest.mark.skipif(not os.environ.get('TARFLOW_AOT_PAPER_CONFIGS'),
                     reason='minutes of compiling: set TARFLOW_AOT_PAPER_CONFIGS=1 (.ci/run does, after the suite)')

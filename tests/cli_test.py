@@ -20,8 +20,8 @@ PACKAGE = os.path.join(REPO, 'tarflow_jax')
 DEMO = f'{REPO}/configs/demo.py:smoke'
 
 
-def run(module, *args):
-  env = dict(os.environ, PYTHONPATH=REPO)
+def run(module, *args, pythonpath=()):
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([*map(str, pythonpath), REPO]))
   env.pop('TARFLOW_TRACEBACK', None)
   return subprocess.run([sys.executable, '-m', module, *args], capture_output=True, text=True, cwd=REPO, env=env,
                         timeout=600)
@@ -159,13 +159,35 @@ def small_config(tmp_path_factory):
 
 
 def test_convert_names_a_file_that_is_not_a_checkpoint(small_config, tmp_path):
-  for name in ('notes.npz', 'notes.pth'):
-    (tmp_path / name).write_text('not a state dict')
-    result = run('tarflow_jax.cli.convert', f'--config={small_config}', f'--checkpoint={tmp_path}/{name}',
-                 f'--output={tmp_path}/out')
-    assert_user_error(result, rf"'{tmp_path}/{name}' is not an? (\.npz|PyTorch) state dict")
+  (tmp_path / 'notes.npz').write_text('not a state dict')
+  result = run('tarflow_jax.cli.convert', f'--config={small_config}', f'--checkpoint={tmp_path}/notes.npz',
+               f'--output={tmp_path}/out')
+  assert_user_error(result, rf"'{tmp_path}/notes.npz' is not an \.npz state dict")
   assert_user_error(run('tarflow_jax.cli.convert', f'--config={small_config}', f'--checkpoint={tmp_path}/none.pth',
                         f'--output={tmp_path}/out'), r"No checkpoint at '.*none\.pth'")
+  assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.extras
+def test_convert_names_a_pth_file_that_is_not_a_checkpoint(small_config, tmp_path):
+  pytest.importorskip('torch', reason='reading a .pth needs torch (pip install -e ".[torch]")')
+  (tmp_path / 'notes.pth').write_text('not a state dict')
+  result = run('tarflow_jax.cli.convert', f'--config={small_config}', f'--checkpoint={tmp_path}/notes.pth',
+               f'--output={tmp_path}/out')
+  assert_user_error(result, rf"'{tmp_path}/notes.pth' is not a PyTorch state dict")
+  assert not (tmp_path / 'out').exists()
+
+
+def test_convert_without_torch_says_how_to_read_a_pth(small_config, tmp_path):
+  """Where torch is missing (here made so, whether or not it is installed), a .pth gets a line saying what to do."""
+  no_torch = tmp_path / 'no_torch'
+  (no_torch / 'torch').mkdir(parents=True)
+  (no_torch / 'torch' / '__init__.py').write_text("raise ModuleNotFoundError(\"No module named 'torch'\", name='torch')\n")
+  (tmp_path / 'model.pth').write_text('a .pth')
+  result = run('tarflow_jax.cli.convert', f'--config={small_config}', f'--checkpoint={tmp_path}/model.pth',
+               f'--output={tmp_path}/out', pythonpath=[no_torch])
+  assert_user_error(result, rf"Reading '{tmp_path}/model.pth' needs PyTorch: pip install \"tarflow_jax\[torch\]\" "
+                    r"\(or save the state dict as \.npz\)")
   assert not (tmp_path / 'out').exists()
 
 
@@ -217,8 +239,43 @@ def test_libraries_define_no_flags_and_read_no_argv():
     assert re.search(r'_common\.run\(main[,)]', path.read_text()), path  # every command line goes through the boundary
 
 
-NOISE = ('oneDNN', "Unable to initialize backend", 'host bounds', 'TPU_ACCELERATOR_TYPE', 'InitGoogle',
-         '_NonBlockingMetadataStore', 'Sharding callback duration')
+NOISE = ('oneDNN', 'cpu_feature_guard', 'InitializeLog', "Unable to initialize backend", 'host bounds',
+         'TPU_ACCELERATOR_TYPE', 'InitGoogle', '_NonBlockingMetadataStore', 'Sharding callback duration')
+GLOG_INFO = re.compile(r'^I\d{4} [\d:.]+ +\d+ ', re.M)  # a C++ INFO record (TensorFlow, XLA)
+
+
+def test_native_start_up_notices_are_filtered_and_the_rest_kept(tmp_path):
+  """A module that prints as TensorFlow does while it loads: its INFO records and absl's preamble go, the rest stays."""
+  (tmp_path / 'noisy.py').write_text(
+      'import os, sys\n'
+      'sys.stderr.write("a Python warning\\n"); sys.stderr.flush()\n'
+      'os.write(2, b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\\n"\n'
+      '            b"I0000 00:00:1796574559.364036    7121 port.cc:153] oneDNN custom operations are on.\\n"\n'
+      '            b"I0000 00:00:1796574559.511993    7121 cpu_feature_guard.cc:227] This binary is optimized.\\n"\n'
+      '            b"To enable the following instructions: AVX2 FMA, rebuild.\\n"\n'
+      '            b"W0000 00:00:1796574560.100000    7121 loader.cc:9] a warning that stays\\n"\n'
+      '            b"E0000 00:00:1796574560.200000    7121 loader.cc:10] an error that stays\\n")\n')
+  script = ('from tarflow_jax.cli import _quiet_import; _quiet_import.install(("noisy",)); import noisy; '
+            'import sys; sys.stderr.write("after\\n")')
+  result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, cwd=REPO, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), REPO])))
+  assert result.returncode == 0, result.stderr
+  assert result.stderr.splitlines() == [
+      'a Python warning',
+      'W0000 00:00:1796574560.100000    7121 loader.cc:9] a warning that stays',
+      'E0000 00:00:1796574560.200000    7121 loader.cc:10] an error that stays',
+      'after'], result.stderr
+
+
+def test_tensorflow_loads_quietly_under_the_command_lines_even_at_log_level_zero():
+  """TF_CPP_MIN_LOG_LEVEL=0 shows TensorFlow's start-up INFO notes here as on CPUs where they come before its
+  logging reads the variable; importing the command lines first keeps them off the screen."""
+  env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL='0')
+  script = 'import tarflow_jax.cli, tensorflow, tensorflow_datasets; print("loaded")'
+  result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, cwd=REPO, env=env,
+                          timeout=300)
+  assert result.returncode == 0 and result.stdout == 'loaded\n', result.stderr
+  assert not GLOG_INFO.search(result.stderr) and not [n for n in NOISE if n in result.stderr], result.stderr
 
 
 def test_training_run_is_quiet_ends_with_a_summary_and_exits_at_once(tmp_path):
@@ -240,7 +297,7 @@ def test_training_run_is_quiet_ends_with_a_summary_and_exits_at_once(tmp_path):
   output = '\n'.join(lines)
   assert process.returncode == 0, output[-3000:]
   assert waited < 5, f'the process lived {waited:.1f} s after its last line'
-  assert not [n for n in NOISE if n in output], output[:3000]
+  assert not [n for n in NOISE if n in output] and not GLOG_INFO.search(output), output[:3000]
   done = next(i for i, l in enumerate(lines) if l.startswith('Done: step 2; held-out bits/dim '))
   summary = '\n'.join(lines[done:])
   paths = re.findall(r'^  (?:samples|checkpoints): +(\S+)$', summary, re.M)

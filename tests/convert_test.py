@@ -168,8 +168,10 @@ def _read_exported(path) -> dict:
   return {k: v.numpy() for k, v in state.items()}
 
 
-@pytest.mark.parametrize('suffix', ['.pth', '.npz'])
+@pytest.mark.parametrize('suffix', [pytest.param('.pth', marks=pytest.mark.extras), '.npz'])
 def test_export_writes_the_recorded_state_dict(state, tmp_path, suffix):
+  if suffix == '.pth':
+    pytest.importorskip('torch', reason='writing a .pth needs torch (pip install -e ".[torch]")')
   model = TarFlow(**COND_SMALL)
   path = str(tmp_path / f'model{suffix}')
   reference.export_reference_checkpoint(model, reference.from_reference(model, state), path)
@@ -218,6 +220,7 @@ def _reference_module():
   return module
 
 
+@pytest.mark.extras
 @pytest.mark.parametrize('nvp, num_classes', [(True, 3), (False, 0)])
 def test_exported_pth_loads_into_the_reference_model_and_computes_our_forward(tmp_path, nvp, num_classes):
   transformer_flow = _reference_module()

@@ -138,6 +138,7 @@ def rgb(torch_weights):
 MESH2 = sharding.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=1)), jax.devices()[:2])
 
 
+@pytest.mark.extras
 def test_features_match_plain_torch_on_rgb_and_grayscale(torch_weights, rgb):
   import torch  # pylint: disable=g-import-not-at-top
   state, path = torch_weights
@@ -152,6 +153,7 @@ def test_features_match_plain_torch_on_rgb_and_grayscale(torch_weights, rgb):
     assert np.abs(got - want).max() < 1e-5 * np.abs(want).max()
 
 
+@pytest.mark.extras
 def test_resize_is_torch_bilinear_without_antialiasing():
   """Up- and downsampling as pytorch-fid's float32 `F.interpolate` (both are 4e-5 off float64 at 400 px)."""
   torch = pytest.importorskip('torch')
@@ -252,15 +254,18 @@ def test_tf1_resize_and_the_references_pixels():
   np.testing.assert_allclose(got[0], want, atol=2e-6)
   assert np.abs(got - np.asarray(inception.preprocess(x))).max() > 0.01  # the pipelines differ
 
-  torch = pytest.importorskip('torch')
-  t = torch.arange(256, dtype=torch.uint8).float().div(255).sub(0.5).div(0.5)  # ToTensor, Normalize
-  np.testing.assert_array_equal(inception.REFERENCE_REAL_PIXELS, ((0.5 * (t + 1)) * 255).byte().numpy())
-  assert inception.REFERENCE_REAL_PIXELS[40] == 39 and inception.REFERENCE_REAL_PIXELS[200] == 200
-
   k = np.arange(256)
   samples = (k + 0.6) / 127.5 - 1  # 0.6 of a level above k: rounds up, truncates down
   np.testing.assert_array_equal(inception.samples_to_uint8(samples, 'pytorch_fid'), np.minimum(k + 1, 255))
   np.testing.assert_array_equal(inception.samples_to_uint8(samples, 'torchmetrics'), k)
+
+
+@pytest.mark.extras
+def test_the_references_real_pixels_are_torchs_float32_round_trip():
+  torch = pytest.importorskip('torch')
+  t = torch.arange(256, dtype=torch.uint8).float().div(255).sub(0.5).div(0.5)  # ToTensor, Normalize
+  np.testing.assert_array_equal(inception.REFERENCE_REAL_PIXELS, ((0.5 * (t + 1)) * 255).byte().numpy())
+  assert inception.REFERENCE_REAL_PIXELS[40] == 39 and inception.REFERENCE_REAL_PIXELS[200] == 200
 
 
 def test_clean_fid_resize_is_pils_bicubic():
@@ -291,6 +296,7 @@ def torchmetrics_state(torch, features, weights=None):
   return state
 
 
+@pytest.mark.extras
 def test_reference_statistics_file(torch_weights, tmp_path):
   """mu and sigma from the feature sums, against numpy on the features; the weights inside the file."""
   torch = pytest.importorskip('torch')
@@ -424,6 +430,7 @@ def evaluate(*args):
     cli.main(flags.FLAGS(['evaluate', *args]))
 
 
+@pytest.mark.extras
 def test_fid_cli_scores_samples(torch_weights, rgb, tmp_path, capsys):
   """On all 8 devices (the batch padded from 2 to 8), against statistics (mu_ref, I): two samples
   have a covariance of rank 1, whose eigenvalue is l = |f1 - f2|^2 / 2, so
@@ -445,6 +452,7 @@ def test_fid_cli_scores_samples(torch_weights, rgb, tmp_path, capsys):
   assert "pytorch-fid's input: bilinear resize to 299x299 with half-pixel centres" in out
 
 
+@pytest.mark.extras
 def test_fid_cli_draws_from_a_checkpoint(torch_weights, model_checkpoint, fake_features, tmp_path, capsys):
   """6 samples in one batch of 8 against the reference's .pth, so in its pipeline: the score of the same
   seed's samples under the protocol, drawn here through the library."""
@@ -473,6 +481,7 @@ def test_fid_cli_draws_from_a_checkpoint(torch_weights, model_checkpoint, fake_f
   assert got['fid'] == pytest.approx(want, rel=1e-9)
 
 
+@pytest.mark.extras
 def test_fid_during_training_is_repeatable(torch_weights, model_checkpoint, fake_features, tmp_path):
   _, model, variables, config = model_checkpoint
   config = copy.deepcopy(config)
@@ -501,6 +510,7 @@ def _scalars(workdir: str, tag: str) -> dict:
   return out
 
 
+@pytest.mark.extras
 def test_fid_every_writes_the_fid_of_the_checkpointed_weights(torch_weights, fake_features, tmp_path):
   config = config_lib.cpu_digits(config_lib.default())
   config.update(num_train_steps=2, fid_every=2, checkpoint_every=2, eval_every=0, sample_every=0, log_every=1)

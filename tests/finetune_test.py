@@ -188,6 +188,7 @@ def test_an_old_checkpoint_resumes_with_the_average_which_is_saved_and_used_by_d
   assert max(jax.tree.leaves(moved)) > 1e-4  # the step moved the weights
 
 
+@pytest.mark.extras
 def test_a_reference_run_continues_with_its_adamw_state(tmp_path):
   """Two steps of torch's AdamW, saved as train.py saves them; our third step equals torch's third."""
   torch = pytest.importorskip('torch')
@@ -243,6 +244,7 @@ def test_a_reference_run_continues_with_its_adamw_state(tmp_path):
   assert gap > 1e-4
 
 
+@pytest.mark.extras
 def test_an_optimiser_file_of_other_hyperparameters_or_another_model_is_a_user_error(tmp_path):
   torch = pytest.importorskip('torch')
   spec, data = fixture()

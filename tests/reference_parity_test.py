@@ -109,6 +109,7 @@ def test_denoise(case):
   assert_close(nchw(x), case.data['denoise/x'], SAMPLE_TOL, 'denoise/x')
 
 
+@pytest.mark.extras
 def test_pth_reader_matches_npz(case):
   pytest.importorskip('torch')
   pth = case.stem + '.pth'

@@ -27,6 +27,7 @@ import sys
 import traceback
 from typing import Callable, Optional
 
+from tarflow_jax.cli import _quiet_import
 
 
 def _verbosity_asked() -> bool:
@@ -67,7 +68,8 @@ def _no_accelerator() -> bool:
 
 if not _verbosity_asked():
   # Before TensorFlow and JAX are imported: their C++ logging and backend choice are read once, then.
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow's start-up notes (oneDNN, CPU features)
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow's INFO logs once its logging has started
+  _quiet_import.install(('tensorflow',))  # and the notes it prints while it loads, before that (oneDNN, CPU features)
   if 'JAX_PLATFORMS' not in os.environ and 'JAX_FORCE_TPU_INIT' not in os.environ and _no_accelerator():
     os.environ['JAX_PLATFORMS'] = 'cpu'  # no probe for a TPU: no "Unable to initialize backend", no libtpu warnings
     if 'jax' in sys.modules:  # imported already (the package's __init__): it read the variable; backends start later
