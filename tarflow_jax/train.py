@@ -319,7 +319,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   ckpt = checkpoint.TrainCheckpointer(workdir, config.keep_checkpoints)
   writer, preemption = None, _Preemption()
   try:
-    state, resumed = _restore_or_init(config, program, ckpt, stream[0].batches, total_steps)
+    state, start, resumed = _restore_or_init(config, program, ckpt, stream[0].batches, total_steps)
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() != 0)
     if not resumed:
       writer.write_hparams(_flat_hparams(config))
@@ -328,8 +328,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                    f'{params:,}', total_steps, steps_per_epoch, config.batch_size, jax.device_count())
     actions = _Periodic(config, workdir, program.model, mesh, total_steps, ckpt, writer)
     if not resumed and config.eval_every > 0:
-      actions.evaluate(int(state['step']), state)
-    step = _loop(state, program, mesh, stream[0].batches, total_steps, actions, preemption)
+      actions.evaluate(start, state)
+    step = _loop(state, start, program, mesh, stream[0].batches, total_steps, actions, preemption)
   except BaseException:
     _teardown(preemption, ckpt, writer, stream, raise_errors=False)  # the first error is the one to report
     raise
@@ -338,8 +338,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def _restore_or_init(config, program: Program, ckpt: checkpoint.TrainCheckpointer, batches,
-                     total_steps: int) -> tuple[dict, bool]:
-  """The state to start from: (state, resumed), from the newest intact checkpoint, else `initial_state`."""
+                     total_steps: int) -> tuple[dict, int, bool]:
+  """The state to start from and its step: (state, step, resumed), from the newest intact checkpoint (the step
+  its name gives), else `initial_state`."""
   start, state = ckpt.restore_latest(
       program.abstract_state, batches,
       check_config=lambda saved: checkpoint.check_same_architecture(saved, config, ckpt.directory))
@@ -347,23 +348,22 @@ def _restore_or_init(config, program: Program, ckpt: checkpoint.TrainCheckpointe
     logging.info('Resumed from step %d of %s.', start, ckpt.directory)
     if config.init_from:
       logging.info('config.init_from=%s is not used: the run resumes from its own checkpoint.', config.init_from)
-    return state, True
+    return state, start, True
   state = initial_state(config, program)
   start = int(state['step'])
   if start >= total_steps:
     raise errors.UserError(f'The run given by config.init_optimizer_from is at step {start}, past this config\'s '
                            f'{total_steps} steps: set config.num_train_steps (or num_epochs) to the run\'s total.')
-  return state, False
+  return state, start, False
 
 
-def _loop(state: dict, program: Program, mesh, batches, total_steps: int, actions: '_Periodic',
+def _loop(state: dict, step: int, program: Program, mesh, batches, total_steps: int, actions: '_Periodic',
           preemption: '_Preemption') -> int:
-  """Steps from the state's step to `total_steps` (or a preemption notice), with the periodic actions.
+  """Steps from `step` to `total_steps` (or a preemption notice), with the periodic actions.
 
   Returns:
     The step reached.
   """
-  step = int(state['step'])
   logging.info('Training from step %d to %d.', step, total_steps)
   while step < total_steps:
     batch = sharding.global_batch(mesh, next(batches))
