@@ -310,8 +310,9 @@ def test_native_start_up_notices_are_filtered_and_the_rest_kept(tmp_path):
       '            b"To enable the following instructions: AVX2 FMA, rebuild.\\n"\n'
       '            b"W0000 00:00:1796574560.100000    7121 loader.cc:9] a warning that stays\\n"\n'
       '            b"E0000 00:00:1796574560.200000    7121 loader.cc:10] an error that stays\\n")\n')
-  script = ('from tarflow_jax.cli import _quiet_import; _quiet_import.install(("noisy",)); import noisy; '
-            'import sys; sys.stderr.write("after\\n")')
+  script = ('from tarflow_jax.cli import _quiet_import; _quiet_import.install(("noisy",)); '
+            'import importlib.util; assert importlib.util.find_spec("noisy")  # a library probing for it first\n'
+            'import noisy, sys; sys.stderr.write("after\\n")')
   result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, cwd=REPO, timeout=300,
                           env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), REPO])))
   assert result.returncode == 0, result.stderr

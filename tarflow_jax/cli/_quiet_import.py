@@ -66,13 +66,13 @@ class _QuietFinder(importlib.abc.MetaPathFinder):
   def find_spec(self, name, path, target=None):
     if name not in self._pending:
       return None
-    self._pending.discard(name)
     spec = importlib.machinery.PathFinder.find_spec(name, path, target)
     if spec is None or spec.loader is None or not hasattr(spec.loader, 'exec_module'):
       return spec
     exec_module = spec.loader.exec_module
 
     def exec_quietly(module):
+      self._pending.discard(name)  # loaded once; a probe such as importlib.util.find_spec loads nothing
       with native_stderr_filtered():
         exec_module(module)
 
