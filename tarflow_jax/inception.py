@@ -362,11 +362,8 @@ def state_dict_from_tf_graph(state: dict, source: str = 'the state dict') -> dic
   prefix = next((p for p in TF_GRAPH_PREFIXES if any(k.startswith(p) for k in state)), '')
   layers = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
   expected = {f'{layer}.{name}' for layer in TF_GRAPH_LAYERS.values() for name in ('weight', 'beta', 'mean', 'var')}
-  missing, unexpected = sorted(expected - set(layers)), sorted(set(layers) - expected)
-  if missing or unexpected:
-    raise errors.UserError(f'{source} is not the FID Inception graph as StyleGAN ports it ({WHEEL}\'s default_1.pt): '
-                            f'missing keys {missing[:5]}{"..." if len(missing) > 5 else ""}, unexpected keys '
-                            f'{unexpected[:5]}{"..." if len(unexpected) > 5 else ""}.')
+  _check_keys(expected, set(layers), f'{source} is not the FID Inception graph as StyleGAN ports it '
+              f'({WHEEL}\'s default_1.pt)')
   out = {}
   for ours, theirs in TF_GRAPH_LAYERS.items():
     beta = np.asarray(layers[f'{theirs}.beta'], np.float32)
@@ -375,6 +372,14 @@ def state_dict_from_tf_graph(state: dict, source: str = 'the state dict') -> dic
                 f'{ours}.bn.running_mean': np.asarray(layers[f'{theirs}.mean'], np.float32),
                 f'{ours}.bn.running_var': np.asarray(layers[f'{theirs}.var'], np.float32)})
   return out
+
+
+def _check_keys(expected: set, got: set, what: str) -> None:
+  """Raises errors.UserError, `what` followed by the first missing and unexpected keys, unless `got` == `expected`."""
+  missing, unexpected = sorted(expected - got), sorted(got - expected)
+  if missing or unexpected:
+    raise errors.UserError(f'{what}: missing keys {missing[:5]}{"..." if len(missing) > 5 else ""}, unexpected keys '
+                           f'{unexpected[:5]}{"..." if len(unexpected) > 5 else ""}.')
 
 
 def _torch_key(path: tuple) -> str:
@@ -389,11 +394,7 @@ def variables_from_state_dict(state: dict, source: str = 'the state dict') -> di
   leaves = {tuple(k.key for k in path): a for path, a in jax.tree_util.tree_leaves_with_path(abstract)}
   expected = {_torch_key(path): path for path in leaves}
   unused = {k for k in state if k.startswith('fc.') or k.endswith('.num_batches_tracked')}
-  missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected) - unused)
-  if missing or unexpected:
-    raise errors.UserError(f'{source} is not the FID Inception state dict ({WEIGHTS_URL}): missing keys '
-                           f'{missing[:5]}{"..." if len(missing) > 5 else ""}, unexpected keys {unexpected[:5]}'
-                           f'{"..." if len(unexpected) > 5 else ""}.')
+  _check_keys(set(expected), set(state) - unused, f'{source} is not the FID Inception state dict ({WEIGHTS_URL})')
   flat = {}
   for key, path in expected.items():
     value = np.asarray(state[key], np.float32)
