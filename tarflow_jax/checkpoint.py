@@ -215,7 +215,7 @@ def _existing(directory: str) -> ocp.CheckpointManager:
     try:
       mngr = manager(directory, create=False) if epath.Path(directory).is_dir() else None
       break
-    except FileNotFoundError:  # Orbax lists each step's files: a run pruned one meanwhile
+    except (FileNotFoundError, NotADirectoryError):  # Orbax reads each listed step: a run pruned one meanwhile
       if attempt == _READ_ATTEMPTS - 1:
         raise
   if mngr is None or mngr.latest_step() is None:

@@ -18,6 +18,8 @@ import pytest
 from conftest import xla_flags
 
 from tarflow_jax import checkpoint, config_lib, data, storage, train, workdir_lock
+from tarflow_jax import model as model_lib
+import toy
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = f'{REPO}/configs/demo.py:smoke'
@@ -295,6 +297,29 @@ def test_sample_and_evaluate_read_complete_checkpoints_while_a_run_writes_and_pr
   with np.load(out / 'bpd.npz') as f:
     assert f['bpd'].shape == (32,) and np.isfinite(f['bpd']).all()
   assert sorted(os.listdir(out)) == ['bpd.npz', 'samples.npz', 'samples.png']  # no temporary files left
+
+
+def test_a_reader_lists_the_steps_again_when_a_run_prunes_one_as_it_lists_them(tmp_path, monkeypatch):
+  """Orbax reads every step it lists: a step pruned between its listing and that read fails with
+  FileNotFoundError, or NotADirectoryError where it vanished between Orbax's exists() and is_dir()."""
+  config = config_lib.cpu_digits(config_lib.default())
+  config.model.update(img_size=8, patch_size=4, channels=32, head_dim=16)
+  model = model_lib.from_config(config.model)
+  checkpoint.save_model(str(tmp_path / 'run'), toy.random_variables(model), config, step=7)
+  pruned = iter([FileNotFoundError('.../checkpoints/5/_CHECKPOINT_METADATA'),
+                 NotADirectoryError('Path is not a directory: .../checkpoints/6')])
+  real = checkpoint.manager
+
+  def listing_as_a_run_prunes(*args, **kwargs):
+    error = next(pruned, None)
+    if error is not None:
+      raise error
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(checkpoint, 'manager', listing_as_a_run_prunes)
+  _, variables, _ = checkpoint.load_model(str(tmp_path / 'run'))
+  assert next(pruned, None) is None  # both races were met, and passed over
+  assert set(variables) == {'params', 'prior'}
 
 
 def test_an_output_appears_whole_or_not_at_all(tmp_path):
