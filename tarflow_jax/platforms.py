@@ -37,3 +37,34 @@ def no_accelerator() -> bool:
     except OSError:
       continue
   return not any(os.path.exists(d) for d in ('/dev/nvidiactl', '/dev/nvidia0', '/dev/dxg', '/dev/kfd', '/dev/dri'))
+
+
+@functools.lru_cache(maxsize=None)
+def last_level_cache_bytes() -> int:
+  """The size of the CPU's largest cache (the last level, usually L3) in bytes; 0 where the system does not say.
+
+  Linux's sysfs entries of CPU 0, else `os.sysconf`. On a machine whose last-level cache is split
+  into parts (AMD's core complexes) this is the part of CPU 0.
+  """
+  sizes = []
+  for path in glob.glob('/sys/devices/system/cpu/cpu0/cache/index*/size'):
+    try:
+      with open(path) as f:
+        text = f.read().strip().upper()
+    except OSError:
+      continue
+    units = {'K': 1 << 10, 'M': 1 << 20, 'G': 1 << 30}
+    if text[:-1].isdigit() and text[-1] in units:
+      sizes.append(int(text[:-1]) * units[text[-1]])
+    elif text.isdigit():
+      sizes.append(int(text))
+  if sizes:
+    return max(sizes)
+  for name in ('SC_LEVEL3_CACHE_SIZE', 'SC_LEVEL2_CACHE_SIZE'):
+    try:
+      size = os.sysconf(name)
+    except (ValueError, OSError, AttributeError):
+      continue
+    if size > 0:
+      return size
+  return 0

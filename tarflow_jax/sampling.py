@@ -7,12 +7,13 @@ tokens and the blocks, and combines the conditional and unconditional prediction
 
 import dataclasses
 import functools
+import math
 from typing import Optional, Union
 
 import jax
 import jax.numpy as jnp
 
-from tarflow_jax import errors, likelihood, sharding
+from tarflow_jax import errors, likelihood, platforms, sharding
 from tarflow_jax.model import FlowBlock, TarFlow, check_labels, extend_cache, flow_dtype, on_block, unpatchify
 
 Array = jax.Array
@@ -94,12 +95,17 @@ class Sequential:
   as long as the tokens up to its end, not the whole sequence: decoding reads
   the cache at every token, so more chunks read less, for one compiled loop
   body per chunk. `microbatch` decodes that many samples at a time (a divisor
-  of the batch), one after the other in the same compiled call; on a CPU, a
-  micro-batch whose cache fits the last-level cache decodes faster than the
-  whole batch. On accelerators, decode the whole batch (None).
+  of the batch), one after the other in the same compiled call: on a CPU, a
+  micro-batch whose key/value cache stays in the last-level cache decodes
+  faster than the whole batch. 'auto' (the default) picks it from the cache
+  size of the machine at hand (`auto_microbatch`), and the whole batch on
+  accelerators; None is always the whole batch.
   """
   chunks: int = 8
-  microbatch: Optional[int] = None
+  microbatch: Union[int, str, None] = 'auto'
+
+
+INITIAL_GUESSES = ('latent', 'zeros', 'prev')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,16 +114,30 @@ class Jacobi:
 
   A block's tokens 1..T-1 are cut into segments of `segment` tokens, solved in
   order; inside a segment all tokens are updated at once, `x <- z * exp(a(x)) + b(x)`,
-  starting from the latent, until the largest change is at most `tol` or
-  `max_iters` iterations have run; the key/value cache carries the earlier
-  segments. `segment=0` is one segment for the whole block (plain Jacobi). With
-  `max_iters` equal to the segment length (0 means that) and `tol=0` the result
-  is exact. `segment` and `max_iters` may be tuples, one entry per block
-  (indexed like the blocks, 0 first).
+  starting from the initial guess `init`, until the largest change is at most
+  `tol` or `max_iters` iterations have run; the key/value cache carries the
+  earlier segments. `segment=0` is one segment for the whole block (plain
+  Jacobi). With `max_iters` equal to the segment length (0 means that) and
+  `tol=0` the result is exact, whatever the guess. `segment` and `max_iters`
+  may be tuples, one entry per block (indexed like the blocks, 0 first).
+
+  `init`: 'latent' (the segment's own latent tokens), 'zeros', or 'prev' (the
+  solution of the segment before, token for token; the latent for the first).
+  The key/value cache of a segment holds the inputs of its last iteration:
+  where the iterations stop short of exact (a cap, a tolerance), later segments
+  attend to those, not to the segment's final tokens (within `tol` of them once
+  it has settled).
   """
   segment: Union[int, tuple] = 0
   max_iters: Union[int, tuple] = 0
   tol: float = 1e-4
+  init: str = 'latent'
+
+  def __post_init__(self):
+    if self.init not in INITIAL_GUESSES:
+      raise errors.UserError(f'Jacobi init must be one of {", ".join(INITIAL_GUESSES)}, got {self.init!r}.')
+    if self.tol < 0:
+      raise errors.UserError(f'Jacobi tol must be >= 0, got {self.tol}.')
 
   def for_block(self, i: int, num_tokens: int) -> tuple[int, int]:
     """(segment length, iteration cap) of block i."""
@@ -130,7 +150,99 @@ def _setting_of_block(setting: Union[int, tuple], i: int) -> int:
   return setting[i] if isinstance(setting, tuple) else setting
 
 
-Decoder = Union[Sequential, Jacobi]
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """A decoder per block: `blocks[i]` (a `Sequential` or `Jacobi`) inverts block i (block 0 first).
+
+  `microbatch` decodes that many samples at a time, as `Sequential`'s (the
+  micro-batch of the entries is not read). `parse_plan` reads one from the
+  spelling of the command lines, `spell` writes it back.
+  """
+  blocks: tuple
+  microbatch: Union[int, str, None] = 'auto'
+
+  def __post_init__(self):
+    for d in self.blocks:
+      if not isinstance(d, (Sequential, Jacobi)):
+        raise TypeError(f'A plan\'s entries are Sequential or Jacobi, got {d!r}.')
+
+  def for_block(self, i: int):
+    return self.blocks[i]
+
+
+Decoder = Union[Sequential, Jacobi, Plan]
+
+
+def _decoder_of_block(decoder: Decoder, i: int) -> Union[Sequential, Jacobi]:
+  return decoder.for_block(i) if isinstance(decoder, Plan) else decoder
+
+
+PLAN_SPELLING = ('seq[:chunks=N] or jacobi[:segment=N][:iters=N][:tol=X][:init=latent|zeros|prev], one for every '
+                 'block or one per block (block 0 first) separated by commas, e.g. '
+                 'seq,jacobi:segment=16:iters=8:tol=1e-3:init=prev')
+_KEYS = {'seq': {'chunks': int}, 'jacobi': {'segment': int, 'iters': int, 'tol': float, 'init': str}}
+_KINDS = {'seq': 'seq', 'sequential': 'seq', 'jacobi': 'jacobi'}
+
+
+def parse_plan(text: str, num_blocks: Optional[int], *, sequential: Sequential = Sequential(),
+               jacobi: Jacobi = Jacobi(), setting: str = 'decoder') -> Decoder:
+  """The decoder that `text` spells (`PLAN_SPELLING`) for a model of `num_blocks` blocks.
+
+  Settings an entry does not give are those of `sequential` and `jacobi`. One entry is that decoder
+  for every block; one per block is a `Plan` (with `sequential`'s micro-batch). Raises
+  errors.UserError naming `setting` for anything else. `num_blocks=None` checks the spelling alone.
+  """
+  fail = lambda problem: errors.UserError(f'{setting}={text!r}: {problem}. Spell a plan as {PLAN_SPELLING}.')
+  entries = [_parse_entry(entry, sequential, jacobi, fail) for entry in text.split(',')]
+  if len(entries) == 1:
+    return entries[0]
+  if num_blocks is not None and len(entries) != num_blocks:
+    raise fail(f'{len(entries)} entries for a model of {num_blocks} blocks')
+  return Plan(tuple(entries), sequential.microbatch)
+
+
+def _parse_entry(entry: str, sequential: Sequential, jacobi: Jacobi, fail) -> Union[Sequential, Jacobi]:
+  """One entry of a plan's spelling: a decoder of one block."""
+  kind, *options = entry.strip().split(':')
+  if kind not in _KINDS:
+    raise fail(f'unknown decoder {kind!r}' if kind else 'an empty entry')
+  kind = _KINDS[kind]
+  values = {}
+  for option in options:
+    key, eq, value = option.partition('=')
+    if key in _KEYS[kind] and not eq:
+      raise fail(f'{key} needs a value ({key}=...)')
+    if key not in _KEYS[kind]:
+      raise fail(f'{option!r} is not a setting of {kind} (it takes {", ".join(f"{k}=" for k in _KEYS[kind])})')
+    if key in values:
+      raise fail(f'{key} given twice in {entry!r}')
+    try:
+      values[key] = _KEYS[kind][key](value)
+    except ValueError:
+      raise fail(f'{key}={value!r} is not a number') from None
+    if key == 'tol' and not math.isfinite(values[key]):
+      raise fail(f'tol={value} is not a finite number')
+    if key != 'init' and (values[key] < 0 or (key == 'chunks' and values[key] == 0)):
+      raise fail(f'{key}={value} must be {"positive" if key == "chunks" else ">= 0"}')
+    if key == 'init' and value not in INITIAL_GUESSES:
+      raise fail(f'init={value!r} is none of {", ".join(INITIAL_GUESSES)}')
+  if kind == 'seq':
+    return dataclasses.replace(sequential, **values)
+  names = {'segment': 'segment', 'iters': 'max_iters', 'tol': 'tol', 'init': 'init'}
+  return dataclasses.replace(jacobi, **{names[k]: v for k, v in values.items()})
+
+
+def spell(decoder: Decoder, num_blocks: int, num_tokens: int) -> str:
+  """The plan of `decoder`, one entry per block (block 0 first), every setting written out: `parse_plan` reads it back."""
+  entries = []
+  for i in range(num_blocks):
+    d = _decoder_of_block(decoder, i)
+    if isinstance(d, Sequential):
+      entries.append(f'seq:chunks={len(decode_chunks(num_tokens, d.chunks))}')
+    else:
+      segment, max_iters = d.for_block(i, num_tokens)
+      entries.append(f'jacobi:segment={segment}:iters={min(max_iters, segment)}:tol={d.tol:g}:init={d.init}')
+  return ','.join(entries)
 
 
 def sample(model: TarFlow, variables, noise: Array, labels: Optional[Array] = None, *,
@@ -145,7 +257,8 @@ def sample(model: TarFlow, variables, noise: Array, labels: Optional[Array] = No
       prior's standard deviation here.
     labels: (B,) labels of a class-conditional model, -1 for "no label", or None.
     guidance: see `Guidance`; the default is none.
-    decoder: `Sequential` (exact, the default) or `Jacobi`.
+    decoder: `Sequential` (exact, the default), `Jacobi`, or a `Plan` (one of
+      them per block).
     return_iterations: also return the iterations each block took.
     return_trajectory: also return the per-block trajectory, as the
       reference's `reverse(..., return_sequence=True)`.
@@ -154,8 +267,8 @@ def sample(model: TarFlow, variables, noise: Array, labels: Optional[Array] = No
     `return_iterations` or `return_trajectory`, a tuple: the images, then
     the iterations if asked, then the trajectory if asked.
     iterations: a list over blocks (block 0 first) of int arrays with one
-    entry per Jacobi segment, or, for `Sequential`, per chunk (one iteration
-    per token).
+    entry per Jacobi segment (in micro-batches, the most of any micro-batch),
+    or, for sequential decoding, per chunk (one iteration per token).
     trajectory: a list of num_blocks + 1 arrays (B, H, W, C): the noise as
     given (before the prior's scale), then the images after inverting each
     block, the last block first; its last entry is the images.
@@ -164,21 +277,22 @@ def sample(model: TarFlow, variables, noise: Array, labels: Optional[Array] = No
   args = (model, variables, noise, labels, jnp.float32(guidance.weight), jnp.float32(guidance.attn_temp))
   static = dict(guided=guidance.enabled, guide_what=guidance.guide_what, annealed=guidance.annealed,
                 decoder=decoder, trajectory=return_trajectory)
-  if isinstance(decoder, Jacobi):
+  microbatch = resolve_microbatch(model, decoder, noise.shape[0], guidance.enabled)
+  if microbatch is None:
     images, iterations, trajectory = _sample(*args, **static)
   else:
-    images, trajectory = _sample_sequentially(*args, **static)
-    if return_iterations:
-      chunk_lengths = jnp.asarray([stop - start for start, stop in decode_chunks(model.num_tokens, decoder.chunks)])
-      iterations = [chunk_lengths] * model.spec.num_blocks
+    images, iterations, trajectory = _sample_in_microbatches(*args, microbatch=microbatch, **static)
   extras = ((iterations,) if return_iterations else ()) + ((trajectory,) if return_trajectory else ())
   return (images, *extras) if extras else images
 
 
 def _check_sample_args(model, noise, labels, guidance, decoder):
-  if not isinstance(decoder, (Sequential, Jacobi)):
-    raise TypeError(f'decoder must be Sequential(chunks, microbatch) or Jacobi(segment, max_iters, tol), '
-                    f'got {decoder!r}.')
+  if not isinstance(decoder, (Sequential, Jacobi, Plan)):
+    raise TypeError(f'decoder must be Sequential(chunks, microbatch), Jacobi(segment, max_iters, tol, init) or '
+                    f'a Plan of them, got {decoder!r}.')
+  if isinstance(decoder, Plan) and len(decoder.blocks) != model.spec.num_blocks:
+    raise errors.UserError(f'The decoding plan has {len(decoder.blocks)} entries for a model of '
+                           f'{model.spec.num_blocks} blocks: give one entry, or one per block.')
   want = (model.num_tokens, model.token_dim)
   if noise.ndim != 3 or tuple(noise.shape[1:]) != want:
     raise errors.UserError(f'Expected noise of shape (batch, {want[0]}, {want[1]}) (tokens, patch dim), '
@@ -190,16 +304,39 @@ def _check_sample_args(model, noise, labels, guidance, decoder):
                            'or guidance=0.')
 
 
-def _sample_sequentially(model, variables, noise, labels, weight, attn_temp, *, decoder, **static):
-  """`_sample` with a `Sequential` decoder, the whole batch at once or in micro-batches: (images, trajectory)."""
-  batch, microbatch = noise.shape[0], decoder.microbatch
-  if microbatch is not None:
-    sharding.check_microbatch(batch, microbatch)
-  args = (model, variables, noise, labels, weight, attn_temp)
+def cache_bytes_per_sample(model: TarFlow, guided: bool) -> int:
+  """Bytes of one block's key/value cache for one sample (two rows with guidance), all its tokens."""
+  spec = model.spec
+  rows = 2 if guided else 1
+  return rows * spec.layers_per_block * 2 * model.num_tokens * spec.channels * jnp.dtype(spec.dtype).itemsize
+
+
+def auto_microbatch(batch: int, sample_bytes: int, cache_bytes: int) -> Optional[int]:
+  """The micro-batch for `batch` samples of `sample_bytes` of key/value cache each on a CPU of `cache_bytes`.
+
+  The largest divisor of the batch whose cache takes at most half the last-level cache (the rest
+  holds the weights and activations that each step also reads), or None (the whole batch) when the
+  batch's cache fits, or when the cache size is unknown (0).
+  """
+  budget = cache_bytes // 2
+  if not cache_bytes or batch * sample_bytes <= budget:
+    return None
+  return max(m for m in range(1, batch + 1) if batch % m == 0 and (m * sample_bytes <= budget or m == 1))
+
+
+def resolve_microbatch(model: TarFlow, decoder: Decoder, batch: int, guided: bool) -> Optional[int]:
+  """The samples decoded at a time by `decoder` (None: the whole batch); 'auto' by `auto_microbatch` on a CPU."""
+  microbatch = None if isinstance(decoder, Jacobi) else decoder.microbatch
+  if microbatch == 'auto':
+    if jax.default_backend() != 'cpu':
+      return None
+    microbatch = auto_microbatch(batch, cache_bytes_per_sample(model, guided), platforms.last_level_cache_bytes())
   if microbatch is None or microbatch == batch:
-    images, _, trajectory = _sample(*args, decoder=decoder, **static)
-    return images, trajectory
-  return _sample_in_microbatches(*args, decoder=decoder, **static)
+    return None
+  if not isinstance(microbatch, int) or isinstance(microbatch, bool):
+    raise errors.UserError(f"microbatch must be a number of samples, 'auto' or None, got {microbatch!r}.")
+  sharding.check_microbatch(batch, microbatch)
+  return microbatch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,10 +383,7 @@ _STATIC = ('model', 'guided', 'guide_what', 'annealed', 'decoder', 'trajectory')
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _sample(model, variables, noise, labels, weight, attn_temp, *, guided, guide_what, annealed, decoder,
             trajectory):
-  """(images (B, H, W, C), iterations, trajectory) as `sample` returns them.
-
-  iterations: per block, Jacobi's; None for each block with `Sequential`. trajectory: None unless `trajectory`.
-  """
+  """(images (B, H, W, C), iterations, trajectory) as `sample` returns them (trajectory None unless asked)."""
   batch, num_tokens, _ = noise.shape
   image = lambda x: unpatchify(x, model.spec.patch_size, model.spec.img_size)  # (B, T, D) -> (B, H, W, C)
   x = noise.astype(flow_dtype(model.spec.dtype))
@@ -261,29 +395,33 @@ def _sample(model, variables, noise, labels, weight, attn_temp, *, guided, guide
   for i in reversed(range(model.spec.num_blocks)):
     step = _inverse_step_of_block(model, variables, i, cond)
     cache = model.apply(variables, batch * cond.branches, 0, method=on_block(i, FlowBlock.init_cache))
-    if isinstance(decoder, Jacobi):
-      x, iterations[i] = _invert_block_by_jacobi(step, cache, x, *decoder.for_block(i, num_tokens), decoder.tol)
+    block_decoder = _decoder_of_block(decoder, i)
+    if isinstance(block_decoder, Jacobi):
+      segment, max_iters = block_decoder.for_block(i, num_tokens)
+      x, iterations[i] = _invert_block_by_jacobi(step, _tokens_of_block(model, variables, i), cache, x, segment,
+                                                 max_iters, block_decoder.tol, block_decoder.init)
     else:
-      x = _invert_block_sequentially(step, cache, x, decoder.chunks)
+      chunks = decode_chunks(num_tokens, block_decoder.chunks)
+      x = _invert_block_sequentially(step, cache, x, chunks)
+      iterations[i] = jnp.asarray([stop - start for start, stop in chunks])
     if trajectory:
       steps.append(image(x))
   return image(x), iterations, steps
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
-def _sample_in_microbatches(model, variables, noise, labels, weight, attn_temp, *, decoder, **static):
-  """`_sample` over micro-batches in turn (`lax.map`): the images (B, H, W, C) and the trajectory (or None)."""
-  batch, microbatch = noise.shape[0], decoder.microbatch
-  groups = batch // microbatch
+@functools.partial(jax.jit, static_argnames=_STATIC + ('microbatch',))
+def _sample_in_microbatches(model, variables, noise, labels, weight, attn_temp, *, microbatch, **static):
+  """`_sample` over micro-batches in turn (`lax.map`); the iterations are the most of any micro-batch."""
+  groups = noise.shape[0] // microbatch
   split = lambda a: None if a is None else sharding.split_microbatches(a, groups)  # (groups, microbatch, ...)
   merge = sharding.merge_microbatches
 
   def decode(group):
-    images, _, trajectory = _sample(model, variables, *group, weight, attn_temp, decoder=decoder, **static)
-    return images, trajectory
+    return _sample(model, variables, *group, weight, attn_temp, **static)
 
-  images, trajectory = jax.lax.map(decode, (split(noise), split(labels)))
-  return merge(images), None if trajectory is None else [merge(x) for x in trajectory]
+  images, iterations, trajectory = jax.lax.map(decode, (split(noise), split(labels)))
+  iterations = [its.max(axis=0) for its in iterations]
+  return merge(images), iterations, None if trajectory is None else [merge(x) for x in trajectory]
 
 
 def _inverse_step_of_block(model, variables, i, cond: _Conditioning):
@@ -311,11 +449,18 @@ def decode_chunks(num_tokens: int, chunks: int) -> list[tuple[int, int]]:
   return list(zip(bounds[:-1], bounds[1:]))
 
 
-def _invert_block_sequentially(step, cache, z: Array, chunks: int) -> Array:
+def _tokens_of_block(model, variables, i):
+  """Block i's reading order: `read(x, t, size)` (B, size, D) and `write(x, tokens, t)` over x (B, T, D)."""
+  read = lambda x, t, size: model.apply(variables, x, t, size, method=on_block(i, FlowBlock._read))  # pylint: disable=protected-access
+  write = lambda x, tokens, t: model.apply(variables, x, tokens, t, method=on_block(i, FlowBlock._write))  # pylint: disable=protected-access
+  return read, write
+
+
+def _invert_block_sequentially(step, cache, z: Array, chunks: list[tuple[int, int]]) -> Array:
   """A block's input from its output z (B, T, D), token after token; both in the original order.
 
-  One `lax.scan` over the tokens of each chunk of `decode_chunks`, with the
-  cache extended to the chunk's end before it.
+  One `lax.scan` over the tokens of each [start, stop) chunk (`decode_chunks`),
+  with the cache extended to the chunk's end before it.
   """
   x = z  # token 0 (in the block's order) is its own inverse; the others are overwritten in turn
 
@@ -323,20 +468,26 @@ def _invert_block_sequentially(step, cache, z: Array, chunks: int) -> Array:
     x, cache = carry
     return step(x, z, t, cache), None
 
-  for start, stop in decode_chunks(z.shape[1], chunks):
+  for start, stop in chunks:
     (x, cache), _ = jax.lax.scan(decode, (x, extend_cache(cache, stop)), jnp.arange(start, stop))
   return x
 
 
-def _invert_block_by_jacobi(step, cache, z: Array, segment: int, max_iters: int, tol: float):
+def _invert_block_by_jacobi(step, tokens, cache, z: Array, segment: int, max_iters: int, tol: float, init: str):
   """A block's input from its output z (B, T, D) by Jacobi iterations over segments of tokens.
 
+  `tokens`: the block's (read, write) (`_tokens_of_block`), for the initial guess `init`.
   Returns the input (B, T, D) and the iterations of each segment (n,).
   """
+  read, write = tokens
   num_tokens = z.shape[1]
-  x, iterations = z, []  # every segment starts from its latent
+  x, iterations = z, []  # the tokens not solved yet hold their latent
   for start in range(0, num_tokens - 1, segment):  # inputs start..start+size-1 give tokens start+1..start+size
     size = min(segment, num_tokens - 1 - start)
+    if init == 'zeros':
+      x = write(x, jnp.zeros_like(read(x, start + 1, size)), start + 1)
+    elif init == 'prev' and start:
+      x = write(x, read(x, start + 1 - segment, size), start + 1)  # the segment before, solved
     cache = extend_cache(cache, start + size)  # each segment attends over the tokens before its end only
     x, cache, count = _solve_segment(step, x, z, cache, start, size, min(max_iters, size), tol)
     iterations.append(count)

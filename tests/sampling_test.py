@@ -6,7 +6,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from tarflow_jax import likelihood, sampling
+from tarflow_jax import errors, likelihood, sampling
 from tarflow_jax.model import FlowBlock, on_block, patchify, unpatchify
 import toy
 
@@ -307,3 +307,128 @@ def test_guided_trajectory_equals_the_loop_inverse_block_by_block(conditional_vp
   np.testing.assert_array_equal(trajectory[-1], images)
   for i, (got, expected) in enumerate(zip(trajectory, want)):
     np.testing.assert_allclose(got, expected, atol=2e-5, rtol=0, err_msg=f'entry {i}')
+
+
+PLANS = {
+    # Every entry exact (tolerance 0, the iteration cap the segment length), whatever the guess.
+    'mixed': 'jacobi:segment=3:tol=0:init=prev,seq,jacobi:segment=2:tol=0:init=zeros',
+    'all-jacobi-latent': 'jacobi:segment=5:tol=0',
+    'all-seq': 'seq:chunks=2',
+}
+
+
+@pytest.mark.parametrize('spelling', PLANS.values(), ids=PLANS.keys())
+@pytest.mark.parametrize('microbatch', [None, 1])
+def test_a_plan_with_tolerance_zero_equals_exact_sequential_decoding(spelling, microbatch):
+  model = toy.tiny_model(num_classes=3, img_size=6, num_blocks=3)  # 9 tokens; blocks 1 flipped
+  variables = toy.random_variables(model)
+  noise = jax.random.normal(jax.random.key(11), (2, model.num_tokens, model.token_dim))
+  y = jnp.array([2, -1])
+  guidance = sampling.Guidance(1.5, annealed=True)
+  plan = sampling.parse_plan(spelling, model.spec.num_blocks, sequential=sampling.Sequential(microbatch=microbatch))
+  got, iterations = sampling.sample(model, variables, noise, y, guidance=guidance, decoder=plan,
+                                    return_iterations=True)
+  want = loop_inverse(model, variables, noise, y, guidance=1.5, annealed=True)
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
+  assert all(int(its.sum()) <= model.num_tokens - 1 for its in iterations)
+  # The plan printed back reads back as the same decoding.
+  again = sampling.parse_plan(sampling.spell(plan, 3, model.num_tokens), 3)
+  np.testing.assert_allclose(sampling.sample(model, variables, noise, y, guidance=guidance, decoder=again), got,
+                             atol=1e-6, rtol=0)
+
+
+def loop_jacobi(model, variables, z, segment, iterations, init):
+  """Gauss-Seidel-Jacobi on a one-block model, each iteration one full causal pass (no cache): the input (B, T, D).
+
+  As the sampler's key/value cache, the earlier segments are seen as the inputs of their last iteration.
+  """
+  affine = jax.jit(lambda h: model.apply(variables, h, method=on_block(0, FlowBlock.affine_params)))
+  z = np.asarray(z, np.float64)
+  x, seen = z.copy(), z.copy()  # seen: the inputs each position's keys and values were last computed from
+  num_tokens = z.shape[1]
+  for start in range(0, num_tokens - 1, segment):
+    stop = min(start + 1 + segment, num_tokens)  # tokens start+1..stop-1 from inputs start..stop-2
+    if init == 'zeros':
+      x[:, start + 1:stop] = 0
+    elif init == 'prev' and start:
+      x[:, start + 1:stop] = x[:, start + 1 - segment:stop - segment]
+    for _ in range(iterations):
+      h = np.concatenate([seen[:, :start], x[:, start:]], axis=1)
+      a, b = (np.asarray(v, np.float64) for v in affine(jnp.asarray(h, jnp.float32)))
+      seen[:, start:stop - 1] = x[:, start:stop - 1]
+      x[:, start + 1:stop] = z[:, start + 1:stop] * np.exp(a[:, start + 1:stop]) + b[:, start + 1:stop]
+  return x
+
+
+@pytest.mark.parametrize('init', sampling.INITIAL_GUESSES)
+def test_capped_jacobi_starts_from_its_initial_guess(init):
+  model = toy.tiny_model(img_size=6, num_blocks=1)  # 9 tokens, one block read in order
+  variables = toy.random_variables(model)
+  noise = jax.random.normal(jax.random.key(12), (2, model.num_tokens, model.token_dim))
+  image = lambda x: unpatchify(jnp.asarray(x, jnp.float32), model.spec.patch_size, model.spec.img_size)
+  results = {}
+  for its in (1, 2):
+    decoder = sampling.Jacobi(segment=3, max_iters=its, tol=0.0, init=init)
+    got = sampling.sample(model, variables, noise, decoder=decoder)
+    np.testing.assert_allclose(got, image(loop_jacobi(model, variables, noise, 3, its, init)), atol=2e-5, rtol=0)
+    results[its] = got
+  assert float(jnp.abs(results[1] - results[2]).max()) > 1e-3  # capped short of exact: the guess shows
+
+
+def test_initial_guesses_differ():
+  model = toy.tiny_model(img_size=6, num_blocks=1)
+  variables = toy.random_variables(model)
+  noise = jax.random.normal(jax.random.key(13), (2, model.num_tokens, model.token_dim))
+  capped = {init: sampling.sample(model, variables, noise, decoder=sampling.Jacobi(3, 1, 0.0, init))
+            for init in sampling.INITIAL_GUESSES}
+  assert min(float(jnp.abs(capped[a] - capped[b]).max()) for a, b in [('latent', 'zeros'), ('latent', 'prev'),
+                                                                         ('zeros', 'prev')]) > 1e-3
+
+
+def test_plan_spelling_reads_and_writes_back():
+  plan = sampling.parse_plan('seq, jacobi:segment=16:iters=8:tol=1e-3:init=prev', 2,
+                             sequential=sampling.Sequential(4, microbatch=2), jacobi=sampling.Jacobi(tol=0.5))
+  assert plan == sampling.Plan((sampling.Sequential(4, 2), sampling.Jacobi(16, 8, 1e-3, 'prev')), microbatch=2)
+  assert sampling.spell(plan, 2, 1024) == 'seq:chunks=4,jacobi:segment=16:iters=8:tol=0.001:init=prev'
+  # One entry is that decoder for every block, with the defaults given for what it leaves out.
+  assert sampling.parse_plan('jacobi:init=zeros', 4, jacobi=sampling.Jacobi(tol=0.5)) == sampling.Jacobi(
+      tol=0.5, init='zeros')
+  assert sampling.parse_plan('sequential', 4) == sampling.Sequential()
+  assert sampling.spell(sampling.Jacobi(), 2, 9) == ','.join(['jacobi:segment=8:iters=8:tol=0.0001:init=latent'] * 2)
+
+
+@pytest.mark.parametrize('spelling, message', [
+    ('warp', "unknown decoder 'warp'"),
+    ('', 'an empty entry'),
+    ('seq,,seq', 'an empty entry'),
+    ('seq,seq,seq', '3 entries for a model of 2 blocks'),
+    ('jacobi:segments=4', r"'segments=4' is not a setting of jacobi \(it takes segment=, iters=, tol=, init=\)"),
+    ('seq:tol=1e-3', r"'tol=1e-3' is not a setting of seq \(it takes chunks=\)"),
+    ('jacobi:tol', r'tol needs a value \(tol=\.\.\.\)'),
+    ('jacobi:tol=x', "tol='x' is not a number"),
+    ('jacobi:tol=nan', 'tol=nan is not a finite number'),
+    ('jacobi:iters=-1', 'iters=-1 must be >= 0'),
+    ('seq:chunks=0', 'chunks=0 must be positive'),
+    ('jacobi:init=noise', "init='noise' is none of latent, zeros, prev"),
+    ('jacobi:tol=1:tol=2', "tol given twice in 'jacobi:tol=1:tol=2'"),
+])
+def test_bad_plan_spellings_say_what_is_wrong(spelling, message):
+  with pytest.raises(errors.UserError, match=message) as e:
+    sampling.parse_plan(spelling, 2, setting='--decoder')
+  assert str(e.value).startswith(f'--decoder={spelling!r}: ') and 'Spell a plan as seq' in str(e.value)
+  assert '\n' not in str(e.value)
+
+
+def test_auto_microbatch_follows_the_cache():
+  mib = 1 << 20
+  # The ImageNet-64 layout of the sampling benchmark: 4 MiB of cache per sample.
+  assert sampling.auto_microbatch(16, 4 * mib, 32 * mib) == 4
+  assert sampling.auto_microbatch(16, 4 * mib, 8 * mib) == 1
+  assert sampling.auto_microbatch(16, 4 * mib, 256 * mib) is None  # the batch fits
+  assert sampling.auto_microbatch(100, 400_000, 32 * mib) == 25  # the largest divisor that fits
+  assert sampling.auto_microbatch(16, 4 * mib, 0) is None  # cache size unknown
+  model = toy.tiny_model()
+  spec = model.spec
+  assert sampling.cache_bytes_per_sample(model, guided=True) == 2 * spec.layers_per_block * 2 * 4 * spec.channels * 4
+  assert sampling.resolve_microbatch(model, sampling.Sequential(), 8, guided=False) is None  # a tiny cache fits
+  assert sampling.resolve_microbatch(model, sampling.Sequential(microbatch=2), 8, guided=False) == 2
