@@ -136,6 +136,9 @@ def saved(tmp_path_factory):
     (['--labels=12'], r'--labels must lie in \[0, 9\]'),
     (['--labels=cats'], r'--labels must be random, rows, none or comma-separated integers'),
     (['--latents=/nonexistent/latents.npz'], r'No such file or directory: /nonexistent/latents\.npz'),
+    (['--decoder=warp'], r"--decoder='warp': unknown decoder 'warp'\. Spell a plan as seq\[:chunks=N\] or jacobi"),
+    (['--decoder=jacobi:tol=-1'], r"--decoder='jacobi:tol=-1': tol=-1 must be >= 0\. Spell a plan as"),
+    (['--decoder=seq,seq,seq,seq,seq'], r"--decoder='seq,seq,seq,seq,seq': 5 entries for a model of \d+ blocks"),
 ])
 def test_sample_rejects_bad_arguments(saved, tmp_path, args, message):
   before = snapshot(saved)
@@ -155,6 +158,8 @@ def test_sample_names_a_missing_checkpoint(tmp_path):
     (['classify', '--split=valid'], r'splits "train" and "test", not \'valid\''),
     (['bpd', '--data_dir=/data'], r'reads no directory'),
     (['perplexity'], r'give one command: .*bpd\|classify\|fid_stats\|fid.*--helpshort'),
+    (['fid', '--stats=s.npz', '--inception=i.npz', '--decoder=jacobi:init=noise'],
+     r"--decoder='jacobi:init=noise': init='noise' is none of latent, zeros, prev\."),
 ])
 def test_evaluate_rejects_bad_arguments(saved, args, message):
   before = snapshot(saved)

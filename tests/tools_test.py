@@ -45,8 +45,11 @@ def test_sample_cli_decodes_given_latents_exactly(saved, tmp_path):
   noise = np.asarray(jax.random.normal(jax.random.key(0), (6, model.num_tokens, model.token_dim)))
   labels = np.array([0, 1, 2, 3, 4, -1], np.int32)
   np.savez(tmp_path / 'latents.npz', noise=noise, labels=labels)
-  for decoder, extra in (('sequential', []), ('sequential', ['--microbatch=2', '--chunks=3']), ('jacobi', [])):
-    out = tmp_path / f'{decoder}{len(extra)}'
+  kinds = ('seq', 'jacobi:segment=1:init=prev', 'jacobi:tol=0:init=zeros')
+  plan = ','.join(kinds[i % 3] for i in range(model.spec.num_blocks))
+  for n, (decoder, extra) in enumerate((('sequential', []), ('sequential', ['--microbatch=2', '--chunks=3']),
+                                        ('jacobi', []), (plan, ['--microbatch=2']))):
+    out = tmp_path / f'decoded{n}'
     result = run_tool('tarflow_jax.cli.sample', f'--checkpoint={directory}', f'--output={out}',
                       f'--latents={tmp_path}/latents.npz', '--guidance=1.5', '--denoise=false', '--batch_size=4',  # 4 + 2 padded
                       f'--decoder={decoder}', '--jacobi_tol=0', *extra)
@@ -59,7 +62,13 @@ def test_sample_cli_decodes_given_latents_exactly(saved, tmp_path):
     assert np.abs(got['images'].astype(int) - want.astype(int)).max() <= 1
     np.testing.assert_array_equal(got['labels'], labels)
     assert os.path.getsize(out / 'samples.png') > 100
-  assert 'Jacobi iterations per block' in result.stdout
+    printed = [l for l in result.stdout.splitlines() if l.startswith('Decoding plan (block 0 first): --decoder=')]
+    assert len(printed) == 1 and 'Iterations per block' in result.stdout, result.stdout
+    spelled = printed[0].split('--decoder=')[1]  # every setting written out: it reads back as itself
+    assert sampling.spell(sampling.parse_plan(spelled, model.spec.num_blocks), model.spec.num_blocks,
+                          model.num_tokens) == spelled
+  assert model.spec.num_blocks == 2 and spelled == 'seq:chunks=1,jacobi:segment=1:iters=1:tol=0:init=prev'
+  assert 'micro-batch 2' in result.stdout
 
 
 def test_sample_cli_labels_and_denoising(saved, tmp_path):

@@ -5,7 +5,7 @@ r"""Evaluation: bits per dim over a dataset split, the Bayes classifier, and FID
   python -m tarflow_jax.cli.evaluate fid_stats --config=configs/imagenet64.py --inception=pt_inception.pth \
       --output=imagenet64_train_stats.npz [--split=train] [--num_examples=N]
   python -m tarflow_jax.cli.evaluate fid --checkpoint=runs/demo --stats=imagenet64_train_stats.npz \
-      --inception=pt_inception.pth [--num_examples=50000] [--output=fid.json]
+      --inception=pt_inception.pth [--num_examples=50000] [--output=fid.json] [--decoder=seq,jacobi:tol=1e-3,...]
   python -m tarflow_jax.cli.evaluate fid --samples=runs/samples --stats=... --inception=... [--output=fid.json]
   python -m tarflow_jax.cli.evaluate inception_weights [--inception=default_1.pt] --output=inception.npz
 
@@ -32,7 +32,7 @@ import jax
 from ml_collections import config_flags
 import numpy as np
 
-from tarflow_jax import checkpoint, config_lib, errors, evaluation, fid, inception, sharding, state_dict
+from tarflow_jax import checkpoint, config_lib, errors, evaluation, fid, inception, sampling, sharding, state_dict
 from tarflow_jax import storage
 from tarflow_jax.cli import _common
 
@@ -64,6 +64,8 @@ flags.DEFINE_enum('feature_pipeline', None, list(inception.PIPELINES), 'fid_stat
                   'Default: fid_stats pytorch_fid; fid the pipeline of --stats (torchmetrics for the reference\'s .pth).')
 flags.DEFINE_bool('raw_weights', False, 'bpd, classify, fid: the trained parameters, not their moving average (where '
                   'the checkpoint has one: config.ema_decay > 0).')
+flags.DEFINE_string('decoder', 'seq', 'fid from --checkpoint: the decoding plan, as sample\'s --decoder: '
+                    f'{sampling.PLAN_SPELLING}.')
 flags.DEFINE_string('output', None, 'bpd: .npz file for the per-image values; fid_stats: the statistics .npz '
                     '(required); fid: a JSON file for the score; inception_weights: the .npz (or .pth) to write '
                     '(required).')
@@ -85,6 +87,7 @@ def check_flags(command: str) -> None:
     raise errors.UserError(f'--noise_std={FLAGS.noise_std} must be >= 0.')
   if command == 'fid' and FLAGS['checkpoint'].present == FLAGS['samples'].present:
     raise app.UsageError('fid needs either --checkpoint (to draw the samples) or --samples (samples drawn before).')
+  sampling.parse_plan(FLAGS.decoder, None, setting='--decoder')  # the spelling; the blocks once the model is read
 
 
 def main(argv):
@@ -147,11 +150,14 @@ def fid_score():
     model, variables, config = checkpoint.load_model(FLAGS.checkpoint, raw_weights=FLAGS.raw_weights)
     num = FLAGS.num_examples if FLAGS.num_examples > 0 else evaluation.REFERENCE_NUM_SAMPLES
     protocol = evaluation.fid_protocol(config, num)
+    decoder = sampling.parse_plan(FLAGS.decoder, model.spec.num_blocks, setting='--decoder')
+    plan = sampling.spell(decoder, model.spec.num_blocks, model.num_tokens)
     score, _, _, redrawn = evaluation.model_fid(model, variables, sharding.make_mesh(config.mesh), protocol, weights,
                                                 reference, batch_size=FLAGS.batch_size, pipeline=pipeline,
-                                                seed=FLAGS.seed)
-    source = f'from {FLAGS.checkpoint}: {protocol.describe()}, {redrawn} redrawn for non-finite values'
-    result = dict(num_samples=num, checkpoint=FLAGS.checkpoint, seed=FLAGS.seed, redrawn=redrawn,
+                                                seed=FLAGS.seed, decoder=decoder)
+    source = (f'from {FLAGS.checkpoint}: {protocol.describe()}, {redrawn} redrawn for non-finite values; '
+              f'decoded by --decoder={plan}')
+    result = dict(num_samples=num, checkpoint=FLAGS.checkpoint, seed=FLAGS.seed, redrawn=redrawn, decoder=plan,
                   guidance=dataclasses.asdict(protocol.guidance), denoising=dataclasses.asdict(protocol.denoising))
   else:
     path = os.path.join(FLAGS.samples, 'samples.npz') if os.path.isdir(FLAGS.samples) else FLAGS.samples

@@ -2,8 +2,10 @@ r"""Draws samples from a trained or converted TarFlow.
 
   python -m tarflow_jax.cli.sample --checkpoint=runs/demo --output=runs/demo/generated \
       --num=100 --labels=rows --guidance=1.0 [--decoder=jacobi --jacobi_tol=1e-3]
+  python -m tarflow_jax.cli.sample ... --decoder=seq,seq,jacobi:segment=16:tol=1e-3:init=prev,seq
 
-Writes `samples.png` (a grid), `samples.npz` (uint8 images NHWC and labels) and logs images/s.
+Writes `samples.png` (a grid), `samples.npz` (uint8 images NHWC and labels) and prints images/s and
+the decoding plan, one entry per block as --decoder takes it (`sampling.parse_plan`).
 Guidance, attention temperature and denoising default to the checkpoint config's `sample` fields.
 A checkpoint trained with config.ema_decay > 0 samples with the moving average of its parameters;
 --raw_weights uses the parameters themselves.
@@ -36,12 +38,14 @@ flags.DEFINE_bool('denoise', None, 'One score step x + s * sigma^2 grad log p(x|
                   'with Gaussian noise).')
 flags.DEFINE_float('sigma', None, 'Denoising sigma (default: the training noise std).')
 flags.DEFINE_float('denoise_scale', None, 'Multiplier of the denoising step (default: config).')
-flags.DEFINE_enum('decoder', 'sequential', ['sequential', 'jacobi'], 'Exact sequential decoding or Jacobi.')
+flags.DEFINE_string('decoder', 'seq', 'The decoding plan: exact sequential decoding (seq), Jacobi, or one of them per '
+                    f'block: {sampling.PLAN_SPELLING}.')
 flags.DEFINE_integer('chunks', 8, 'Sequential decoding: chunks per block, each attending over the cache up to its '
-                     'end (more chunks read less, and compile longer).')
-flags.DEFINE_integer('microbatch', 0, 'Sequential decoding: samples decoded at a time within a batch (0: the whole '
-                     'batch). On a CPU, a micro-batch whose key/value cache fits the last-level cache is faster.')
-flags.DEFINE_integer('jacobi_segment', 0, 'Jacobi: tokens per segment (0: the whole block).')
+                     'end (more chunks read less, and compile longer); the default of seq entries.')
+flags.DEFINE_integer('microbatch', None, 'Samples decoded at a time within a batch (0: the whole batch; default: on a '
+                     'CPU, as many as the last-level cache holds the key/value cache of, sampling.auto_microbatch).')
+flags.DEFINE_integer('jacobi_segment', 0, 'Jacobi: tokens per segment (0: the whole block); the default of jacobi '
+                     'entries, as the next two.')
 flags.DEFINE_integer('jacobi_max_iters', 0, 'Jacobi: iteration cap per segment (0: the segment length).')
 flags.DEFINE_float('jacobi_tol', 1e-3, 'Jacobi: stop a segment when no value changes by more than this.')
 flags.DEFINE_string('latents', None, '.npz with `noise` (N, T, D) (and optionally `labels`) to decode instead of '
@@ -84,6 +88,17 @@ def check_flags() -> None:
       raise errors.UserError(f'--{name}={FLAGS[name].value} must be >= 0.')
   if FLAGS.attn_temp is not None and FLAGS.attn_temp <= 0:
     raise errors.UserError(f'--attn_temp={FLAGS.attn_temp} must be positive.')
+  sampling.parse_plan(FLAGS.decoder, None, setting='--decoder')  # the spelling; the blocks once the model is read
+
+
+def decoder_from_flags(model, batch_size: int) -> sampling.Decoder:
+  """The decoder of --decoder, with --chunks, --microbatch and --jacobi_* as the settings its entries leave out."""
+  microbatch = 'auto' if FLAGS.microbatch is None else (min(FLAGS.microbatch, batch_size) or None)
+  if microbatch not in ('auto', None):
+    sharding.check_microbatch(batch_size, microbatch, '--microbatch')
+  return sampling.parse_plan(
+      FLAGS.decoder, model.spec.num_blocks, sequential=sampling.Sequential(FLAGS.chunks, microbatch),
+      jacobi=sampling.Jacobi(FLAGS.jacobi_segment, FLAGS.jacobi_max_iters, FLAGS.jacobi_tol), setting='--decoder')
 
 
 def main(argv):
@@ -116,13 +131,7 @@ def main(argv):
   mesh = sharding.make_mesh(config.mesh)
   variables = jax.device_put(variables, sharding.replicated(mesh))
   batch_size = min(FLAGS.batch_size, num)
-  microbatch = min(FLAGS.microbatch, batch_size) or None
-  if microbatch:
-    sharding.check_microbatch(batch_size, microbatch, '--microbatch')
-  if FLAGS.decoder == 'jacobi':
-    decoder = sampling.Jacobi(FLAGS.jacobi_segment, FLAGS.jacobi_max_iters, FLAGS.jacobi_tol)
-  else:
-    decoder = sampling.Sequential(FLAGS.chunks, microbatch)
+  decoder = decoder_from_flags(model, batch_size)
   out, iterations, seconds = [], [], []
   for start in range(0, num, batch_size):
     # The last batch is padded to the batch size: one compiled shape for every batch.
@@ -146,13 +155,14 @@ def main(argv):
   rate = sum(len(o) for o in out[-len(timed):]) / sum(timed)
   note = 'after compilation' if len(seconds) > 1 else 'including compilation (one batch)'
   logging.info('%d samples in %.1f s (first batch %.1f s, with compilation).', num, sum(seconds), seconds[0])
-  print(f'{num} samples, {rate:.2f} images/s {note} ({FLAGS.decoder} decoding'
-        f'{", guidance %g" % guidance.weight if guidance.enabled else ""}'
-        f'{", denoised" if denoising.enabled else ""}).')
-  if FLAGS.decoder == 'jacobi':
-    per_block = [int(its.sum()) for its in iterations[0]]
-    print(f'Jacobi iterations per block (block 0 first, summed over segments, first batch): {per_block} '
-          f'(sequential decoding takes {model.num_tokens - 1} per block).')
+  microbatch = sampling.resolve_microbatch(model, decoder, batch_size, guidance.enabled) or batch_size
+  details = ([f'guidance {guidance.weight:g}'] if guidance.enabled else []) + (
+      ['denoised'] if denoising.enabled else []) + [f'micro-batch {microbatch}']
+  print(f'{num} samples, {rate:.2f} images/s {note} ({", ".join(details)}).')
+  print(f'Decoding plan (block 0 first): --decoder={sampling.spell(decoder, model.spec.num_blocks, model.num_tokens)}')
+  per_block = [int(its.sum()) for its in iterations[0]]
+  print(f'Iterations per block (block 0 first, summed over segments, first batch): {per_block} '
+        f'(sequential decoding takes {model.num_tokens - 1} per block).')
   if jax.process_index() == 0:
     os.makedirs(FLAGS.output, exist_ok=True)
     columns = model.spec.num_classes if FLAGS.labels == 'rows' and 0 < model.spec.num_classes <= 32 else 0
