@@ -384,7 +384,7 @@ _STATIC = ('model', 'guided', 'guide_what', 'annealed', 'decoder', 'trajectory')
 def _sample(model, variables, noise, labels, weight, attn_temp, *, guided, guide_what, annealed, decoder,
             trajectory):
   """(images (B, H, W, C), iterations, trajectory) as `sample` returns them (trajectory None unless asked)."""
-  batch, num_tokens, _ = noise.shape
+  batch = noise.shape[0]
   image = lambda x: unpatchify(x, model.spec.patch_size, model.spec.img_size)  # (B, T, D) -> (B, H, W, C)
   x = noise.astype(flow_dtype(model.spec.dtype))
   steps = [image(x)] if trajectory else None
@@ -393,20 +393,35 @@ def _sample(model, variables, noise, labels, weight, attn_temp, *, guided, guide
                        annealed=annealed)
   iterations = [None] * model.spec.num_blocks
   for i in reversed(range(model.spec.num_blocks)):
-    step = _inverse_step_of_block(model, variables, i, cond)
-    cache = model.apply(variables, batch * cond.branches, 0, method=on_block(i, FlowBlock.init_cache))
-    block_decoder = _decoder_of_block(decoder, i)
-    if isinstance(block_decoder, Jacobi):
-      segment, max_iters = block_decoder.for_block(i, num_tokens)
-      x, iterations[i] = _invert_block_by_jacobi(step, _tokens_of_block(model, variables, i), cache, x, segment,
-                                                 max_iters, block_decoder.tol, block_decoder.init)
-    else:
-      chunks = decode_chunks(num_tokens, block_decoder.chunks)
-      x = _invert_block_sequentially(step, cache, x, chunks)
-      iterations[i] = jnp.asarray([stop - start for start, stop in chunks])
+    x, iterations[i] = _invert_block(model, variables, i, cond, x, _decoder_of_block(decoder, i))
     if trajectory:
       steps.append(image(x))
   return image(x), iterations, steps
+
+
+def _invert_block(model, variables, i: int, cond: _Conditioning, z: Array, decoder: Union[Sequential, Jacobi]):
+  """Block i's input from its output z (B, T, D) by `decoder`, and the iterations of its segments or chunks."""
+  batch, num_tokens, _ = z.shape
+  step = _inverse_step_of_block(model, variables, i, cond)
+  cache = model.apply(variables, batch * cond.branches, 0, method=on_block(i, FlowBlock.init_cache))
+  if isinstance(decoder, Jacobi):
+    segment, max_iters = decoder.for_block(i, num_tokens)
+    return _invert_block_by_jacobi(step, _tokens_of_block(model, variables, i), cache, z, segment, max_iters,
+                                   decoder.tol, decoder.init)
+  chunks = decode_chunks(num_tokens, decoder.chunks)
+  return _invert_block_sequentially(step, cache, z, chunks), jnp.asarray([stop - start for start, stop in chunks])
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'block', 'guided', 'guide_what', 'annealed', 'decoder'))
+def invert_block(model, variables, block: int, z: Array, labels: Optional[Array], weight, attn_temp, *, guided: bool,
+                 guide_what: str, annealed: bool, decoder: Union[Sequential, Jacobi]):
+  """Block `block` alone inverted from its output z (B, T, D) (original order): its input and the iterations.
+
+  The guidance is `sample`'s, given as `Guidance`'s fields (weight and attn_temp as arrays).
+  """
+  cond = _conditioning(model, labels, z.shape[0], weight, attn_temp, guided=guided, guide_what=guide_what,
+                       annealed=annealed)
+  return _invert_block(model, variables, block, cond, z, decoder)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC + ('microbatch',))

@@ -139,6 +139,8 @@ def saved(tmp_path_factory):
     (['--decoder=warp'], r"--decoder='warp': unknown decoder 'warp'\. Spell a plan as seq\[:chunks=N\] or jacobi"),
     (['--decoder=jacobi:tol=-1'], r"--decoder='jacobi:tol=-1': tol=-1 must be >= 0\. Spell a plan as"),
     (['--decoder=seq,seq,seq,seq,seq'], r"--decoder='seq,seq,seq,seq,seq': 5 entries for a model of \d+ blocks"),
+    (['--decoder=auto', '--quality_bound=-1'], r'--quality_bound=-1 must be >= 0'),
+    (['--decoder=auto', '--calibration_samples=0'], r'--calibration_samples=0 must be positive'),
 ])
 def test_sample_rejects_bad_arguments(saved, tmp_path, args, message):
   before = snapshot(saved)

@@ -71,6 +71,25 @@ def test_sample_cli_decodes_given_latents_exactly(saved, tmp_path):
   assert 'micro-batch 2' in result.stdout
 
 
+def test_sample_cli_auto_plan_stays_within_its_bound(saved, tmp_path):
+  directory, model, variables, _ = saved
+  noise = np.asarray(jax.random.normal(jax.random.key(1), (4, model.num_tokens, model.token_dim)))
+  labels = np.array([0, 1, 2, 3], np.int32)
+  np.savez(tmp_path / 'latents.npz', noise=noise, labels=labels)
+  result = run_tool('tarflow_jax.cli.sample', f'--checkpoint={directory}', f'--output={tmp_path}/out',
+                    f'--latents={tmp_path}/latents.npz', '--guidance=1.5', '--denoise=false', '--decoder=auto',
+                    '--calibration_samples=3', '--quality_bound=2')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'Calibrated plan: estimated' in result.stdout and 'block 1: ' in result.stdout, result.stdout
+  printed = [l for l in result.stdout.splitlines() if l.startswith('Decoding plan (block 0 first): --decoder=')]
+  assert len(printed) == 1, result.stdout
+  sampling.parse_plan(printed[0].split('--decoder=')[1], model.spec.num_blocks)  # reads back
+  want = sampling.sample(model, variables, jnp.asarray(noise), jnp.asarray(labels), guidance=sampling.Guidance(1.5))
+  want = np.clip(np.round((np.asarray(want) + 1) * 127.5), 0, 255)
+  got = np.load(tmp_path / 'out' / 'samples.npz')['images']
+  assert np.abs(got.astype(int) - want.astype(int)).max() <= 2
+
+
 def test_sample_cli_labels_and_denoising(saved, tmp_path):
   directory = saved[0]
   result = run_tool('tarflow_jax.cli.sample', f'--checkpoint={directory}', f'--output={tmp_path}', '--num=16',

@@ -3,6 +3,7 @@ r"""Draws samples from a trained or converted TarFlow.
   python -m tarflow_jax.cli.sample --checkpoint=runs/demo --output=runs/demo/generated \
       --num=100 --labels=rows --guidance=1.0 [--decoder=jacobi --jacobi_tol=1e-3]
   python -m tarflow_jax.cli.sample ... --decoder=seq,seq,jacobi:segment=16:tol=1e-3:init=prev,seq
+  python -m tarflow_jax.cli.sample ... --decoder=auto [--quality_bound=2 --calibration_samples=8]
 
 Writes `samples.png` (a grid), `samples.npz` (uint8 images NHWC and labels) and prints images/s and
 the decoding plan, one entry per block as --decoder takes it (`sampling.parse_plan`).
@@ -11,6 +12,7 @@ A checkpoint trained with config.ema_decay > 0 samples with the moving average o
 --raw_weights uses the parameters themselves.
 """
 
+import dataclasses
 import os
 import time
 
@@ -19,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tarflow_jax import checkpoint, data, errors, images, sampling, sharding, storage
+from tarflow_jax import auto_plan, checkpoint, data, errors, images, sampling, sharding, storage
 from tarflow_jax.cli import _common
 
 FLAGS = flags.FLAGS
@@ -39,7 +41,12 @@ flags.DEFINE_bool('denoise', None, 'One score step x + s * sigma^2 grad log p(x|
 flags.DEFINE_float('sigma', None, 'Denoising sigma (default: the training noise std).')
 flags.DEFINE_float('denoise_scale', None, 'Multiplier of the denoising step (default: config).')
 flags.DEFINE_string('decoder', 'seq', 'The decoding plan: exact sequential decoding (seq), Jacobi, or one of them per '
-                    f'block: {sampling.PLAN_SPELLING}.')
+                    f'block: {sampling.PLAN_SPELLING}; or auto: the cheapest plan on this machine whose samples stay '
+                    'within --quality_bound of exact decoding on --calibration_samples samples (auto_plan.calibrate).')
+flags.DEFINE_integer('calibration_samples', 8, '--decoder=auto: samples of the calibration batch (fresh noise, seed '
+                     '--seed + 1).')
+flags.DEFINE_integer('quality_bound', 2, '--decoder=auto: the largest pixel difference (of 255) to exact decoding '
+                     'allowed on the calibration batch.')
 flags.DEFINE_integer('chunks', 8, 'Sequential decoding: chunks per block, each attending over the cache up to its '
                      'end (more chunks read less, and compile longer); the default of seq entries.')
 flags.DEFINE_integer('microbatch', None, 'Samples decoded at a time within a batch (0: the whole batch; default: on a '
@@ -78,24 +85,36 @@ def labels_for(spec: str, num: int, num_classes: int, rng: np.random.Generator):
 
 def check_flags() -> None:
   """Raises errors.UserError for flag values that cannot work, before the checkpoint is read."""
-  positive = ['batch_size', 'chunks'] + ([] if FLAGS.latents else ['num'])
+  positive = ['batch_size', 'chunks', 'calibration_samples'] + ([] if FLAGS.latents else ['num'])
   for name in positive:
     if FLAGS[name].value <= 0:
       raise errors.UserError(f'--{name}={FLAGS[name].value} must be positive.')
   for name in ('microbatch', 'jacobi_segment', 'jacobi_max_iters', 'jacobi_tol', 'guidance', 'sigma',
-               'denoise_scale'):
+               'denoise_scale', 'quality_bound'):
     if FLAGS[name].value is not None and FLAGS[name].value < 0:
       raise errors.UserError(f'--{name}={FLAGS[name].value} must be >= 0.')
   if FLAGS.attn_temp is not None and FLAGS.attn_temp <= 0:
     raise errors.UserError(f'--attn_temp={FLAGS.attn_temp} must be positive.')
-  sampling.parse_plan(FLAGS.decoder, None, setting='--decoder')  # the spelling; the blocks once the model is read
+  if FLAGS.decoder != 'auto':
+    sampling.parse_plan(FLAGS.decoder, None, setting='--decoder')  # the spelling; the blocks once the model is read
 
 
-def decoder_from_flags(model, batch_size: int) -> sampling.Decoder:
+def decoder_from_flags(model, variables, guidance, batch_size: int) -> sampling.Decoder:
   """The decoder of --decoder, with --chunks, --microbatch and --jacobi_* as the settings its entries leave out."""
   microbatch = 'auto' if FLAGS.microbatch is None else (min(FLAGS.microbatch, batch_size) or None)
   if microbatch not in ('auto', None):
     sharding.check_microbatch(batch_size, microbatch, '--microbatch')
+  if FLAGS.decoder == 'auto':
+    rng = np.random.default_rng(FLAGS.seed + 1)
+    num = FLAGS.calibration_samples
+    noise = rng.standard_normal((num, model.num_tokens, model.token_dim), np.float32)
+    labels = labels_for('random', num, model.spec.num_classes, rng)
+    rows = sampling.resolve_microbatch(model, sampling.Sequential(microbatch=microbatch), batch_size,
+                                       guidance.enabled) or batch_size
+    calibration = auto_plan.calibrate(model, variables, jnp.asarray(noise), None if labels is None else
+                                      jnp.asarray(labels), guidance=guidance, bound=FLAGS.quality_bound, batch=rows)
+    print(calibration.describe(model.num_tokens))
+    return dataclasses.replace(calibration.plan, microbatch=microbatch)
   return sampling.parse_plan(
       FLAGS.decoder, model.spec.num_blocks, sequential=sampling.Sequential(FLAGS.chunks, microbatch),
       jacobi=sampling.Jacobi(FLAGS.jacobi_segment, FLAGS.jacobi_max_iters, FLAGS.jacobi_tol), setting='--decoder')
@@ -131,7 +150,7 @@ def main(argv):
   mesh = sharding.make_mesh(config.mesh)
   variables = jax.device_put(variables, sharding.replicated(mesh))
   batch_size = min(FLAGS.batch_size, num)
-  decoder = decoder_from_flags(model, batch_size)
+  decoder = decoder_from_flags(model, variables, guidance, batch_size)
   out, iterations, seconds = [], [], []
   for start in range(0, num, batch_size):
     # The last batch is padded to the batch size: one compiled shape for every batch.

@@ -1,0 +1,168 @@
+"""A decoding plan chosen by measurement (`--decoder=auto`): per block, the cheapest decoder that keeps the samples
+within a bound of exact decoding.
+
+GS-Jacobi (Liu and Qin, arXiv 2505.12849) picks per block how many Gauss-Seidel segments, how many
+Jacobi iterations and which initial guess, from two measurements on a few images: how hard the
+block is to converge (CRM) and how close each initial guess is to the answer (IGM). `calibrate`
+measures the same on a small batch of the model's own samples, whose exact decoding is the answer:
+
+1. the batch decoded exactly (sequentially), keeping each block's output and input;
+2. each block inverted alone from its exact output by each candidate Jacobi setting (`candidates`):
+   its iterations and its largest error against the exact input; reported with it, the block's
+   convergence (plain Jacobi's iterations per token, CRM-like) and each initial guess's mean
+   distance to the answer (IGM-like);
+3. the price of a decoding step over S tokens on this machine (`step_costs`): measured for one token
+   (a sequential step) and for the whole block (a plain Jacobi iteration) at the batch to decode,
+   linear in S between; sequential decoding costs T - 1 one-token steps, a Jacobi segment its
+   iterations times a step over the segment;
+4. each block's cheapest candidate whose error is within the bound; then the whole plan decodes the
+   batch, and while its largest pixel difference to exact decoding exceeds the bound, the block with
+   the largest error takes its cheapest more accurate candidate (at worst sequential decoding).
+"""
+
+import dataclasses
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tarflow_jax import errors, images, sampling
+from tarflow_jax.model import TarFlow, patchify
+
+TOLERANCES = (1e-2, 1e-3)
+SEGMENT_COUNTS = (1, 4, 16)
+
+
+def candidates(num_tokens: int) -> list:
+  """The Jacobi settings tried for each block: segments, tolerances and initial guesses (iterations uncapped)."""
+  steps = num_tokens - 1
+  lengths = sorted({-(-steps // k) for k in SEGMENT_COUNTS if k <= steps}, reverse=True)
+  out = []
+  for length in lengths:
+    inits = sampling.INITIAL_GUESSES if length < steps else ('latent', 'zeros')
+    out += [sampling.Jacobi(segment=length, tol=tol, init=init) for tol in TOLERANCES for init in inits]
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockReport:
+  """What `calibrate` measured and chose for one block."""
+  block: int
+  entry: str  # the chosen decoder, spelled as in --decoder
+  iterations: int  # its iterations on the calibration batch (summed over segments; sequential: T - 1)
+  cost: float  # its estimated time, in seconds per batch (see `step_costs`)
+  error: float  # largest difference of the block's input to exact decoding's, on the calibration batch
+  convergence: float  # plain Jacobi's iterations per token at the tightest tolerance (CRM-like)
+  guess_distance: dict  # mean distance of each initial guess to the exact input (IGM-like)
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+  plan: sampling.Plan
+  blocks: list  # BlockReport per block, block 0 first
+  step_costs: tuple  # seconds of a step over one token and over a whole block, at the batch to decode
+  pixel_difference: int  # the plan's largest pixel difference to exact decoding on the calibration batch (of 255)
+  sequential_cost: float  # estimated seconds of exact sequential decoding, per batch
+
+  @property
+  def speedup(self) -> float:
+    return self.sequential_cost / sum(b.cost for b in self.blocks)
+
+  def describe(self, num_tokens: int) -> str:
+    lines = [f'Calibrated plan: estimated {self.speedup:.2f}x the speed of sequential decoding, largest pixel '
+             f'difference {self.pixel_difference}/255 on the calibration batch; a step costs {self.step_costs[0]:.2e} s '
+             f'over one token, {self.step_costs[1]:.2e} s over {num_tokens - 1}.']
+    for b in self.blocks:
+      guesses = ', '.join(f'{k} {v:.3f}' for k, v in b.guess_distance.items())
+      lines.append(f'  block {b.block}: {b.entry}  ({b.iterations} iterations, error {b.error:.1e}; '
+                   f'convergence {b.convergence:.2f} iterations per token; guess distance {guesses})')
+    return '\n'.join(lines)
+
+
+def step_costs(model: TarFlow, variables, batch: int, guidance: sampling.Guidance, repeats: int = 3) -> tuple:
+  """Seconds of a decoding step over one token and over a whole block (T - 1 tokens), at `batch` samples.
+
+  Timed on block 0: its sequential decoding (T - 1 one-token steps) and two plain Jacobi iterations.
+  """
+  z = jax.random.normal(jax.random.key(0), (batch, model.num_tokens, model.token_dim))
+  labels = jnp.full((batch,), -1, jnp.int32) if model.spec.num_classes else None
+  steps = model.num_tokens - 1
+
+  def seconds(decoder, count):
+    run = lambda: jax.block_until_ready(_invert(model, variables, 0, z, labels, guidance, decoder))
+    run()
+    best = np.inf
+    for _ in range(repeats):
+      start = time.perf_counter()
+      run()
+      best = min(best, time.perf_counter() - start)
+    return best / count
+
+  return (seconds(sampling.Sequential(chunks=8, microbatch=None), steps),
+          seconds(sampling.Jacobi(segment=0, max_iters=2, tol=0.0), 2))
+
+
+def _invert(model, variables, block, z, labels, guidance, decoder):
+  return sampling.invert_block(model, variables, block, z, labels, jnp.float32(guidance.weight),
+                               jnp.float32(guidance.attn_temp), guided=guidance.enabled,
+                               guide_what=guidance.guide_what, annealed=guidance.annealed, decoder=decoder)
+
+
+def calibrate(model: TarFlow, variables, noise, labels=None, *, guidance: sampling.Guidance = sampling.Guidance(),
+              bound: int = 2, batch: Optional[int] = None, costs: Optional[tuple] = None) -> Calibration:
+  """The cheapest plan whose samples of `noise` (B, T, D) stay within `bound` pixel levels (of 255) of exact decoding.
+
+  `batch`: the batch the plan will decode, for the step costs (default: B); `costs` gives them
+  instead of measuring (`step_costs`). See the module docstring.
+  """
+  if bound < 0:
+    raise errors.UserError(f'The quality bound must be >= 0 pixel levels, got {bound}.')
+  num_blocks, steps = model.spec.num_blocks, model.num_tokens - 1
+  exact, trajectory = sampling.sample(model, variables, noise, labels, guidance=guidance,
+                                      decoder=sampling.Sequential(microbatch=None), return_trajectory=True)
+  latents = [patchify(x, model.spec.patch_size) for x in trajectory]  # noise, then the input of each block, last first
+  latents[0] = latents[0] * jnp.sqrt(variables['prior']['var'])
+  cost_1, cost_all = costs or step_costs(model, variables, batch or noise.shape[0], guidance)
+  step_cost = lambda size: cost_1 + (cost_all - cost_1) * (size - 1) / max(steps - 1, 1)
+  sequential = sampling.Sequential(chunks=8, microbatch=None)
+  options, reports = [], []
+  for i in range(num_blocks):
+    z, x = latents[num_blocks - 1 - i], latents[num_blocks - i]  # block i's output and input
+    measured = [(sampling.spell(sequential, 1, model.num_tokens), sequential, steps * cost_1, 0.0, steps)]
+    convergence = 0.0
+    for decoder in candidates(model.num_tokens):
+      got, iterations = _invert(model, variables, i, z, labels, guidance, decoder)
+      iterations = np.asarray(iterations)
+      segment, _ = decoder.for_block(i, model.num_tokens)
+      sizes = [min(segment, steps - start) for start in range(0, steps, segment)]
+      cost = float(sum(n * step_cost(size) for n, size in zip(iterations, sizes)))
+      error = float(jnp.abs(got - x).max())
+      measured.append((sampling.spell(decoder, 1, model.num_tokens), decoder, cost, error, int(iterations.sum())))
+      if segment == steps and decoder.tol == min(TOLERANCES) and decoder.init == 'latent':
+        convergence = int(iterations.sum()) / steps
+    shortest = min(d.segment for d in candidates(model.num_tokens))
+    distance = {'latent': float(jnp.abs(z - x).mean()), 'zeros': float(jnp.abs(x).mean())}
+    if shortest < steps:
+      distance['prev'] = float(jnp.abs(x[:, shortest:] - x[:, :-shortest]).mean())
+    options.append(sorted(measured, key=lambda m: m[2]))
+    reports.append((convergence, distance))
+
+  level = 2 / 255  # one pixel level on the [-1, 1] scale
+  chosen = [next(m for m in opts if m[3] <= bound * level) for opts in options]
+  exact_pixels = np.asarray(images.to_uint8(exact), np.int32)
+  while True:
+    plan = sampling.Plan(tuple(m[1] for m in chosen), microbatch='auto')
+    got = sampling.sample(model, variables, noise, labels, guidance=guidance,
+                          decoder=dataclasses.replace(plan, microbatch=None))
+    difference = int(np.abs(np.asarray(images.to_uint8(got), np.int32) - exact_pixels).max())
+    if difference <= bound:
+      break
+    worst = max(range(num_blocks), key=lambda i: chosen[i][3])
+    if chosen[worst][3] == 0:  # every block as exact as sequential decoding on this batch
+      chosen = [next(m for m in opts if isinstance(m[1], sampling.Sequential)) for opts in options]
+      continue
+    chosen[worst] = next(m for m in options[worst] if m[3] < chosen[worst][3])  # sequential (error 0) at worst
+  blocks = [BlockReport(i, m[0], m[4], m[2], m[3], *reports[i]) for i, m in enumerate(chosen)]
+  return Calibration(plan, blocks, (cost_1, cost_all), difference, num_blocks * steps * cost_1)

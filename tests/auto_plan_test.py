@@ -1,0 +1,73 @@
+"""The automatic decoding plan: within its quality bound of exact decoding, cheaper where Jacobi iterations are cheap."""
+
+import jax
+import numpy as np
+import pytest
+
+from tarflow_jax import auto_plan, errors, images, sampling
+import toy
+
+
+@pytest.fixture(scope='module')
+def model_and_variables():
+  model = toy.tiny_model(num_classes=3, img_size=8, num_blocks=3)  # 16 tokens of 8
+  return model, toy.random_variables(model)
+
+
+def pixels(x):
+  return np.asarray(images.to_uint8(x), np.int32)
+
+
+@pytest.mark.parametrize('guidance', [0.0, 1.0])
+def test_the_plan_stays_within_its_bound_on_a_held_out_batch(model_and_variables, guidance):
+  model, variables = model_and_variables
+  guidance = sampling.Guidance(guidance)
+  noise = jax.random.normal(jax.random.key(1), (4, model.num_tokens, model.token_dim))
+  labels = jax.numpy.array([0, 1, 2, -1])
+  # A Jacobi iteration over the whole block costs two one-token steps: Jacobi pays wherever it converges fast.
+  calibration = auto_plan.calibrate(model, variables, noise, labels, guidance=guidance, bound=2, costs=(1.0, 2.0))
+  assert calibration.pixel_difference <= 2 and len(calibration.blocks) == model.spec.num_blocks
+  assert any(isinstance(d, sampling.Jacobi) for d in calibration.plan.blocks), calibration.describe(16)
+  assert calibration.speedup > 1
+  held_out = jax.random.normal(jax.random.key(2), (4, model.num_tokens, model.token_dim))
+  exact = sampling.sample(model, variables, held_out, labels, guidance=guidance)
+  got = sampling.sample(model, variables, held_out, labels, guidance=guidance, decoder=calibration.plan)
+  assert np.abs(pixels(got) - pixels(exact)).max() <= 2
+  # The report spells each block as --decoder does, and the plan reads back from it.
+  spelled = ','.join(b.entry for b in calibration.blocks)
+  assert sampling.spell(sampling.parse_plan(spelled, 3), 3, 16) == sampling.spell(calibration.plan, 3, 16)
+  for b in calibration.blocks:
+    assert 0 < b.convergence <= 1 and set(b.guess_distance) == {'latent', 'zeros', 'prev'}
+
+
+def test_where_jacobi_iterations_cost_as_much_as_the_tokens_the_plan_is_sequential(model_and_variables):
+  model, variables = model_and_variables
+  noise = jax.random.normal(jax.random.key(3), (2, model.num_tokens, model.token_dim))
+  calibration = auto_plan.calibrate(model, variables, noise, costs=(1.0, 15.0))  # a step costs its tokens
+  assert all(isinstance(d, sampling.Sequential) for d in calibration.plan.blocks), calibration.describe(16)
+  assert calibration.pixel_difference == 0 and calibration.speedup == pytest.approx(1.0)
+
+
+def test_a_bound_of_zero_keeps_the_pixels_of_exact_decoding(model_and_variables):
+  model, variables = model_and_variables
+  noise = jax.random.normal(jax.random.key(4), (2, model.num_tokens, model.token_dim))
+  calibration = auto_plan.calibrate(model, variables, noise, bound=0, costs=(1.0, 1.0))
+  exact = sampling.sample(model, variables, noise)
+  np.testing.assert_array_equal(pixels(sampling.sample(model, variables, noise, decoder=calibration.plan)),
+                                pixels(exact))
+  with pytest.raises(errors.UserError, match='must be >= 0 pixel levels'):
+    auto_plan.calibrate(model, variables, noise, bound=-1, costs=(1.0, 1.0))
+
+
+def test_step_costs_are_measured(model_and_variables):
+  model, variables = model_and_variables
+  one, whole = auto_plan.step_costs(model, variables, 2, sampling.Guidance(), repeats=1)
+  assert 0 < one and 0 < whole
+
+
+def test_candidates_cover_segments_tolerances_and_guesses():
+  got = auto_plan.candidates(1024)
+  assert {d.segment for d in got} == {1023, 256, 64}
+  assert {d.init for d in got if d.segment == 64} == set(sampling.INITIAL_GUESSES)
+  assert {d.init for d in got if d.segment == 1023} == {'latent', 'zeros'}  # one segment: no segment before
+  assert {d.tol for d in got} == set(auto_plan.TOLERANCES)
