@@ -337,13 +337,15 @@ def test_a_plan_with_tolerance_zero_equals_exact_sequential_decoding(spelling, m
                              atol=1e-6, rtol=0)
 
 
-def loop_jacobi(model, variables, z, segment, iterations, init):
-  """Gauss-Seidel-Jacobi on a one-block model, each iteration one full causal pass (no cache): the input (B, T, D).
+def loop_jacobi(model, variables, z, segment, iterations, init, block=0):
+  """Gauss-Seidel-Jacobi inverse of one block from its output z, each iteration one full causal pass (no cache).
 
   As the sampler's key/value cache, the earlier segments are seen as the inputs of their last iteration.
+  Returns the block's input (B, T, D) in the original order.
   """
-  affine = jax.jit(lambda h: model.apply(variables, h, method=on_block(0, FlowBlock.affine_params)))
+  affine = jax.jit(lambda h: model.apply(variables, h, method=on_block(block, FlowBlock.affine_params)))
   z = np.asarray(z, np.float64)
+  z = z[:, ::-1].copy() if block % 2 else z  # reading order
   x, seen = z.copy(), z.copy()  # seen: the inputs each position's keys and values were last computed from
   num_tokens = z.shape[1]
   for start in range(0, num_tokens - 1, segment):
@@ -357,7 +359,7 @@ def loop_jacobi(model, variables, z, segment, iterations, init):
       a, b = (np.asarray(v, np.float64) for v in affine(jnp.asarray(h, jnp.float32)))
       seen[:, start:stop - 1] = x[:, start:stop - 1]
       x[:, start + 1:stop] = z[:, start + 1:stop] * np.exp(a[:, start + 1:stop]) + b[:, start + 1:stop]
-  return x
+  return x[:, ::-1] if block % 2 else x
 
 
 @pytest.mark.parametrize('init', sampling.INITIAL_GUESSES)
@@ -373,6 +375,18 @@ def test_capped_jacobi_starts_from_its_initial_guess(init):
     np.testing.assert_allclose(got, image(loop_jacobi(model, variables, noise, 3, its, init)), atol=2e-5, rtol=0)
     results[its] = got
   assert float(jnp.abs(results[1] - results[2]).max()) > 1e-3  # capped short of exact: the guess shows
+
+
+@pytest.mark.parametrize('block', [0, 1])
+def test_a_block_alone_by_capped_jacobi_from_the_previous_segment(block):
+  model = toy.tiny_model(img_size=6, num_blocks=2)  # block 1 reads its tokens in reverse
+  variables = toy.random_variables(model)
+  z = jax.random.normal(jax.random.key(14), (2, model.num_tokens, model.token_dim))
+  decoder = sampling.Jacobi(segment=2, max_iters=1, tol=0.0, init='prev')
+  got, iterations = sampling.invert_block(model, variables, block, z, None, 0.0, 1.0, guided=False, guide_what='ab',
+                                          annealed=False, decoder=decoder)
+  np.testing.assert_allclose(got, loop_jacobi(model, variables, z, 2, 1, 'prev', block), atol=2e-5, rtol=0)
+  assert iterations.tolist() == [1, 1, 1, 1]
 
 
 def test_initial_guesses_differ():
