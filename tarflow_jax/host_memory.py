@@ -11,7 +11,8 @@ so that the second call of a program finds its buffer already mapped (docs/bench
 
 It must run before JAX starts its CPU backend and before TensorFlow is imported: the threads they
 start pick their arena on their first allocation, and a thread keeps its arena. The command lines
-call it on start-up on the CPU (`cli/_common.run`); a script or notebook that
+call it on start-up on the CPU (`cli/_common.run`), except `sample`: sequential decoding, thousands
+of small steps, runs about 10% slower with it (docs/benchmarks.md); a script or notebook that
 trains on the CPU calls it first. The process keeps the memory it has freed (up to 1 GiB at the
 top of its heap) instead of handing it back.
 """

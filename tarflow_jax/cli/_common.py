@@ -9,7 +9,7 @@ Start-up, on import (`tarflow_jax.cli` imports this module before any command's 
 the C++ start-up notes of TensorFlow (tf.data) are kept off the screen, and the INFO lines of JAX,
 Optax, TensorFlow and Orbax are dropped; `--verbosity=1` shows them. Then `run` prepares the
 process (`prepare_process`): on a machine with no accelerator JAX does not probe for one, and on
-a CPU freed host memory is kept for reuse.
+a CPU freed host memory is kept for reuse (except for `sample`, `run(main, reuse_freed_memory=False)`).
 `run(main, exit_at_once=True)` ends the process as soon as `main` has returned and the output is
 flushed, skipping the interpreter's teardown of the libraries' native state.
 `check_choices` and `report` are the --what check and the table-and-JSON ending of the measuring
@@ -77,7 +77,8 @@ class DropOrbaxInfo(py_logging.Filter):
     return not any(part in record.pathname for part in _LIBRARY_PATHS)
 
 
-def run(main: Callable[[list], Optional[int]], exit_at_once: bool = False, platform: Optional[str] = None) -> None:
+def run(main: Callable[[list], Optional[int]], exit_at_once: bool = False, platform: Optional[str] = None,
+        reuse_freed_memory: bool = True) -> None:
   """Prepares the process (`prepare_process`), then runs `main(argv)` as absl.app.run does, with user
   errors reported as one `error: ...` line.
 
@@ -86,19 +87,22 @@ def run(main: Callable[[list], Optional[int]], exit_at_once: bool = False, platf
   TensorStore, which can keep a finished run alive for a long while. `main` must have closed what
   it wrote (checkpoints, metric writers) itself.
   platform: the JAX platform to run on unless JAX_PLATFORMS names one (the ahead-of-time compiler: 'cpu').
+  reuse_freed_memory: on the CPU, `host_memory.reuse_freed_memory` (False: glibc's malloc as it is).
   """
-  prepare_process(platform)
+  prepare_process(platform, reuse_freed_memory)
   app.run(functools.partial(_guarded, main, exit_at_once), flags_parser=_parse_flags)
 
 
-def prepare_process(platform: Optional[str] = None) -> None:
+def prepare_process(platform: Optional[str] = None, reuse_freed_memory: bool = True) -> None:
   """Chooses JAX's platform and the host's malloc settings, before JAX starts a backend or TensorFlow its threads.
 
   The command lines import TensorFlow and start JAX's backends only inside `main`, so `run` calls
   this first. On a machine with no accelerator (`platforms.no_accelerator`) JAX runs on the CPU
   without probing for a TPU (no "Unable to initialize backend", no libtpu warnings; `--verbosity=1`
   lets it probe), and on the CPU freed host memory is kept for reuse (`host_memory`: each training
-  step would otherwise map its buffers afresh).
+  step would otherwise map its buffers afresh) unless `reuse_freed_memory` is False: sequential
+  decoding, thousands of small steps, runs about 10% slower with that setting (docs/benchmarks.md,
+  "Sequential decoding against f209483").
   """
   import jax  # pylint: disable=g-import-not-at-top
   if 'JAX_PLATFORMS' not in os.environ and 'JAX_FORCE_TPU_INIT' not in os.environ:
@@ -107,7 +111,8 @@ def prepare_process(platform: Optional[str] = None) -> None:
     if platform:
       os.environ['JAX_PLATFORMS'] = platform  # for the processes this one starts
       jax.config.update('jax_platforms', platform)
-  if (jax.config.jax_platforms or '').split(',')[0] == 'cpu' or platforms.no_accelerator():
+  on_cpu = (jax.config.jax_platforms or '').split(',')[0] == 'cpu' or platforms.no_accelerator()
+  if on_cpu and reuse_freed_memory:
     host_memory.reuse_freed_memory()
 
 
