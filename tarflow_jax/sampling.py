@@ -328,7 +328,7 @@ def resolve_microbatch(model: TarFlow, decoder: Decoder, batch: int, guided: boo
   """The samples decoded at a time by `decoder` (None: the whole batch); 'auto' by `auto_microbatch` on a CPU."""
   microbatch = None if isinstance(decoder, Jacobi) else decoder.microbatch
   if microbatch == 'auto':
-    if jax.default_backend() != 'cpu':
+    if platforms.target() != 'cpu':  # the platform traced for (a TPU slice's, ahead of time)
       return None
     microbatch = auto_microbatch(batch, cache_bytes_per_sample(model, guided), platforms.last_level_cache_bytes())
   if microbatch is None or microbatch == batch:
