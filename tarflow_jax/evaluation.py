@@ -11,13 +11,16 @@ The command lines are `python -m tarflow_jax.cli.evaluate bpd|classify|fid_stats
 import dataclasses
 import functools
 import math
-from typing import Callable
+import time
+from typing import Callable, Optional
 
+from absl import logging
+from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tarflow_jax import data, errors, fid, images, inception, likelihood, sampling, sharding
+from tarflow_jax import data, errors, fid, images, inception, likelihood, sampling, sharding, storage
 
 
 def split_bits_per_dim(model, variables, config, mesh, split: str, *, num_examples: int = -1,
@@ -77,20 +80,56 @@ def _class_scores_fn(model):
 
 
 def split_fid_statistics(inception_variables, config, mesh, split: str, *, num_examples: int = -1,
-                         batch_size: int = 256, pipeline: str = 'pytorch_fid') -> tuple[np.ndarray, np.ndarray, int]:
+                         batch_size: int = 256, pipeline: str = 'pytorch_fid', progress: Optional[str] = None,
+                         progress_every_s: float = 300.0) -> tuple[np.ndarray, np.ndarray, int]:
   """FID-Inception feature mean and covariance of a split, and its number of images.
 
   With the 'torchmetrics' pipeline the pixels first take the reference's float round trip
-  (`inception.REFERENCE_REAL_PIXELS`).
+  (`inception.REFERENCE_REAL_PIXELS`). With `progress` (an .npz path) the running sums are saved
+  there every `progress_every_s` seconds, and a pass started again with the same arguments goes
+  on from them: a whole training split on a CPU takes hours. The caller removes the file once
+  the statistics are saved.
   """
   inception.check_pipeline(pipeline)
   inception_variables = jax.device_put(inception_variables, sharding.replicated(mesh))
   pixels = jnp.asarray(inception.REFERENCE_REAL_PIXELS)
-  stats = fid.RunningStatistics()
-  for batch, mask in _global_batches(config, mesh, split, batch_size, num_examples):
+  what = dict(dataset=config.data.name, split=split, num_examples=num_examples, batch_size=batch_size,
+              pipeline=pipeline, weights=_fingerprint(inception_variables))
+  stats, done = _resumed_statistics(progress, what)
+  saved = time.monotonic()
+  for i, (batch, mask) in enumerate(_global_batches(config, mesh, split, batch_size, num_examples)):
+    if i < done:
+      continue
     x = pixels[batch['image']] if pipeline == 'torchmetrics' else batch['image']
     stats.update(sharding.fetch(inception.batch_features(inception_variables, x, pipeline))[mask])
+    if progress and time.monotonic() - saved >= progress_every_s:
+      if jax.process_index() == 0:
+        storage.save_npz(progress, batches=np.int64(i + 1), **stats.state(), **{f'what/{k}': v for k, v in what.items()})
+        logging.info('FID statistics: %d images so far, saved to %s.', stats.n, progress)
+      saved = time.monotonic()
   return *stats.result(), stats.n
+
+
+def _fingerprint(variables) -> float:
+  """A number that tells weights apart: the sum of every weight times its position's sine."""
+  leaves = [np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(variables)]
+  return float(sum(np.dot(x, np.sin(np.arange(len(x)))) for x in leaves))
+
+
+def _resumed_statistics(progress: Optional[str], what: dict) -> tuple[fid.RunningStatistics, int]:
+  """The running sums and the number of batches done, from `progress` if it is a pass with `what`'s arguments."""
+  if not progress or not epath.Path(progress).exists():
+    return fid.RunningStatistics(), 0
+  with epath.Path(progress).open('rb') as f, np.load(f) as saved:
+    differs = [f'{k} {saved[f"what/{k}"].item()!r} (now {v!r})' for k, v in what.items()
+               if f'what/{k}' not in saved.files or saved[f'what/{k}'].item() != v]
+    if differs:
+      raise errors.AlreadyExists(f'{progress!r} holds part of another FID statistics pass ({"; ".join(differs)}): '
+                                 'give the arguments it was started with to finish it, or delete it to start anew.')
+    stats = fid.RunningStatistics.from_state({k: saved[k] for k in ('n', 'shift', 'sum', 'sum_sq')})
+    done = int(saved['batches'])
+  logging.info('FID statistics: going on from %s (%d images done).', progress, stats.n)
+  return stats, done
 
 
 def mean_and_stderr(values: np.ndarray) -> tuple[float, float]:
