@@ -21,10 +21,14 @@ def default() -> ml_collections.ConfigDict:
   # memory on XLA's CPU backend only together with scan_layers (its scheduler moves the recomputation
   # of unrolled layers early); configs/mnist.py turns both on. initializer: how fresh parameters are drawn,
   # 'reference' (torch's defaults, as the official model) or 'flax' (LeCun-normal weights, zero biases).
+  # iTARFlow (apple/ml-itarflow): patch_size, channels and layers_per_block may be tuples, one per block;
+  # shared_layers > 0 makes the first layers of every block one shared backbone; noise_conditioning
+  # conditions every block on the noise level t of its input (see `itarflow` below).
   c.model = ml_collections.ConfigDict(dict(
       in_channels=3, img_size=64, patch_size=2, channels=768, num_blocks=8, layers_per_block=8,
       head_dim=64, expansion=4, nvp=True, num_classes=0, remat=False, remat_policy='nothing_saveable',
-      scan_layers=False, dtype='bfloat16', attention_kernel='auto', initializer='reference'))
+      scan_layers=False, dtype='bfloat16', attention_kernel='auto', initializer='reference',
+      shared_layers=0, noise_conditioning=False))
 
   # Input pipeline (see tarflow_jax.data). source: 'tfds', 'folder', 'idx' (MNIST's file format; data_dir
   # defaults to where Debian's package of `name` installs it) or 'embedded_mnist'.
@@ -82,7 +86,21 @@ def default() -> ml_collections.ConfigDict:
 
 # Fields of config.model that fix the variables' shapes (dtype, remat, scan_layers and the kernel do not).
 ARCHITECTURE_FIELDS = ('in_channels', 'img_size', 'patch_size', 'channels', 'num_blocks', 'layers_per_block',
-                       'head_dim', 'expansion', 'nvp', 'num_classes')
+                       'head_dim', 'expansion', 'nvp', 'num_classes', 'shared_layers', 'noise_conditioning')
+
+
+
+def architecture(model: ml_collections.ConfigDict) -> dict:
+  """A config's `model` fields of ARCHITECTURE_FIELDS, comparable across saved configs: sequences as tuples
+  (one of length 1 as its value), and the default of a field that a config from before it lacks."""
+  defaults = default().model
+
+  def normal(value):
+    if isinstance(value, (list, tuple)):
+      return tuple(value) if len(value) != 1 else value[0]
+    return value
+
+  return {k: normal(model.get(k, defaults[k])) for k in ARCHITECTURE_FIELDS}
 
 
 def tpu_sized(c: ml_collections.ConfigDict, batch_size: int, grad_accum_steps: int = 2) -> None:
