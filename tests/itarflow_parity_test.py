@@ -142,8 +142,6 @@ def test_starflow_per_image_agrees_on_the_first_image(case):
     x = nchw(iterative_sampling.reverse(case.model, case.variables, noise, case.y, noise_level=case.spec['t1'],
                                         guidance=guidance))
     assert_close(x[:1], case.data[f'sample/{j}/x'][:1], SAMPLE_TOL, f'sample/{j}/x image 0, per-image s')
-    if len(x) > 1:
-      assert np.max(np.abs(x[1:] - case.data[f'sample/{j}/x'][1:])) > SAMPLE_TOL, 'per-image s changed nothing'
 
 
 @pytest.mark.parametrize('run, dynamics, clip', [('ode', 'ode', False), ('ode_clip', 'ode', True),
