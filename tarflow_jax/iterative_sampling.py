@@ -172,6 +172,11 @@ class IterativeDenoising:
     if self.steps < 1:
       raise errors.UserError(f'iterative denoising needs steps >= 1, got {self.steps}.')
 
+  @property
+  def enabled(self) -> bool:
+    """Always: the samples of a noise-conditioned model are denoised (as `sampling.Denoising.enabled`)."""
+    return True
+
   def levels(self) -> Array:
     """The noise levels (steps + 1,): linspace(t1, t0, steps), then 0."""
     return jnp.concatenate([jnp.linspace(self.t1, self.t0, self.steps, dtype=jnp.float32), jnp.zeros((1,))])
@@ -229,6 +234,22 @@ def _iterate(model, variables, x, labels, levels, draws, *, dynamics, clip):
   inputs = (jnp.arange(rounds), levels[:-1], levels[1:], eps)
   (x, _), _ = jax.lax.scan(one_round, (x, jnp.zeros((x.shape[0],), bool)), inputs)
   return x
+
+
+def from_config(config, **overrides) -> tuple[Guidance, IterativeDenoising]:
+  """The guidance and iterative denoising of a config (`sample` and `itarflow` fields); `overrides` of
+  either's fields (by name) in place of some."""
+  s, it = config.sample, config.itarflow
+  weight = s.guidance if config.model.num_classes or s.attn_temp != 1.0 else 0.0  # as sampling.guidance_from_config
+  guidance = dict(weight=weight, style=it.guidance_style, attn_temp=s.attn_temp, annealed=s.annealed_guidance,
+                  flows=it.guide_flows)
+  denoising = dict(t0=it.t0, t1=it.t1, steps=it.steps, dynamics=it.dynamics, clip=it.clip)
+  unknown = set(overrides) - set(guidance) - set(denoising)
+  if unknown:
+    raise TypeError(f'Unknown iterative sampling settings {sorted(unknown)}.')
+  guidance.update({k: v for k, v in overrides.items() if k in guidance})
+  denoising.update({k: v for k, v in overrides.items() if k in denoising})
+  return Guidance(**guidance), IterativeDenoising(**denoising)
 
 
 def sample(model: TarFlow, variables, noise: Array, labels: Optional[Array] = None, *,

@@ -60,8 +60,10 @@ def to_bits_per_dim(nll: Array) -> Array:
   return (nll - LOG_BIN_WIDTH) / math.log(2.0)
 
 
-def bits_per_dim(model: TarFlow, variables, x_int: Array, u: Array, y: Optional[Array] = None) -> Array:
-  """Bits per dimension (B,) of 8-bit images under uniform dequantisation.
+def bits_per_dim(model: TarFlow, variables, x_int: Array, u: Array, y: Optional[Array] = None,
+                 noise_level: Optional[float] = None) -> Array:
+  """Bits per dimension (B,) of 8-bit images under uniform dequantisation (a noise-conditioned model's at
+  `noise_level`).
 
   Args:
     x_int: (B, H, W, C) integer pixel values 0..255 (any numeric dtype).
@@ -71,4 +73,5 @@ def bits_per_dim(model: TarFlow, variables, x_int: Array, u: Array, y: Optional[
   """
   x = dequantize(x_int.astype(jnp.float32), u.astype(jnp.float32))
   n = math.prod(x.shape[1:])
-  return to_bits_per_dim(-log_prob(model, variables, x, y) / n)
+  level = None if noise_level is None else jnp.full((x.shape[0],), noise_level)
+  return to_bits_per_dim(-log_prob(model, variables, x, y, level) / n)
