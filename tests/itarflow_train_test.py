@@ -2,6 +2,8 @@
 
 import math
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +13,8 @@ import pytest
 from tarflow_jax import checkpoint, config_lib, evaluation, iterative_sampling, likelihood, noise_levels, sharding
 from tarflow_jax import train
 from tarflow_jax import model as model_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def itarflow_config(**itarflow):
@@ -118,3 +122,16 @@ def test_a_tiny_itarflow_trains_and_samples_by_iterative_denoising(tmp_path):
       iterative_sampling.iterative_denoise(model, variables, start, jnp.asarray(labels), denoising=one),
       start + 0.04 * score, atol=1e-5)
   assert math.isfinite(float(out['eval'][4]))
+
+  # The command line samples it the same way (decoded at t1, iterative denoising from the config).
+  env = dict(os.environ, PYTHONPATH=REPO)
+  proc = subprocess.run([sys.executable, '-m', 'tarflow_jax.cli.sample', f'--checkpoint={tmp_path}',
+                         f'--output={tmp_path}/cli', '--num=4', '--batch_size=4'], capture_output=True, text=True,
+                        cwd=REPO, env=env, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with np.load(tmp_path / 'cli' / 'samples.npz') as f:
+    assert f['images'].shape == (4, 16, 16, 1) and f['images'].dtype == np.uint8
+  proc = subprocess.run([sys.executable, '-m', 'tarflow_jax.cli.sample', f'--checkpoint={tmp_path}',
+                         f'--output={tmp_path}/jacobi', '--num=4', '--decoder=jacobi'], capture_output=True,
+                        text=True, cwd=REPO, env=env, timeout=600)
+  assert proc.returncode == 2 and 'decodes sequentially' in proc.stderr, proc.stderr[-3000:]
