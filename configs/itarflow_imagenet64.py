@@ -17,7 +17,8 @@ fly by `tarflow_jax.data` (see configs/imagenet64_cond.py).
 
 Deliberate differences, none of which changes the function trained: `remat`, `scan_layers`, the FSDP
 mesh and `grad_accum_steps` (`config_lib.tpu_sized`) size memory for TPUs (the same batch of 512 per
-update). Which TPU slice each fits has not been measured yet (`python -m tarflow_jax.cli.aot`).
+update). It compiles for and fits a v5litepod-8 (`--topology=v5e:2x4`): 15.45 GiB of 15.75 per chip for training
+(`python -m tarflow_jax.cli.aot`; docs/benchmarks.md).
 """
 
 from tarflow_jax import config_lib
