@@ -2,7 +2,8 @@
 
 Bits per dim use uniform dequantisation exactly as the reference evaluates them:
 `x = ((x_int + u) / 256) * 2 - 1`, `bpd = (-log p(x) / N + log 128) / log 2`, unconditional
-(mean class embedding) unless `conditional`. The classifier returns argmax_y log p(x | y).
+(mean class embedding) unless `conditional`; a noise-conditioned model (iTARFlow) is evaluated at its
+lowest training noise level, `config.itarflow.t0`. The classifier returns argmax_y log p(x | y).
 FID of a model draws samples as the reference's evaluate_fid.py (`FidProtocol`, `fid_samples`)
 and scores them with fid.py; `TrainingFid` does so on fixed noise during training.
 The command lines are `python -m tarflow_jax.cli.evaluate bpd|classify|fid_stats|fid`.
@@ -12,7 +13,7 @@ import dataclasses
 import functools
 import math
 import time
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 from absl import logging
 from etils import epath
@@ -20,14 +21,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tarflow_jax import data, errors, fid, images, inception, likelihood, sampling, sharding, storage
+from tarflow_jax import data, errors, fid, images, inception, iterative_sampling, likelihood, sampling, sharding
+from tarflow_jax import storage
 
 
 def split_bits_per_dim(model, variables, config, mesh, split: str, *, num_examples: int = -1,
                        batch_size: int = 256, seed: int = 0, conditional: bool = False) -> np.ndarray:
   """Bits per dim of every image of a split (all processes' shares, gathered on every process)."""
   variables = jax.device_put(variables, sharding.replicated(mesh))
-  fn = _bpd_fn(model, conditional and bool(model.spec.num_classes))
+  fn = _bpd_fn(model, conditional and bool(model.spec.num_classes),
+               config.itarflow.t0 if model.spec.noise_conditioning else None)
   rng = jax.random.PRNGKey(seed)
   out = []
   with jax.set_mesh(mesh):  # attention kernels split over the mesh (attention.causal_attention)
@@ -44,12 +47,12 @@ def _global_batches(config, mesh, split: str, batch_size: int, num_examples: int
 
 
 @functools.lru_cache()
-def _bpd_fn(model, conditional: bool):
+def _bpd_fn(model, conditional: bool, noise_level=None):
   @jax.jit
   def fn(variables, batch, rng):
     x_int = batch['image'].astype(jnp.float32)
     y = batch['label'].astype(jnp.int32) if conditional else None
-    return likelihood.bits_per_dim(model, variables, x_int, jax.random.uniform(rng, x_int.shape), y)
+    return likelihood.bits_per_dim(model, variables, x_int, jax.random.uniform(rng, x_int.shape), y, noise_level)
   return fn
 
 
@@ -144,14 +147,25 @@ class FidProtocol:
   `num_samples` (50,000 there) images from standard normal noise, each class label drawn
   uniformly at random (conditional models), with guidance at the config's weight, always
   annealed, and the config's self-denoising; samples that come out non-finite are drawn again
-  (`fid_samples`).
+  (`fid_samples`). A noise-conditioned model (iTARFlow) samples as ml-itarflow's evaluate_fid.py:
+  `iterative_sampling.Guidance` and `iterative_sampling.IterativeDenoising`.
   """
   num_samples: int
-  guidance: sampling.Guidance
-  denoising: sampling.Denoising
+  guidance: Union[sampling.Guidance, iterative_sampling.Guidance]
+  denoising: Union[sampling.Denoising, iterative_sampling.IterativeDenoising]
+
+  @property
+  def iterative(self) -> bool:
+    return isinstance(self.denoising, iterative_sampling.IterativeDenoising)
 
   def describe(self) -> str:
     g, d = self.guidance, self.denoising
+    if self.iterative:
+      blocks = 'the first block' if g.style == 'starflow' else 'all blocks' if g.flows < 0 else f'{g.flows} blocks'
+      guided = (f'{g.style} guidance {g.weight:g}{" annealed" if g.annealed else ""} on {blocks} (attention '
+                f'temperature {g.attn_temp:g})' if g.enabled else 'no guidance')
+      return (f'{self.num_samples} samples at noise level {d.t1:g}, {guided}, iteratively denoised to {d.t0:g} in '
+              f'{d.steps} steps ({d.dynamics}{", clipped" if d.clip else ""})')
     guided = (f'guidance {g.weight:g} annealed (guiding {g.guide_what}, attention temperature {g.attn_temp:g})'
               if g.enabled else 'no guidance')
     denoised = f'self-denoised (sigma {d.sigma:g}, step scale {d.step_scale:g})' if d.enabled else 'not denoised'
@@ -164,6 +178,8 @@ MAX_REDRAWS = 10
 
 def fid_protocol(config, num_samples: int = REFERENCE_NUM_SAMPLES) -> FidProtocol:
   """The reference's protocol with a config's guidance weight, attention temperature and denoising."""
+  if config.model.noise_conditioning:
+    return FidProtocol(num_samples, *iterative_sampling.from_config(config, annealed=True))
   return FidProtocol(num_samples, sampling.guidance_from_config(config, annealed=True),
                      sampling.denoising_from_config(config))
 
@@ -224,11 +240,17 @@ def model_sampler(model, variables, mesh, protocol: FidProtocol,
   """
   variables = jax.device_put(variables, sharding.replicated(mesh))
   d = protocol.denoising
+  calls = iter(range(2**31))  # the iterative denoiser's fresh noise, one key per batch
 
   def draw(noise, labels):
     if len(noise) % mesh.size == 0:
       noise = jax.device_put(noise, sharding.batch_sharding(mesh))
     y = None if labels is None else jnp.asarray(labels)
+    if protocol.iterative:
+      with jax.set_mesh(mesh):
+        x = iterative_sampling.sample(model, variables, jnp.asarray(noise), y, guidance=protocol.guidance,
+                                      denoising=d, rng=jax.random.fold_in(jax.random.key(0), next(calls)))
+      return sharding.fetch(x)
     x = sampling.sample(model, variables, jnp.asarray(noise), y, guidance=protocol.guidance, decoder=decoder)
     if d.enabled:
       with jax.set_mesh(mesh):

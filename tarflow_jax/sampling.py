@@ -179,6 +179,9 @@ def _check_sample_args(model, noise, labels, guidance, decoder):
   if not isinstance(decoder, (Sequential, Jacobi)):
     raise TypeError(f'decoder must be Sequential(chunks, microbatch) or Jacobi(segment, max_iters, tol), '
                     f'got {decoder!r}.')
+  if model.spec.noise_conditioning:
+    raise errors.UserError('The model is conditioned on the noise level (iTARFlow): sample it with '
+                           'iterative_sampling.sample.')
   want = (model.num_tokens, model.token_dim)
   if noise.ndim != 3 or tuple(noise.shape[1:]) != want:
     raise errors.UserError(f'Expected noise of shape (batch, {want[0]}, {want[1]}) (tokens, patch dim), '

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tarflow_jax import checkpoint, data, errors, images, sampling, sharding, storage
+from tarflow_jax import checkpoint, data, errors, images, iterative_sampling, sampling, sharding, storage
 from tarflow_jax.cli import _common
 
 FLAGS = flags.FLAGS
@@ -99,6 +99,11 @@ def main(argv):
       enabled=FLAGS.denoise, sigma=FLAGS.sigma, step_scale=FLAGS.denoise_scale))
   if denoising.enabled and not denoising.sigma:
     raise errors.UserError('--denoise needs --sigma (the model was not trained with Gaussian noise).')
+  if model.spec.noise_conditioning:  # iTARFlow: decoded at t1, then denoised iteratively (config.itarflow)
+    if FLAGS.decoder != 'sequential':
+      raise errors.UserError(f'--decoder={FLAGS.decoder}: a noise-conditioned (iTARFlow) model decodes sequentially.')
+    guidance, denoising = iterative_sampling.from_config(config, **given(
+        weight=FLAGS.guidance, attn_temp=FLAGS.attn_temp, annealed=FLAGS.annealed_guidance))
 
   rng = np.random.default_rng(FLAGS.seed)
   if FLAGS.latents:
@@ -132,11 +137,16 @@ def main(argv):
     if batch_size % mesh.size == 0:
       z = jax.device_put(z, sharding.batch_sharding(mesh))
     t0 = time.perf_counter()
-    x, its = sampling.sample(model, variables, jnp.asarray(z), y, guidance=guidance, decoder=decoder,
-                             return_iterations=True)
-    iterations.append([np.asarray(i) for i in its])
-    if denoising.enabled:
-      x = sampling.denoise(model, variables, x, y, sigma=denoising.sigma, step_scale=denoising.step_scale)
+    if model.spec.noise_conditioning:
+      with jax.set_mesh(mesh):
+        x = iterative_sampling.sample(model, variables, jnp.asarray(z), y, guidance=guidance, denoising=denoising,
+                                      rng=jax.random.key(FLAGS.seed + start), chunks=FLAGS.chunks)
+    else:
+      x, its = sampling.sample(model, variables, jnp.asarray(z), y, guidance=guidance, decoder=decoder,
+                               return_iterations=True)
+      iterations.append([np.asarray(i) for i in its])
+      if denoising.enabled:
+        x = sampling.denoise(model, variables, x, y, sigma=denoising.sigma, step_scale=denoising.step_scale)
     x = jax.block_until_ready(x)
     seconds.append(time.perf_counter() - t0)
     out.append(images.to_uint8(sharding.fetch(x))[:real])
