@@ -229,8 +229,9 @@ def check_same_architecture(saved: ml_collections.ConfigDict, config: ml_collect
                             directory: str, hint: str = 'Use a new --workdir for this config, or the config the '
                             'checkpoint was trained with.') -> None:
   """Raises errors.UserError unless the checkpoint's model has the architecture of `config.model`."""
-  diffs = [f'{k}: checkpoint {saved.model.get(k)!r}, config {config.model.get(k)!r}'
-           for k in config_lib.ARCHITECTURE_FIELDS if saved.model.get(k) != config.model.get(k)]
+  theirs, ours = config_lib.architecture(saved.model), config_lib.architecture(config.model)
+  diffs = [f'{k}: checkpoint {theirs[k]!r}, config {ours[k]!r}' for k in config_lib.ARCHITECTURE_FIELDS
+           if theirs[k] != ours[k]]
   if diffs:
     raise errors.UserError(f'The checkpoint in {directory!r} is of another architecture ({"; ".join(diffs)}). '
                            f'{hint}')

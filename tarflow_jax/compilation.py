@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from tarflow_jax import attention, errors, sampling, sharding, train
+from tarflow_jax import attention, errors, iterative_sampling, sampling, sharding, train
 from tarflow_jax import flops as flops_lib
 from tarflow_jax import model as model_lib
 
@@ -87,6 +87,15 @@ def sample_program(config: ml_collections.ConfigDict, mesh, batch: Optional[int]
   batch_sharding = sharding.batch_sharding(mesh)
   noise = jax.ShapeDtypeStruct((batch, model.num_tokens, model.token_dim), jnp.float32, sharding=batch_sharding)
   labels = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=batch_sharding) if model.spec.num_classes else None
+  if model.spec.noise_conditioning:  # iTARFlow: decoding at t1, then `steps` rounds of forward and gradient
+    guidance, denoising = iterative_sampling.from_config(config)
+    fn = jax.jit(lambda v, z, y: iterative_sampling.sample(model, v, z, y, guidance=guidance, denoising=denoising,
+                                                           rng=jax.random.key(0)))
+    guided = guidance.guided_blocks(model.spec.num_blocks)
+    flops = sum(flops_lib.block_decode_flops(model, i, 2 * batch if n < guided else batch)
+                for n, i in enumerate(reversed(range(model.spec.num_blocks))))
+    flops += denoising.steps * 3 * batch * flops_lib.forward_flops(model)
+    return fn, (variables, noise, labels), flops
   guidance = sampling.guidance_from_config(config)
   fn = jax.jit(lambda v, z, y: sampling.sample(model, v, z, y, guidance=guidance))
   flops = flops_lib.decode_flops(model, 2 * batch if guidance.enabled else batch)

@@ -21,10 +21,14 @@ def default() -> ml_collections.ConfigDict:
   # memory on XLA's CPU backend only together with scan_layers (its scheduler moves the recomputation
   # of unrolled layers early); configs/mnist.py turns both on. initializer: how fresh parameters are drawn,
   # 'reference' (torch's defaults, as the official model) or 'flax' (LeCun-normal weights, zero biases).
+  # iTARFlow (apple/ml-itarflow): patch_size, channels and layers_per_block may be tuples, one per block;
+  # shared_layers > 0 makes the first layers of every block one shared backbone; noise_conditioning
+  # conditions every block on the noise level t of its input (see `itarflow` below).
   c.model = ml_collections.ConfigDict(dict(
       in_channels=3, img_size=64, patch_size=2, channels=768, num_blocks=8, layers_per_block=8,
       head_dim=64, expansion=4, nvp=True, num_classes=0, remat=False, remat_policy='nothing_saveable',
-      scan_layers=False, dtype='bfloat16', attention_kernel='auto', initializer='reference'))
+      scan_layers=False, dtype='bfloat16', attention_kernel='auto', initializer='reference',
+      shared_layers=0, noise_conditioning=False))
 
   # Input pipeline (see tarflow_jax.data). source: 'tfds', 'folder', 'idx' (MNIST's file format; data_dir
   # defaults to where Debian's package of `name` installs it) or 'embedded_mnist'.
@@ -75,6 +79,16 @@ def default() -> ml_collections.ConfigDict:
   c.checkpoint_every = 5_000
   c.keep_checkpoints = 3
 
+  # iTARFlow (used when model.noise_conditioning): training draws a noise level t per image in [t0, t1]
+  # (t_sample 'uniform', or 'square_uniform': t^2 uniform), adds Gaussian noise of std t (instead of `noise`) and
+  # weights each image's loss by `reweight` (noise_levels.REWEIGHTS: 'none', 't', ...). Sampling decodes at t1 and
+  # then denoises iteratively over `steps` levels from t1 to t0 (`dynamics` 'ode' or 'sde', `clip` x0 to [-1, 1]);
+  # guidance (sample.guidance, attn_temp, annealed_guidance) in `guidance_style` 'tarflow' or 'starflow' on the
+  # first `guide_flows` blocks decoded (-1: all). See iterative_sampling and noise_levels.
+  c.itarflow = ml_collections.ConfigDict(dict(
+      t0=1e-2, t1=3e-1, t_sample='uniform', reweight='none', steps=10, dynamics='ode', clip=False,
+      guidance_style='tarflow', guide_flows=-1))
+
   # Device mesh: sizes of the 'data' and 'fsdp' axes; -1 means the remaining devices.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
   return c
@@ -82,7 +96,21 @@ def default() -> ml_collections.ConfigDict:
 
 # Fields of config.model that fix the variables' shapes (dtype, remat, scan_layers and the kernel do not).
 ARCHITECTURE_FIELDS = ('in_channels', 'img_size', 'patch_size', 'channels', 'num_blocks', 'layers_per_block',
-                       'head_dim', 'expansion', 'nvp', 'num_classes')
+                       'head_dim', 'expansion', 'nvp', 'num_classes', 'shared_layers', 'noise_conditioning')
+
+
+
+def architecture(model: ml_collections.ConfigDict) -> dict:
+  """A config's `model` fields of ARCHITECTURE_FIELDS, comparable across saved configs: sequences as tuples
+  (one of length 1 as its value), and the default of a field that a config from before it lacks."""
+  defaults = default().model
+
+  def normal(value):
+    if isinstance(value, (list, tuple)):
+      return tuple(value) if len(value) != 1 else value[0]
+    return value
+
+  return {k: normal(model.get(k, defaults[k])) for k in ARCHITECTURE_FIELDS}
 
 
 def tpu_sized(c: ml_collections.ConfigDict, batch_size: int, grad_accum_steps: int = 2) -> None:
@@ -98,6 +126,15 @@ def tpu_sized(c: ml_collections.ConfigDict, batch_size: int, grad_accum_steps: i
   c.batch_size = batch_size
 
 
+def set_fields(node: ml_collections.ConfigDict, **fields) -> None:
+  """Sets `fields` of `node` whatever their type was: e.g. the model's per-block fields (`patch_size`,
+  `channels`, `layers_per_block`), a tuple in place of the default's int (and back)."""
+  for name, value in fields.items():
+    if name in node:
+      del node[name]
+    node[name] = value
+
+
 def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Shrinks an experiment to a CPU run of a few steps that keeps its own data path.
 
@@ -105,8 +142,8 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   shrinks to 4x4 tokens of a 64-wide Transformer. It needs the experiment's dataset, as the full
   run does (or --config.data.data_dir where it lives); `cpu_digits` needs none.
   """
-  c.model.update(patch_size=c.model.img_size // 4, channels=64, num_blocks=2, layers_per_block=1,
-                 dtype='float32')
+  set_fields(c.model, patch_size=c.model.img_size // 4, channels=64, num_blocks=2, layers_per_block=1,
+             shared_layers=min(c.model.shared_layers, 1), dtype='float32')
   c.data.update(num_eval_examples=64, shuffle_buffer=512)
   c.batch_size = 16
   c.grad_accum_steps = min(c.grad_accum_steps, 2)  # micro-batches that still split over 8 devices
@@ -181,11 +218,27 @@ def validate(c: ml_collections.ConfigDict, devices=None, num_processes: int = 1)
     _require(c.init_optimizer_from.endswith('.pth'),
              f'config.init_optimizer_from={c.init_optimizer_from!r} must be the reference\'s optimiser file (`.pth`).')
   _require(c.sample.attn_temp > 0, f'config.sample.attn_temp={c.sample.attn_temp} must be positive.')
+  if c.model.noise_conditioning:
+    validate_itarflow(c)
   for axis in ('data', 'fsdp'):
     _require(c.mesh[axis] == -1 or c.mesh[axis] > 0,
              f'config.mesh.{axis}={c.mesh[axis]} must be positive, or -1 for the remaining devices.')
   if devices is not None:
     _validate_devices(c, devices, num_processes)
+
+
+def validate_itarflow(c: ml_collections.ConfigDict) -> None:
+  """Raises errors.UserError for `config.itarflow` settings that cannot work."""
+  from tarflow_jax import noise_levels  # pylint: disable=g-import-not-at-top  # JAX: only when asked
+  s = c.itarflow
+  try:
+    noise_levels.check(s.t0, s.t1, s.t_sample, s.reweight)
+  except errors.UserError as e:
+    raise errors.UserError(f'config.itarflow: {e}') from e
+  _require(s.dynamics in ('ode', 'sde'), f'config.itarflow.dynamics={s.dynamics!r} is not one of "ode", "sde".')
+  _require(s.steps >= 1, f'config.itarflow.steps={s.steps} must be at least 1.')
+  _require(s.guidance_style in ('tarflow', 'starflow'),
+           f'config.itarflow.guidance_style={s.guidance_style!r} is not one of "tarflow", "starflow".')
 
 
 def validate_data(c: ml_collections.ConfigDict) -> None:

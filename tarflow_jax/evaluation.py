@@ -2,7 +2,8 @@
 
 Bits per dim use uniform dequantisation exactly as the reference evaluates them:
 `x = ((x_int + u) / 256) * 2 - 1`, `bpd = (-log p(x) / N + log 128) / log 2`, unconditional
-(mean class embedding) unless `conditional`. The classifier returns argmax_y log p(x | y).
+(mean class embedding) unless `conditional`; a noise-conditioned model (iTARFlow) is evaluated at its
+lowest training noise level, `config.itarflow.t0`. The classifier returns argmax_y log p(x | y).
 FID of a model draws samples as the reference's evaluate_fid.py (`FidProtocol`, `fid_samples`)
 and scores them with fid.py; `TrainingFid` does so on fixed noise during training.
 The command lines are `python -m tarflow_jax.cli.evaluate bpd|classify|fid_stats|fid`.
@@ -11,20 +12,25 @@ The command lines are `python -m tarflow_jax.cli.evaluate bpd|classify|fid_stats
 import dataclasses
 import functools
 import math
-from typing import Callable
+import time
+from typing import Callable, Optional, Union
 
+from absl import logging
+from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tarflow_jax import data, errors, fid, images, inception, likelihood, sampling, sharding
+from tarflow_jax import data, errors, fid, images, inception, iterative_sampling, likelihood, sampling, sharding
+from tarflow_jax import storage
 
 
 def split_bits_per_dim(model, variables, config, mesh, split: str, *, num_examples: int = -1,
                        batch_size: int = 256, seed: int = 0, conditional: bool = False) -> np.ndarray:
   """Bits per dim of every image of a split (all processes' shares, gathered on every process)."""
   variables = jax.device_put(variables, sharding.replicated(mesh))
-  fn = _bpd_fn(model, conditional and bool(model.spec.num_classes))
+  fn = _bpd_fn(model, conditional and bool(model.spec.num_classes),
+               config.itarflow.t0 if model.spec.noise_conditioning else None)
   rng = jax.random.PRNGKey(seed)
   out = []
   with jax.set_mesh(mesh):  # attention kernels split over the mesh (attention.causal_attention)
@@ -41,12 +47,12 @@ def _global_batches(config, mesh, split: str, batch_size: int, num_examples: int
 
 
 @functools.lru_cache()
-def _bpd_fn(model, conditional: bool):
+def _bpd_fn(model, conditional: bool, noise_level=None):
   @jax.jit
   def fn(variables, batch, rng):
     x_int = batch['image'].astype(jnp.float32)
     y = batch['label'].astype(jnp.int32) if conditional else None
-    return likelihood.bits_per_dim(model, variables, x_int, jax.random.uniform(rng, x_int.shape), y)
+    return likelihood.bits_per_dim(model, variables, x_int, jax.random.uniform(rng, x_int.shape), y, noise_level)
   return fn
 
 
@@ -77,20 +83,56 @@ def _class_scores_fn(model):
 
 
 def split_fid_statistics(inception_variables, config, mesh, split: str, *, num_examples: int = -1,
-                         batch_size: int = 256, pipeline: str = 'pytorch_fid') -> tuple[np.ndarray, np.ndarray, int]:
+                         batch_size: int = 256, pipeline: str = 'pytorch_fid', progress: Optional[str] = None,
+                         progress_every_s: float = 300.0) -> tuple[np.ndarray, np.ndarray, int]:
   """FID-Inception feature mean and covariance of a split, and its number of images.
 
   With the 'torchmetrics' pipeline the pixels first take the reference's float round trip
-  (`inception.REFERENCE_REAL_PIXELS`).
+  (`inception.REFERENCE_REAL_PIXELS`). With `progress` (an .npz path) the running sums are saved
+  there every `progress_every_s` seconds, and a pass started again with the same arguments goes
+  on from them: a whole training split on a CPU takes hours. The caller removes the file once
+  the statistics are saved.
   """
   inception.check_pipeline(pipeline)
   inception_variables = jax.device_put(inception_variables, sharding.replicated(mesh))
   pixels = jnp.asarray(inception.REFERENCE_REAL_PIXELS)
-  stats = fid.RunningStatistics()
-  for batch, mask in _global_batches(config, mesh, split, batch_size, num_examples):
+  what = dict(dataset=config.data.name, split=split, num_examples=num_examples, batch_size=batch_size,
+              pipeline=pipeline, weights=_fingerprint(inception_variables))
+  stats, done = _resumed_statistics(progress, what)
+  saved = time.monotonic()
+  for i, (batch, mask) in enumerate(_global_batches(config, mesh, split, batch_size, num_examples)):
+    if i < done:
+      continue
     x = pixels[batch['image']] if pipeline == 'torchmetrics' else batch['image']
     stats.update(sharding.fetch(inception.batch_features(inception_variables, x, pipeline))[mask])
+    if progress and time.monotonic() - saved >= progress_every_s:
+      if jax.process_index() == 0:
+        storage.save_npz(progress, batches=np.int64(i + 1), **stats.state(), **{f'what/{k}': v for k, v in what.items()})
+        logging.info('FID statistics: %d images so far, saved to %s.', stats.n, progress)
+      saved = time.monotonic()
   return *stats.result(), stats.n
+
+
+def _fingerprint(variables) -> float:
+  """A number that tells weights apart: the sum of every weight times its position's sine."""
+  leaves = [np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(variables)]
+  return float(sum(np.dot(x, np.sin(np.arange(len(x)))) for x in leaves))
+
+
+def _resumed_statistics(progress: Optional[str], what: dict) -> tuple[fid.RunningStatistics, int]:
+  """The running sums and the number of batches done, from `progress` if it is a pass with `what`'s arguments."""
+  if not progress or not epath.Path(progress).exists():
+    return fid.RunningStatistics(), 0
+  with epath.Path(progress).open('rb') as f, np.load(f) as saved:
+    differs = [f'{k} {saved[f"what/{k}"].item()!r} (now {v!r})' for k, v in what.items()
+               if f'what/{k}' not in saved.files or saved[f'what/{k}'].item() != v]
+    if differs:
+      raise errors.AlreadyExists(f'{progress!r} holds part of another FID statistics pass ({"; ".join(differs)}): '
+                                 'give the arguments it was started with to finish it, or delete it to start anew.')
+    stats = fid.RunningStatistics.from_state({k: saved[k] for k in ('n', 'shift', 'sum', 'sum_sq')})
+    done = int(saved['batches'])
+  logging.info('FID statistics: going on from %s (%d images done).', progress, stats.n)
+  return stats, done
 
 
 def mean_and_stderr(values: np.ndarray) -> tuple[float, float]:
@@ -105,14 +147,25 @@ class FidProtocol:
   `num_samples` (50,000 there) images from standard normal noise, each class label drawn
   uniformly at random (conditional models), with guidance at the config's weight, always
   annealed, and the config's self-denoising; samples that come out non-finite are drawn again
-  (`fid_samples`).
+  (`fid_samples`). A noise-conditioned model (iTARFlow) samples as ml-itarflow's evaluate_fid.py:
+  `iterative_sampling.Guidance` and `iterative_sampling.IterativeDenoising`.
   """
   num_samples: int
-  guidance: sampling.Guidance
-  denoising: sampling.Denoising
+  guidance: Union[sampling.Guidance, iterative_sampling.Guidance]
+  denoising: Union[sampling.Denoising, iterative_sampling.IterativeDenoising]
+
+  @property
+  def iterative(self) -> bool:
+    return isinstance(self.denoising, iterative_sampling.IterativeDenoising)
 
   def describe(self) -> str:
     g, d = self.guidance, self.denoising
+    if self.iterative:
+      blocks = 'the first block' if g.style == 'starflow' else 'all blocks' if g.flows < 0 else f'{g.flows} blocks'
+      guided = (f'{g.style} guidance {g.weight:g}{" annealed" if g.annealed else ""} on {blocks} (attention '
+                f'temperature {g.attn_temp:g})' if g.enabled else 'no guidance')
+      return (f'{self.num_samples} samples at noise level {d.t1:g}, {guided}, iteratively denoised to {d.t0:g} in '
+              f'{d.steps} steps ({d.dynamics}{", clipped" if d.clip else ""})')
     guided = (f'guidance {g.weight:g} annealed (guiding {g.guide_what}, attention temperature {g.attn_temp:g})'
               if g.enabled else 'no guidance')
     denoised = f'self-denoised (sigma {d.sigma:g}, step scale {d.step_scale:g})' if d.enabled else 'not denoised'
@@ -125,6 +178,8 @@ MAX_REDRAWS = 10
 
 def fid_protocol(config, num_samples: int = REFERENCE_NUM_SAMPLES) -> FidProtocol:
   """The reference's protocol with a config's guidance weight, attention temperature and denoising."""
+  if config.model.noise_conditioning:
+    return FidProtocol(num_samples, *iterative_sampling.from_config(config, annealed=True))
   return FidProtocol(num_samples, sampling.guidance_from_config(config, annealed=True),
                      sampling.denoising_from_config(config))
 
@@ -185,11 +240,17 @@ def model_sampler(model, variables, mesh, protocol: FidProtocol,
   """
   variables = jax.device_put(variables, sharding.replicated(mesh))
   d = protocol.denoising
+  calls = iter(range(2**31))  # the iterative denoiser's fresh noise, one key per batch
 
   def draw(noise, labels):
     if len(noise) % mesh.size == 0:
       noise = jax.device_put(noise, sharding.batch_sharding(mesh))
     y = None if labels is None else jnp.asarray(labels)
+    if protocol.iterative:
+      with jax.set_mesh(mesh):
+        x = iterative_sampling.sample(model, variables, jnp.asarray(noise), y, guidance=protocol.guidance,
+                                      denoising=d, rng=jax.random.fold_in(jax.random.key(0), next(calls)))
+      return sharding.fetch(x)
     x = sampling.sample(model, variables, jnp.asarray(noise), y, guidance=protocol.guidance, decoder=decoder)
     if d.enabled:
       with jax.set_mesh(mesh):

@@ -74,6 +74,17 @@ class RunningStatistics:
     self.sum = self.sum + d.sum(0)
     self.sum_sq = self.sum_sq + d.T @ d
 
+  def state(self) -> dict:
+    """The sums as arrays, to save and resume from (`from_state`)."""
+    return dict(n=np.int64(self.n), shift=self.shift, sum=np.asarray(self.sum), sum_sq=np.asarray(self.sum_sq))
+
+  @classmethod
+  def from_state(cls, state) -> 'RunningStatistics':
+    stats = cls()
+    stats.n, stats.shift, stats.sum, stats.sum_sq = (int(state['n']), state['shift'], state['sum'],
+                                                     state['sum_sq'])
+    return stats
+
   def result(self) -> tuple[np.ndarray, np.ndarray]:
     if self.n < 2:
       raise errors.UserError(f'A covariance needs at least 2 examples, got {self.n}.')

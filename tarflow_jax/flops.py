@@ -1,11 +1,17 @@
 """Matmul FLOPs of the flow and of its sequential decoding, counted from the architecture.
 
 XLA's cost analysis counts a scanned layer or a decoding loop body once and a Pallas kernel not
-at all, so the benchmark and the ahead-of-time report count model FLOPs here.
+at all, so the benchmark and the ahead-of-time report count model FLOPs here. Blocks of their own
+shape (iTARFlow) are counted each with its own; per-image terms (the noise-level embedding) are left out.
 """
 
 from tarflow_jax import sampling
 from tarflow_jax import model as model_lib
+
+
+def _layers(spec: model_lib.Spec, i: int) -> int:
+  """Transformer layers block i runs: the shared backbone's and its own."""
+  return spec.shared_layers + spec.block(i).head_layers
 
 
 def forward_flops(model: model_lib.TarFlow) -> float:
@@ -15,21 +21,31 @@ def forward_flops(model: model_lib.TarFlow) -> float:
   projections (12 C^2 per token at expansion 4) and causal attention (T (T + 1) / 2 query-key
   pairs, two matmuls).
   """
-  t, c, d = model.num_tokens, model.spec.channels, model.token_dim
-  per_layer = 2 * t * (4 + 2 * model.spec.expansion) * c * c + 2 * 2 * c * t * (t + 1) // 2
-  out_dim = 2 * d if model.spec.nvp else d
-  return float(model.spec.num_blocks * (2 * t * d * c + model.spec.layers_per_block * per_layer + 2 * t * c * out_dim))
+  spec, total = model.spec, 0
+  for i in range(spec.num_blocks):
+    block = spec.block(i)
+    t, c, d = block.num_tokens, block.channels, block.token_dim
+    per_layer = 2 * t * (4 + 2 * spec.expansion) * c * c + 2 * 2 * c * t * (t + 1) // 2
+    out_dim = 2 * d if spec.nvp else d
+    total += 2 * t * d * c + _layers(spec, i) * per_layer + 2 * t * c * out_dim
+  return float(total)
 
 
-def decode_flops(model: model_lib.TarFlow, batch: int, chunks: int = 8) -> float:
-  """Matmul FLOPs of sequential decoding (every block, every token).
+def block_decode_flops(model: model_lib.TarFlow, i: int, batch: int, chunks: int = 8) -> float:
+  """Matmul FLOPs of sequential decoding of block i (every token) for `batch` rows.
 
   Per token and layer the qkv, output, and MLP projections, and attention over the cache as the
   sampler holds it (as long as the end of the token's decoding chunk, masked past the token).
   """
-  c, d = model.spec.channels, model.token_dim
-  per_layer = 2 * (3 * c * c + c * c + 2 * model.spec.expansion * c * c)
-  per_token = model.spec.layers_per_block * per_layer + 2 * d * c + 2 * c * (2 * d if model.spec.nvp else d)
-  bounds = sampling.decode_chunks(model.num_tokens, chunks)
-  attention = model.spec.layers_per_block * 2 * 2 * c * sum((stop - start) * stop for start, stop in bounds)
-  return float(batch * model.spec.num_blocks * ((model.num_tokens - 1) * per_token + attention))
+  spec = model.spec
+  block = spec.block(i)
+  c, d, t, layers = block.channels, block.token_dim, block.num_tokens, _layers(spec, i)
+  per_layer = 2 * (3 * c * c + c * c + 2 * spec.expansion * c * c)
+  per_token = layers * per_layer + 2 * d * c + 2 * c * (2 * d if spec.nvp else d)
+  attention = layers * 2 * 2 * c * sum((stop - start) * stop for start, stop in sampling.decode_chunks(t, chunks))
+  return float(batch * ((t - 1) * per_token + attention))
+
+
+def decode_flops(model: model_lib.TarFlow, batch: int, chunks: int = 8) -> float:
+  """Matmul FLOPs of sequential decoding (every block, every token) for `batch` rows."""
+  return sum(block_decode_flops(model, i, batch, chunks) for i in range(model.spec.num_blocks))

@@ -16,9 +16,16 @@ LOG_BIN_WIDTH = -math.log(128.0)
 GAUSS_CONST = 0.5 * math.log(2 * math.pi)
 
 
-def loss(z: Array, logdets: Array) -> Array:
-  """The training objective, per dimension: `0.5 * mean(z**2) - mean(logdets)` (-log p(x) / N - GAUSS_CONST)."""
-  return 0.5 * jnp.mean(z**2) - jnp.mean(logdets)
+def loss(z: Array, logdets: Array, weights: Optional[Array] = None) -> Array:
+  """The training objective, per dimension: `0.5 * mean(z**2) - mean(logdets)` (-log p(x) / N - GAUSS_CONST).
+
+  With `weights` (B,), the mean over images of each one's objective times its weight (iTARFlow's
+  reweighting by noise level): `mean((0.5 * mean(z_i**2) - logdets_i) * w_i)`.
+  """
+  if weights is None:
+    return 0.5 * jnp.mean(z**2) - jnp.mean(logdets)
+  per_image = 0.5 * jnp.mean(z**2, axis=(1, 2)) - logdets  # (B,)
+  return jnp.mean(per_image * weights)
 
 
 def log_prob_from_latent(z: Array, logdets: Array) -> Array:
@@ -32,9 +39,11 @@ def log_prob_from_latent(z: Array, logdets: Array) -> Array:
   return jnp.sum(-0.5 * (z**2 + math.log(2 * math.pi)), axis=1) + n * logdets
 
 
-def log_prob(model: TarFlow, variables, x: Array, y: Optional[Array] = None) -> Array:
-  """Per-image log-density (B,) of images x (B, H, W, C) on the [-1, 1] scale."""
-  z, logdets, _ = model.apply(variables, x, y)
+def log_prob(model: TarFlow, variables, x: Array, y: Optional[Array] = None,
+             noise_level: Optional[Array] = None) -> Array:
+  """Per-image log-density (B,) of images x (B, H, W, C) on the [-1, 1] scale (at `noise_level` (B,), for a
+  noise-conditioned model)."""
+  z, logdets, _ = model.apply(variables, x, y, noise_level)
   return log_prob_from_latent(z, logdets)
 
 
@@ -51,8 +60,10 @@ def to_bits_per_dim(nll: Array) -> Array:
   return (nll - LOG_BIN_WIDTH) / math.log(2.0)
 
 
-def bits_per_dim(model: TarFlow, variables, x_int: Array, u: Array, y: Optional[Array] = None) -> Array:
-  """Bits per dimension (B,) of 8-bit images under uniform dequantisation.
+def bits_per_dim(model: TarFlow, variables, x_int: Array, u: Array, y: Optional[Array] = None,
+                 noise_level: Optional[float] = None) -> Array:
+  """Bits per dimension (B,) of 8-bit images under uniform dequantisation (a noise-conditioned model's at
+  `noise_level`).
 
   Args:
     x_int: (B, H, W, C) integer pixel values 0..255 (any numeric dtype).
@@ -62,4 +73,5 @@ def bits_per_dim(model: TarFlow, variables, x_int: Array, u: Array, y: Optional[
   """
   x = dequantize(x_int.astype(jnp.float32), u.astype(jnp.float32))
   n = math.prod(x.shape[1:])
-  return to_bits_per_dim(-log_prob(model, variables, x, y) / n)
+  level = None if noise_level is None else jnp.full((x.shape[0],), noise_level)
+  return to_bits_per_dim(-log_prob(model, variables, x, y, level) / n)

@@ -1,8 +1,13 @@
-"""TarFlow in Flax Linen: causal Transformer blocks as autoregressive affine flows over patches."""
+"""TarFlow in Flax Linen: causal Transformer blocks as autoregressive affine flows over patches.
+
+Also the iTARFlow family (Iterative TARFlow, apple/ml-itarflow), as options of the same model: per-block
+patch sizes, widths and depths, a backbone shared by all blocks, and conditioning on the noise level.
+"""
 
 import dataclasses
 import functools
-from typing import Any, Callable, Optional, Sequence
+import math
+from typing import Any, Callable, Optional, Sequence, Union
 
 import einops
 import flax.linen as nn
@@ -36,6 +41,13 @@ def unpatchify(x: Array, patch_size: int, img_size: int) -> Array:
   return einops.rearrange(x, 'b (h w) (c p q) -> b (h p) (w q) c', h=grid, p=patch_size, q=patch_size)
 
 
+def repatchify(x: Array, patch_from: int, patch_to: int, img_size: int) -> Array:
+  """Patch tokens (B, T, D) of patch size `patch_from` to those of `patch_to` (B, T', D'): the same image."""
+  if patch_from == patch_to:
+    return x
+  return patchify(unpatchify(x, patch_from, img_size), patch_to)
+
+
 def flow_dtype(dtype: Dtype) -> Dtype:
   """Dtype of norms, softmax, exp and log-determinants: float32 even for bfloat16 matmuls."""
   return jnp.promote_types(dtype, jnp.float32)
@@ -44,19 +56,27 @@ def flow_dtype(dtype: Dtype) -> Dtype:
 INITIALIZERS = ('reference', 'flax')
 
 
+PerBlock = Union[int, tuple]  # one value for every block, or one per block (block 0 first)
+
+
 @dataclasses.dataclass(frozen=True)
 class Spec:
   """What every layer of a TarFlow reads: the architecture, and how it runs (see `TarFlow`).
 
-  Built once (`from_config`) and handed to each layer whole.
+  Built once (`from_config`) and handed to each layer whole; each block gets `block(i)`, its own
+  patch size, width and depth. `patch_size`, `channels` and `layers_per_block` are one value for
+  every block (TarFlow) or a tuple with one per block (iTARFlow; a list is taken as a tuple, one of
+  length 1 as its value). `shared_layers` > 0: the first that many layers of every block are one
+  shared backbone (the blocks keep `layers_per_block - shared_layers` of their own).
+  `noise_conditioning`: every block adds an embedding of log(noise level) to its tokens.
   """
 
   in_channels: int
   img_size: int
-  patch_size: int
-  channels: int
+  patch_size: PerBlock
+  channels: PerBlock
   num_blocks: int
-  layers_per_block: int
+  layers_per_block: PerBlock
   head_dim: int = 64
   expansion: int = 4
   nvp: bool = True
@@ -68,14 +88,49 @@ class Spec:
   precision: Any = None
   attention_kernel: str = 'auto'  # see attention.causal_attention
   initializer: str = 'reference'
+  shared_layers: int = 0
+  noise_conditioning: bool = False
+
+  def __post_init__(self):
+    for field in PER_BLOCK_FIELDS:
+      value = getattr(self, field)
+      if isinstance(value, (list, tuple)):
+        value = tuple(int(v) for v in value)
+        if len(value) not in (1, self.num_blocks):
+          raise errors.UserError(f'{field}={list(value)} has {len(value)} entries: give one for every block '
+                                 f'(num_blocks={self.num_blocks}) or one for all.')
+        object.__setattr__(self, field, value[0] if len(value) == 1 else value)
+
+  def block(self, i: int) -> 'Spec':
+    """The spec of block i: its own patch size, width and depth (ints)."""
+    return dataclasses.replace(self, **{f: _of_block(getattr(self, f), i) for f in PER_BLOCK_FIELDS})
+
+  @property
+  def patch_sizes(self) -> tuple:
+    """Patch size of every block, block 0 first."""
+    return tuple(_of_block(self.patch_size, i) for i in range(self.num_blocks))
+
+  @property
+  def head_layers(self) -> int:
+    """Layers a block owns (of a block's spec): those after the shared backbone."""
+    return max(0, self.layers_per_block - self.shared_layers)
 
   @property
   def num_tokens(self) -> int:
-    return (self.img_size // self.patch_size) ** 2
+    """Tokens of the latent (of the last block; of a block's spec, its own)."""
+    return (self.img_size // self.patch_sizes[-1]) ** 2
 
   @property
   def token_dim(self) -> int:
-    return self.in_channels * self.patch_size**2
+    """Dimension of a latent token (of the last block; of a block's spec, its own)."""
+    return self.in_channels * self.patch_sizes[-1]**2
+
+
+PER_BLOCK_FIELDS = ('patch_size', 'channels', 'layers_per_block')
+
+
+def _of_block(value: PerBlock, i: int) -> int:
+  return value[i] if isinstance(value, tuple) else value
 
 
 def _layer_norm(spec: Spec, name: str) -> nn.LayerNorm:
@@ -199,6 +254,44 @@ class TransformerLayer(nn.Module):
     return x + self.mlp(x), cache
 
 
+def _remat_policy(spec: Spec):
+  """What the backward pass keeps of a rematerialised layer: a `jax.checkpoint_policies` name."""
+  policy = getattr(jax.checkpoint_policies, spec.remat_policy, None)
+  if policy is None or spec.remat_policy.startswith(('save_', 'offload')):
+    raise errors.UserError(f'Unknown remat_policy {spec.remat_policy!r}: use a policy of '
+                           'jax.checkpoint_policies such as nothing_saveable or dots_with_no_batch_dims_saveable.')
+  return policy
+
+
+def transformer_layer(spec: Spec, name: str) -> nn.Module:
+  """A `TransformerLayer`; with `spec.remat`, one whose backward pass recomputes it from its input."""
+  layer = nn.remat(TransformerLayer, policy=_remat_policy(spec)) if spec.remat else TransformerLayer
+  return layer(spec, name=name)
+
+
+class NoiseLevelEmbedding(nn.Module):
+  """iTARFlow's noise-level conditioning: Fourier features of log t through a two-layer MLP.
+
+  `channels // 2` frequencies `exp(-log(10000) k / (channels // 2))`, sin then cos, then
+  Dense(channels -> 4 channels), exact GELU, Dense(4 channels -> channels).
+  """
+
+  spec: Spec
+  max_period: float = 10000.0
+
+  @nn.compact
+  def __call__(self, log_t: Array) -> Array:
+    """log t (B,) -> (B, C)."""
+    c = self.spec.channels
+    half = c // 2
+    freqs = jnp.exp(-math.log(self.max_period) * jnp.arange(half, dtype=jnp.float32) / half)  # (C/2,)
+    args = log_t.astype(jnp.float32)[:, None] * freqs[None]  # (B, C/2)
+    features = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)  # (B, 2 (C/2))
+    features = jnp.pad(features, ((0, 0), (0, c - 2 * half)))  # (B, C)
+    h = dense(4 * c, c, self.spec, 'fc1')(features.astype(self.spec.dtype))  # (B, 4C)
+    return dense(c, 4 * c, self.spec, 'fc2')(gelu(h))  # (B, C)
+
+
 class FlowBlock(nn.Module):
   """One autoregressive affine flow over patch tokens.
 
@@ -212,10 +305,16 @@ class FlowBlock(nn.Module):
   one token (sequential decoding) or one segment (a Jacobi iteration) over the
   key/value cache of `init_cache`. Both take and return tokens in the original
   order: the flip stays inside the block.
+
+  `spec` is the block's own (`Spec.block`). `shared` are the layers of a shared backbone
+  (iTARFlow), owned by the stack and run before the block's own `spec.head_layers` layers.
+  With `spec.noise_conditioning` every method takes `log_level` (B,), the log of each
+  row's noise level, and the tokens get its embedding (`NoiseLevelEmbedding`).
   """
 
   spec: Spec
   flip: bool = False
+  shared: Sequence[nn.Module] = ()
 
   def setup(self):
     spec = self.spec
@@ -223,9 +322,9 @@ class FlowBlock(nn.Module):
     self.pos_embed = self.param('pos_embed', nn.initializers.normal(1e-2), (spec.num_tokens, spec.channels))
     if spec.num_classes:
       self.class_embed = self.param('class_embed', nn.initializers.normal(1e-2), (spec.num_classes, spec.channels))
-    # remat: the backward pass recomputes each layer from its input instead of storing its activations.
-    layer = nn.remat(TransformerLayer, policy=self._policy()) if spec.remat else TransformerLayer
-    self.layers = [layer(spec, name=f'layer_{i}') for i in range(spec.layers_per_block)]
+    if spec.noise_conditioning:
+      self.time_embed = NoiseLevelEmbedding(spec, name='time_embed')
+    self.layers = [transformer_layer(spec, f'layer_{i}') for i in range(spec.head_layers)]
     out_dim = 2 * spec.token_dim if spec.nvp else spec.token_dim
     # Zero weights: a fresh block is an affine map of each token by its bias, the same for every input.
     self.proj_out = dense(out_dim, spec.channels, spec, 'proj_out', zero_kernel=True)
@@ -262,14 +361,25 @@ class FlowBlock(nn.Module):
       return out[..., :self.spec.token_dim], out[..., self.spec.token_dim:]
     return jnp.zeros_like(out), out
 
-  def affine_params(self, x: Array, y: Optional[Array] = None, temperature: Optional[Array] = None):
+  def _embed(self, x: Array, pos: Array, y: Optional[Array], log_level: Optional[Array]) -> Array:
+    """Tokens x (B, S, D) to the Transformer's width, with their position embeddings pos (S, C),
+    the noise level's embedding and the class embedding: (B, S, C)."""
+    h = self.proj_in(x.astype(self.spec.dtype)) + pos  # (B, S, C)
+    if self.spec.noise_conditioning:
+      h = h + self.time_embed(log_level)[:, None].astype(h.dtype)
+    if self.spec.num_classes:
+      h = h + self._class_embedding(y)[:, None]
+    return h
+
+  def affine_params(self, x: Array, y: Optional[Array] = None, temperature: Optional[Array] = None,
+                    log_level: Optional[Array] = None):
     """Log-scales and shifts for all tokens of x (B, T, D), in reading order.
 
     Returns (a, b) in `flow_dtype`, each (B, T, D); row t depends only on rows < t.
     """
-    h = self.proj_in(x.astype(self.spec.dtype)) + self._reading_order(self.pos_embed, 0)  # (B, T, C)
-    if self.spec.num_classes:
-      h = h + self._class_embedding(y)[:, None]
+    h = self._embed(x, self._reading_order(self.pos_embed, 0), y, log_level)  # (B, T, C)
+    for layer in self.shared:
+      h = layer(h, temperature)
     if self.spec.scan_layers and not self.is_initializing():
       h = self._scanned_layers(h, temperature)
     else:
@@ -286,36 +396,30 @@ class FlowBlock(nn.Module):
     depend on `scan_layers`; gradients flow back through the stacking.
     """
     params = self.variables['params']
-    layers = [params[f'layer_{i}'] for i in range(self.spec.layers_per_block)]
+    layers = [params[f'layer_{i}'] for i in range(self.spec.head_layers)]
+    if not layers:
+      return h
     stacked = jax.tree.map(lambda *p: jnp.stack(p), *layers)
     layer = TransformerLayer(self.spec, parent=None)
     body = lambda h, p: (layer.apply({'params': p}, h, temperature), None)
     if self.spec.remat:
-      body = jax.checkpoint(body, prevent_cse=False, policy=self._policy())
+      body = jax.checkpoint(body, prevent_cse=False, policy=_remat_policy(self.spec))
     h, _ = jax.lax.scan(body, h, stacked)
     return h
 
-  def _policy(self):
-    """What the backward pass keeps of a rematerialised layer: a `jax.checkpoint_policies` name."""
-    policy = getattr(jax.checkpoint_policies, self.spec.remat_policy, None)
-    if policy is None or self.spec.remat_policy.startswith(('save_', 'offload')):
-      raise errors.UserError(f'Unknown remat_policy {self.spec.remat_policy!r}: use a policy of '
-                             'jax.checkpoint_policies such as nothing_saveable or dots_with_no_batch_dims_saveable.')
-    return policy
-
-  def __call__(self, x: Array, y: Optional[Array] = None):
+  def __call__(self, x: Array, y: Optional[Array] = None, log_level: Optional[Array] = None):
     """Forward: x (B, T, D) in the original order -> (z (B, T, D), logdet (B,)).
 
     logdet is the mean of -a over tokens and dims, as in the reference; the
     log-determinant of the block is `T * D * logdet`.
     """
     x = self._reading_order(x).astype(flow_dtype(self.spec.dtype))
-    a, b = self.affine_params(x, y)
+    a, b = self.affine_params(x, y, log_level=log_level)
     z = (x - b) * jnp.exp(-a)
     return self._reading_order(z), -a.mean(axis=(1, 2))
 
   def affine_step(self, x: Array, t: Array, y: Optional[Array], cache: Sequence[dict],
-                  temperature: Optional[Array] = None):
+                  temperature: Optional[Array] = None, log_level: Optional[Array] = None):
     """(a, b) for tokens t+1..t+S from tokens t..t+S-1, x (B, S, D), of the reading order, over a cache.
 
     Args:
@@ -325,21 +429,21 @@ class FlowBlock(nn.Module):
       y: (B,) labels or None.
       cache: per layer {'k', 'v'} of shape (B, H, L, hd), L >= t+S, holding tokens < t.
       temperature: (B,) attention temperature or None.
+      log_level: (B,) log noise level (with `noise_conditioning`) or None.
     Returns:
       (a, b) each (B, S, D) in `flow_dtype`, and the cache with tokens < t+S.
     """
     pos = self._read(self.pos_embed[None], t, x.shape[1])[0]  # (S, C)
-    h = self.proj_in(x.astype(self.spec.dtype)) + pos  # (B, S, C)
-    if self.spec.num_classes:
-      h = h + self._class_embedding(y)[:, None]
+    h = self._embed(x, pos, y, log_level)  # (B, S, C)
     new_cache = []
-    for layer, layer_cache in zip(self.layers, cache):
+    for layer, layer_cache in zip([*self.shared, *self.layers], cache):
       h, layer_cache = layer.step(h, t, layer_cache, temperature)
       new_cache.append(layer_cache)
     return self._affine(self.proj_out(h)), new_cache
 
   def inverse_step(self, x: Array, z: Array, t: Array, cache: Sequence[dict], y: Optional[Array] = None,
-                   temperature: Optional[Array] = None, guide: Optional[Callable] = None, size: int = 1):
+                   temperature: Optional[Array] = None, guide: Optional[Callable] = None, size: int = 1,
+                   log_level: Optional[Array] = None):
     """Inverts tokens t+1..t+size of the reading order from tokens t..t+size-1 of x: `x = z * exp(a) + b`.
 
     The inverse of `__call__`, a step at a time: sequential decoding calls it
@@ -361,6 +465,7 @@ class FlowBlock(nn.Module):
         parameters (2B, size, D) of the tokens run twice, as rows [x; x], to
         those (B, size, D) to invert with (e.g. classifier-free guidance).
       size: tokens inverted in this step.
+      log_level: (R,) log noise level of each row (with `noise_conditioning`) or None.
     Returns:
       x with tokens t+1..t+size of the reading order replaced, and the cache
       with tokens < t+size.
@@ -368,7 +473,7 @@ class FlowBlock(nn.Module):
     inputs = self._read(x, t, size)  # (B, S, D)
     if guide is not None:
       inputs = jnp.concatenate([inputs, inputs])  # (2B, S, D)
-    (a, b), cache = self.affine_step(inputs, t, y, cache, temperature)
+    (a, b), cache = self.affine_step(inputs, t, y, cache, temperature, log_level)
     if guide is not None:
       a, b = guide(a, b, t)
     tokens = self._read(z, t + 1, size) * jnp.exp(a) + b  # (B, S, D)
@@ -379,7 +484,7 @@ class FlowBlock(nn.Module):
     length = self.spec.num_tokens if length is None else length
     shape = (batch, self.spec.channels // self.spec.head_dim, length, self.spec.head_dim)  # (B, H, length, hd)
     return [{'k': jnp.zeros(shape, self.spec.dtype), 'v': jnp.zeros(shape, self.spec.dtype)}
-            for _ in range(self.spec.layers_per_block)]
+            for _ in range(len(self.shared) + self.spec.head_layers)]
 
 
 def extend_cache(cache: Sequence[dict], length: int) -> list:
@@ -402,6 +507,12 @@ class TarFlow(nn.Module):
   U(+-1/sqrt(fan_in)), LayerNorm 1 and 0, position and class embeddings
   N(0, 0.01^2), output projections' weights zero) or 'flax' (LeCun-normal
   weights, zero biases, the embeddings and zero output weights as before).
+
+  iTARFlow (all off by default): blocks of their own patch size, width and depth, the
+  tokens re-patchified between blocks of different patch sizes (the latent and the prior
+  have the last block's layout); `shared_layers` layers of one backbone run first in
+  every block ('shared_layer_j', beside the blocks); `noise_conditioning` makes the
+  model a function of the noise level t of its input, `__call__(x, y, noise_level=t)`.
   """
 
   spec: Spec
@@ -416,29 +527,40 @@ class TarFlow(nn.Module):
 
   def setup(self):
     spec = self.spec
-    if spec.img_size % spec.patch_size:
-      raise errors.UserError(f'img_size={spec.img_size} is not a multiple of patch_size={spec.patch_size}.')
-    if spec.channels % spec.head_dim:
-      raise errors.UserError(f'channels={spec.channels} is not a multiple of head_dim={spec.head_dim}.')
-    self.blocks = [FlowBlock(spec, flip=bool(i % 2), name=f'block_{i}') for i in range(spec.num_blocks)]
+    specs = [spec.block(i) for i in range(spec.num_blocks)]
+    for s in specs:
+      if spec.img_size % s.patch_size:
+        raise errors.UserError(f'img_size={spec.img_size} is not a multiple of patch_size={s.patch_size}.')
+      if s.channels % spec.head_dim:
+        raise errors.UserError(f'channels={s.channels} is not a multiple of head_dim={spec.head_dim}.')
+    if spec.shared_layers and len({s.channels for s in specs}) > 1:
+      raise errors.UserError(f'A shared backbone (shared_layers={spec.shared_layers}) needs one width for every '
+                             f'block, got channels={spec.channels}.')
+    # Owned here, run inside every block before its own layers.
+    self.shared = [transformer_layer(specs[0], f'shared_layer_{j}') for j in range(spec.shared_layers)]
+    self.blocks = [FlowBlock(s, flip=bool(i % 2), shared=tuple(self.shared), name=f'block_{i}')
+                   for i, s in enumerate(specs)]
     # Created here, read outside the module: sampling scales its noise by variables['prior']['var'].
     self.variable('prior', 'var', jnp.ones, (self.num_tokens, self.token_dim))
 
-  def __call__(self, x: Array, y: Optional[Array] = None):
-    """Images (B, H, W, C) in [-1, 1] (and labels (B,)) to the latent.
+  def __call__(self, x: Array, y: Optional[Array] = None, noise_level: Optional[Array] = None):
+    """Images (B, H, W, C) in [-1, 1] (and labels (B,); with `noise_conditioning`, their noise level t) to the latent.
 
     Returns:
-      z: (B, T, D) latent in patch layout.
+      z: (B, T, D) latent in patch layout (the last block's).
       logdets: (B,) sum over blocks of each block's mean of -a.
-      block_latents: list of (B, T, D), the output of every block, block 0 first.
+      block_latents: list of (B, T_i, D_i), the output of every block in its patch layout, block 0 first.
     """
     check_images(x, self.spec.img_size, self.spec.in_channels)
     check_labels(y, self.spec.num_classes)
-    h = patchify(x.astype(flow_dtype(self.spec.dtype)), self.spec.patch_size)
+    log_level = log_noise_level(noise_level, x.shape[0], self.spec)
+    patch_sizes = self.spec.patch_sizes
+    h = patchify(x.astype(flow_dtype(self.spec.dtype)), patch_sizes[0])
     logdets = jnp.zeros(h.shape[0], h.dtype)
     block_latents = []
-    for block in self.blocks:
-      h, logdet = block(h, y)
+    for i, block in enumerate(self.blocks):
+      h = repatchify(h, patch_sizes[max(i - 1, 0)], patch_sizes[i], self.spec.img_size)  # (B, T_i, D_i)
+      h, logdet = block(h, y, log_level)
       logdets = logdets + logdet
       block_latents.append(h)
     return h, logdets, block_latents
@@ -447,6 +569,19 @@ class TarFlow(nn.Module):
 def on_block(i: int, method: Callable) -> Callable:
   """A `FlowBlock` method (unbound) of block i, for `TarFlow.apply(variables, ..., method=on_block(i, ...))`."""
   return lambda model, *args, **kwargs: method(model.blocks[i], *args, **kwargs)
+
+
+def log_noise_level(noise_level: Optional[Array], batch: int, spec: Spec) -> Optional[Array]:
+  """log t (B,) of a noise-conditioned model's noise level (a scalar, (B,) or (B, 1)); None for other models."""
+  if not spec.noise_conditioning:
+    if noise_level is not None:
+      raise errors.UserError('A noise level was given, but the model is not conditioned on one '
+                             '(noise_conditioning=False); pass noise_level=None.')
+    return None
+  if noise_level is None:
+    raise errors.UserError('The model is conditioned on the noise level of its input (noise_conditioning=True): '
+                           'pass noise_level, the std t of the Gaussian noise added to the images (t > 0).')
+  return jnp.log(jnp.broadcast_to(jnp.reshape(noise_level, (-1,)), (batch,)))
 
 
 def check_images(x, img_size: int, in_channels: int) -> None:
@@ -478,7 +613,8 @@ def check_labels(y, num_classes: int) -> None:
 def init_variables(model: TarFlow, rng: Array) -> dict:
   """Fresh variables {'params', 'prior'} for `model`."""
   spec = model.spec
-  return model.init(rng, jnp.zeros((1, spec.img_size, spec.img_size, spec.in_channels)))
+  noise_level = jnp.ones((1,)) if spec.noise_conditioning else None
+  return model.init(rng, jnp.zeros((1, spec.img_size, spec.img_size, spec.in_channels)), noise_level=noise_level)
 
 
 def abstract_variables(model: TarFlow) -> dict:

@@ -1,4 +1,5 @@
-"""Official PyTorch TarFlow state dicts (apple/ml-tarflow) to our variables, and back.
+"""Official PyTorch TarFlow state dicts (apple/ml-tarflow) to our variables, and back; also iTARFlow's
+(apple/ml-itarflow), for a model with `noise_conditioning`.
 
 The command line `python -m tarflow_jax.cli.convert` (tarflow_jax/cli/convert.py) converts a released
 `.pth` into a checkpoint directory, and a checkpoint back into a `.pth` or `.npz`. One table, `_entries`,
@@ -40,7 +41,10 @@ _transpose = lambda a: np.ascontiguousarray(a.T)  # torch Linear (out, in) <-> F
 def _entries(model: TarFlow) -> Iterator[Union[_Rule, _Buffer]]:
   """Every tensor of the reference's state dict for `model`, in its `state_dict()` order.
 
-  torch lists a module's own tensors (parameters, then buffers) before its submodules'.
+  torch lists a module's own tensors (parameters, then buffers) before its submodules'. A model with
+  `noise_conditioning` is ml-itarflow's: its blocks' layers are `head_blocks` (ml-tarflow's
+  `attn_blocks`), each block has a `time_embed`, and the shared backbone (`shared_backbone.j`) is
+  listed once by the model and again by every block that holds it (`blocks.i.shared_backbone.j`).
   """
 
   def linear(ref, path):
@@ -51,24 +55,38 @@ def _entries(model: TarFlow) -> Iterator[Union[_Rule, _Buffer]]:
     yield _Rule(ref + '.weight', path + ('scale',), _same, _same)
     yield _Rule(ref + '.bias', path + ('bias',), _same, _same)
 
-  t = model.num_tokens
+  def layer(lref, lours):
+    yield from norm(f'{lref}.attention.norm', lours + ('attention', 'norm'))
+    yield from linear(f'{lref}.attention.qkv', lours + ('attention', 'qkv'))
+    yield from linear(f'{lref}.attention.proj', lours + ('attention', 'proj'))
+    yield from norm(f'{lref}.mlp.norm', lours + ('mlp', 'norm'))
+    yield from linear(f'{lref}.mlp.main.0', lours + ('mlp', 'fc1'))
+    yield from linear(f'{lref}.mlp.main.2', lours + ('mlp', 'fc2'))
+
+  def shared_backbone(ref):
+    for j in range(spec.shared_layers):
+      yield from layer(f'{ref}shared_backbone.{j}', ('params', f'shared_layer_{j}'))
+
+  spec = model.spec
+  layers = 'head_blocks' if spec.noise_conditioning else 'attn_blocks'
   yield _Rule('var', ('prior', 'var'), _same, _same)
-  for i in range(model.spec.num_blocks):
+  yield from shared_backbone('')
+  for i in range(spec.num_blocks):
+    block = spec.block(i)
+    t = block.num_tokens
     ref, ours = f'blocks.{i}', ('params', f'block_{i}')
     yield _Rule(f'{ref}.pos_embed', ours + ('pos_embed',), _same, _same)
-    if model.spec.num_classes:  # reference: (classes, 1, channels); ours: (classes, channels)
+    if spec.num_classes:  # reference: (classes, 1, channels); ours: (classes, channels)
       yield _Rule(f'{ref}.class_embed', ours + ('class_embed',), lambda a: a[:, 0], lambda a: a[:, None])
     yield _Buffer(f'{ref}.attn_mask', np.tril(np.ones((t, t), np.float32)))  # (T, T) causal mask
     yield from linear(f'{ref}.proj_in', ours + ('proj_in',))
-    for l in range(model.spec.layers_per_block):
-      lref, lours = f'{ref}.attn_blocks.{l}', ours + (f'layer_{l}',)
-      yield from norm(f'{lref}.attention.norm', lours + ('attention', 'norm'))
-      yield from linear(f'{lref}.attention.qkv', lours + ('attention', 'qkv'))
-      yield from linear(f'{lref}.attention.proj', lours + ('attention', 'proj'))
-      yield from norm(f'{lref}.mlp.norm', lours + ('mlp', 'norm'))
-      yield from linear(f'{lref}.mlp.main.0', lours + ('mlp', 'fc1'))
-      yield from linear(f'{lref}.mlp.main.2', lours + ('mlp', 'fc2'))
+    yield from shared_backbone(f'{ref}.')
+    for l in range(block.head_layers):
+      yield from layer(f'{ref}.{layers}.{l}', ours + (f'layer_{l}',))
     yield from linear(f'{ref}.proj_out', ours + ('proj_out',))
+    if spec.noise_conditioning:
+      yield from linear(f'{ref}.time_embed.mlp.0', ours + ('time_embed', 'fc1'))
+      yield from linear(f'{ref}.time_embed.mlp.2', ours + ('time_embed', 'fc2'))
 
 
 def describe_state_dict(state: Mapping[str, np.ndarray]) -> dict:
@@ -78,24 +96,44 @@ def describe_state_dict(state: Mapping[str, np.ndarray]) -> dict:
   """
   state = strip_prefixes(state)
   blocks = sorted({int(m.group(1)) for k in state if (m := re.match(r'blocks\.(\d+)\.', k))})
-  layers = {int(m.group(1)) for k in state if (m := re.match(r'blocks\.0\.attn_blocks\.(\d+)\.', k))}
-  arch = {'num_blocks': len(blocks), 'layers_per_block': len(layers)}
-  if 'blocks.0.pos_embed' in state:
-    arch['num_tokens'], arch['channels'] = tuple(state['blocks.0.pos_embed'].shape)
-  if 'blocks.0.proj_in.weight' in state:
-    arch['token_dim'] = state['blocks.0.proj_in.weight'].shape[1]
-  if 'blocks.0.proj_out.weight' in state and 'token_dim' in arch:
-    arch['nvp'] = state['blocks.0.proj_out.weight'].shape[0] == 2 * arch['token_dim']
+  shared = len({m.group(1) for k in state if (m := re.match(r'shared_backbone\.(\d+)\.', k))})
+  count = lambda pattern: len({m.group(1) for k in state if (m := re.match(pattern, k))})
+  layers = [shared + count(rf'blocks\.{i}\.(?:attn|head)_blocks\.(\d+)\.') for i in blocks]
+  arch = {'num_blocks': len(blocks), 'layers_per_block': _per_block(layers)}
+  pos, proj_in = [state.get(f'blocks.{i}.pos_embed') for i in blocks], [state.get(f'blocks.{i}.proj_in.weight')
+                                                                         for i in blocks]
+  if pos and all(p is not None for p in pos):
+    arch['num_tokens'], arch['channels'] = (_per_block([p.shape[j] for p in pos]) for j in (0, 1))
+  if proj_in and all(w is not None for w in proj_in):
+    arch['token_dim'] = _per_block([w.shape[1] for w in proj_in])
+  if 'blocks.0.proj_out.weight' in state and proj_in and proj_in[0] is not None:
+    arch['nvp'] = state['blocks.0.proj_out.weight'].shape[0] == 2 * proj_in[0].shape[1]
   arch['num_classes'] = state['blocks.0.class_embed'].shape[0] if 'blocks.0.class_embed' in state else 0
-  if 'blocks.0.attn_blocks.0.mlp.main.0.weight' in state and arch.get('channels'):
-    arch['expansion'] = state['blocks.0.attn_blocks.0.mlp.main.0.weight'].shape[0] // arch['channels']
+  fc1 = next((state[k] for k in ('blocks.0.attn_blocks.0.mlp.main.0.weight', 'blocks.0.head_blocks.0.mlp.main.0.weight',
+                                 'shared_backbone.0.mlp.main.0.weight') if k in state), None)
+  if fc1 is not None:
+    arch['expansion'] = fc1.shape[0] // fc1.shape[1]
+  if shared:
+    arch['shared_layers'] = shared
+  if 'blocks.0.time_embed.mlp.0.weight' in state:
+    arch['noise_conditioning'] = True
   return arch
 
 
+def _per_block(values: list):
+  """One value for every block, or a tuple of them where they differ."""
+  return values[0] if len(set(values)) == 1 else tuple(values)
+
+
 def _describe_model(model: TarFlow) -> dict:
-  """The model's architecture fields, and the two that a state dict shows instead of img_size and patch_size."""
-  fields = {k: getattr(model.spec, k) for k in config_lib.ARCHITECTURE_FIELDS}
-  return {**fields, 'num_tokens': model.num_tokens, 'token_dim': model.token_dim}
+  """The model's architecture fields as `describe_state_dict` gives them, and the two that a state dict shows
+  instead of img_size and patch_size."""
+  spec = model.spec
+  blocks = [spec.block(i) for i in range(spec.num_blocks)]
+  fields = {k: getattr(spec, k) for k in config_lib.ARCHITECTURE_FIELDS}
+  per_block = {'num_tokens': [b.num_tokens for b in blocks], 'token_dim': [b.token_dim for b in blocks],
+               'layers_per_block': [spec.shared_layers + b.head_layers for b in blocks]}
+  return {**fields, **{k: _per_block(v) for k, v in per_block.items()}}
 
 
 _FIELD_HINTS = {
@@ -103,6 +141,9 @@ _FIELD_HINTS = {
     'token_dim': 'in_channels * patch_size**2: check in_channels and patch_size',
     'channels': 'the Transformer width',
     'num_classes': 'the number of classes (0 for an unconditional model)',
+    'noise_conditioning': 'apple/ml-itarflow\'s models are conditioned on the noise level (noise_conditioning=True), '
+                          'apple/ml-tarflow\'s are not',
+    'shared_layers': 'the layers of the shared backbone (ml-itarflow\'s shared_backbone_layers)',
 }
 
 
@@ -112,6 +153,8 @@ class ArchitectureMismatch(errors.UserError):
 
 def _check_architecture(model: TarFlow, state: Mapping[str, np.ndarray]) -> None:
   ours, theirs = _describe_model(model), describe_state_dict(state)
+  theirs.setdefault('shared_layers', 0)
+  theirs.setdefault('noise_conditioning', False)
   for field, want in ours.items():
     got = theirs.get(field)
     if got is not None and got != want:
@@ -143,12 +186,18 @@ def from_reference(model: TarFlow, state: Mapping[str, np.ndarray]) -> dict:
                                f'Checkpoint architecture: {describe_state_dict(state)}.')
   shapes = _variable_shapes(model)
   variables: dict = {}
+  first_key = {}  # path -> the first reference key read into it (a shared backbone is listed once per block)
   for r in rules:
     value = r.to_ours(state[r.ref_key])
     want = shapes[r.path]
     if value.shape != want:
       raise ArchitectureMismatch(f'{r.ref_key}: checkpoint shape {state[r.ref_key].shape} does not fit the model '
                                  f'(expects {r.to_ref(np.zeros(want)).shape}).')
+    if r.path in first_key:
+      if not np.array_equal(value, np.asarray(_get(variables, r.path))):
+        raise ArchitectureMismatch(f'{r.ref_key} differs from {first_key[r.path]}, which is the same shared weight.')
+      continue
+    first_key[r.path] = r.ref_key
     _set(variables, r.path, jnp.asarray(value))
   for b in entries:
     if isinstance(b, _Buffer) and b.ref_key in state and state[b.ref_key].shape != b.value.shape:
@@ -164,6 +213,19 @@ REFERENCE_EXPANSION = 4
 # The arguments of the reference's Model(...), all of them fields of ours.
 REFERENCE_MODEL_ARGS = ('in_channels', 'img_size', 'patch_size', 'channels', 'num_blocks', 'layers_per_block', 'nvp',
                         'num_classes')
+
+
+# ml-itarflow's Model(...) arguments that are ours under another name.
+_ITARFLOW_RENAMES = {'patch_sizes': 'patch_size', 'shared_backbone_layers': 'shared_layers'}
+ITARFLOW_MODEL_ARGS = ('in_channels', 'img_size', 'patch_sizes', 'channels', 'num_blocks', 'layers_per_block', 'nvp',
+                       'num_classes', 'shared_backbone_layers')
+
+
+def itarflow_model_fields(args: Mapping) -> dict:
+  """Our model fields for ml-itarflow's `Model(**args)` (per-block lists as tuples; noise conditioning on)."""
+  fields = {_ITARFLOW_RENAMES.get(k, k): args[k] for k in ITARFLOW_MODEL_ARGS if k in args}
+  fields = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in fields.items()}
+  return {**fields, 'noise_conditioning': True}
 
 
 def to_reference(model: TarFlow, variables) -> dict:

@@ -290,6 +290,9 @@ def _check_sample_args(model, noise, labels, guidance, decoder):
   if not isinstance(decoder, (Sequential, Jacobi, Plan)):
     raise TypeError(f'decoder must be Sequential(chunks, microbatch), Jacobi(segment, max_iters, tol, init) or '
                     f'a Plan of them, got {decoder!r}.')
+  if model.spec.noise_conditioning:
+    raise errors.UserError('The model is conditioned on the noise level (iTARFlow): sample it with '
+                           'iterative_sampling.sample.')
   if isinstance(decoder, Plan) and len(decoder.blocks) != model.spec.num_blocks:
     raise errors.UserError(f'The decoding plan has {len(decoder.blocks)} entries for a model of '
                            f'{model.spec.num_blocks} blocks: give one entry, or one per block.')

@@ -17,8 +17,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from tarflow_jax import checkpoint, config_lib, data, errors, evaluation, finetune, images, likelihood, sampling
-from tarflow_jax import sharding, storage, workdir_lock, xla_cpu
+from tarflow_jax import checkpoint, config_lib, data, errors, evaluation, finetune, images, iterative_sampling
+from tarflow_jax import likelihood, noise_levels, sampling, sharding, storage, workdir_lock, xla_cpu
 from tarflow_jax import model as model_lib
 
 
@@ -80,12 +80,30 @@ def model_inputs(batch: dict, rng: jax.Array, config: ml_collections.ConfigDict,
     x = images.from_uint8(batch['image']) + config.noise.std * jax.random.normal(noise_rng, shape)
   else:
     raise errors.UserError(f'Unknown noise.type {config.noise.type!r}: use "gaussian" or "uniform".')
-  y = None
-  if config.model.num_classes:
-    y = batch['label'].astype(jnp.int32)
-    if train and config.label_drop > 0:
-      y = jnp.where(jax.random.uniform(drop_rng, y.shape) < config.label_drop, -1, y)
-  return x, y
+  return x, _labels(batch, drop_rng, config, train)
+
+
+def _labels(batch: dict, rng: jax.Array, config: ml_collections.ConfigDict, train: bool):
+  """Labels (B,) with a fraction `label_drop` replaced by -1 in training; None for an unconditional model."""
+  if not config.model.num_classes:
+    return None
+  y = batch['label'].astype(jnp.int32)
+  if train and config.label_drop > 0:
+    y = jnp.where(jax.random.uniform(rng, y.shape) < config.label_drop, -1, y)
+  return y
+
+
+def noise_conditioned_inputs(batch: dict, rng: jax.Array, config: ml_collections.ConfigDict):
+  """iTARFlow's training inputs from uint8 images (B, H, W, C): (x + t eps, labels, t (B,), loss weights (B,)).
+
+  t is drawn per image in [t0, t1] (`noise_levels.draw`, `config.itarflow`); labels as `model_inputs`.
+  """
+  level_rng, noise_rng, drop_rng = jax.random.split(rng, 3)
+  s = config.itarflow
+  x = images.from_uint8(batch['image'])
+  t = noise_levels.draw(level_rng, x.shape[0], s.t0, s.t1, s.t_sample)  # (B,)
+  x = x + t[:, None, None, None] * jax.random.normal(noise_rng, x.shape)
+  return x, _labels(batch, drop_rng, config, True), t, noise_levels.loss_weights(t, s.t0, s.t1, s.reweight)
 
 
 def train_step(state: dict, batch: dict, *, model, tx, config, lr: optax.Schedule, augment: bool = True):
@@ -103,36 +121,43 @@ def train_step(state: dict, batch: dict, *, model, tx, config, lr: optax.Schedul
 
   Args:
     state: the train state (`init_state`).
-    batch: {'image': (B, H, W, C), 'label': (B,)}.
+    batch: {'image': (B, H, W, C), 'label': (B,)}; with `config.model.noise_conditioning` and not
+      `augment`, also 'noise_level' (B,) and 'loss_weight' (B,).
     augment: True: 'image' holds uint8 pixels, turned into the model's input by `model_inputs`
-      (training noise, label drop). False: 'image' is the model's float input on [-1, 1] exactly
+      (training noise, label drop; iTARFlow's `noise_conditioned_inputs` for a noise-conditioned model). False: 'image' is the model's float input on [-1, 1] exactly
       as given (NHWC) and 'label' the labels as given (-1 = dropped); no noise or label drop, and
       the state's rng is not used (to replay recorded inputs).
     model, tx, config, lr: the model, optimiser, config and learning-rate schedule.
   Returns:
     The new state and scalar metrics.
   """
-  if augment:
-    x, y = model_inputs(batch, jax.random.fold_in(state['rng'], state['step']), config)
+  rng = jax.random.fold_in(state['rng'], state['step'])
+  t = weights = None  # noise levels and loss weights (B,), for a noise-conditioned model
+  if augment and config.model.noise_conditioning:
+    x, y, t, weights = noise_conditioned_inputs(batch, rng, config)
+  elif augment:
+    x, y = model_inputs(batch, rng, config)
   else:
     x = batch['image']
     y = batch['label'].astype(jnp.int32) if config.model.num_classes else None
+    if config.model.noise_conditioning:
+      t, weights = batch['noise_level'], batch['loss_weight']
 
   prior = state['variables']['prior']
 
-  def loss_fn(params, x, y):
-    z, logdets, outputs = model.apply({'params': params, 'prior': prior}, x, y)
+  def loss_fn(params, x, y, t, weights):
+    z, logdets, outputs = model.apply({'params': params, 'prior': prior}, x, y, t)
     stats = {'z2': jnp.mean(jax.lax.stop_gradient(z) ** 2, axis=0), 'logdet': jnp.mean(logdets),
              'latent_norms': [jnp.mean(o**2) for o in outputs]}
-    return likelihood.loss(z, logdets), stats
+    return likelihood.loss(z, logdets, weights), stats
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   k = config.get('grad_accum_steps', 1)
   params = state['variables']['params']
   if k == 1:
-    (loss, stats), grads = grad_fn(params, x, y)
+    (loss, stats), grads = grad_fn(params, x, y, t, weights)
   else:
-    (loss, stats), grads = _accumulate(grad_fn, params, x, y, k)
+    (loss, stats), grads = _accumulate(grad_fn, params, (x, y, t, weights), k)
   updates, opt = tx.update(grads, state['opt'], params)
   params = optax.apply_updates(params, updates)
   if not config.model.nvp:  # running average of E[z^2] per token and dim, as the reference
@@ -163,22 +188,21 @@ def keep_if_finite(finite: jax.Array, new: dict, keep: dict) -> dict:
   return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, keep)
 
 
-def _accumulate(grad_fn, params, x, y, k: int):
-  """The mean over k micro-batches of `grad_fn(params, x_i, y_i)`: ((loss, stats), grads).
+def _accumulate(grad_fn, params, inputs: tuple, k: int):
+  """The mean over k micro-batches of `grad_fn(params, *inputs_i)`: ((loss, stats), grads).
 
-  Micro-batch i holds examples i, i + k, ... (`sharding.split_microbatches`). Every output of
-  `grad_fn` is a mean over its examples, so the mean over equal micro-batches is the value of the
-  whole batch.
+  `inputs` are arrays (B, ...) or None. Micro-batch i holds examples i, i + k, ...
+  (`sharding.split_microbatches`). Every output of `grad_fn` is a mean over its examples, so the
+  mean over equal micro-batches is the value of the whole batch.
   """
-  split = lambda a: None if a is None else sharding.split_microbatches(a, k)
-  micro_x, micro_y = split(x), split(y)  # (k, B / k, ...)
-  first = jax.eval_shape(grad_fn, params, micro_x[0], None if y is None else micro_y[0])
+  micro = tuple(None if a is None else sharding.split_microbatches(a, k) for a in inputs)  # (k, B / k, ...)
+  first = jax.eval_shape(grad_fn, params, *(None if a is None else a[0] for a in micro))
   zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), first)
 
-  def add(total, xy):
-    return jax.tree.map(jnp.add, total, grad_fn(params, *xy)), None
+  def add(total, inputs_i):
+    return jax.tree.map(jnp.add, total, grad_fn(params, *inputs_i)), None
 
-  total, _ = jax.lax.scan(add, zeros, (micro_x, micro_y))
+  total, _ = jax.lax.scan(add, zeros, micro)
   return jax.tree.map(lambda t: t / k, total)
 
 
@@ -532,7 +556,8 @@ def summary(workdir: str, result: dict, command: str = '') -> str:
 
 
 def generate(model, state, config, noise, mesh) -> np.ndarray:
-  """Samples from fixed noise with the config's guidance and, after Gaussian-noise training, denoises.
+  """Samples from fixed noise with the config's guidance and, after Gaussian-noise training, denoises
+  (a noise-conditioned model: `iterative_sampling.sample` with the config's `itarflow` settings).
 
   With a moving average of the parameters in the state, samples with the average.
   """
@@ -542,6 +567,12 @@ def generate(model, state, config, noise, mesh) -> np.ndarray:
   variables = sampling_variables(state)
   if noise.shape[0] % mesh.size == 0:
     noise = jax.device_put(noise, sharding.batch_sharding(mesh))
+  if model.spec.noise_conditioning:
+    guidance, denoising = iterative_sampling.from_config(config)
+    with jax.set_mesh(mesh):
+      x = iterative_sampling.sample(model, variables, noise, y, guidance=guidance, denoising=denoising,
+                                    rng=jax.random.key(config.seed + 2))
+    return sharding.fetch(x)
   x = sampling.sample(model, variables, noise, y, guidance=sampling.guidance_from_config(config))
   denoising = sampling.denoising_from_config(config)
   if denoising.enabled:

@@ -92,3 +92,26 @@ def test_forward_flops_count_the_matmuls_of_the_architecture():
   t, c, d = 16, 64, 12
   layer = 2 * t * (3 * c * c + c * c + 2 * 4 * c * c) + 2 * 2 * c * (t * (t + 1) // 2)
   assert flops_lib.forward_flops(model) == 2 * (2 * t * d * c + 3 * layer + 2 * t * c * 2 * d)
+
+
+def test_flops_of_blocks_of_their_own_shape_add_up_block_by_block():
+  # iTARFlow: each block counted with its own patch size, width and depth (shared layers included).
+  kw = dict(in_channels=3, img_size=8, num_blocks=2, expansion=4)
+  model = model_lib.TarFlow(model_lib.Spec(**kw, patch_size=(2, 4), channels=(64, 128), layers_per_block=(3, 2),
+                                           noise_conditioning=True))
+  alone = [model_lib.TarFlow(model_lib.Spec(**dict(kw, num_blocks=1), patch_size=p, channels=c, layers_per_block=n))
+           for p, c, n in ((2, 64, 3), (4, 128, 2))]
+  assert flops_lib.forward_flops(model) == sum(flops_lib.forward_flops(m) for m in alone)
+  assert flops_lib.decode_flops(model, 4) == sum(flops_lib.decode_flops(m, 4) for m in alone)
+
+
+@pytest.mark.extras
+@needs_libtpu
+@pytest.mark.skipif(not os.environ.get('TARFLOW_AOT_PAPER_CONFIGS'),
+                    reason='minutes of compiling: set TARFLOW_AOT_PAPER_CONFIGS=1 (.ci/run does, after the suite)')
+@pytest.mark.parametrize('name, topology', [('itarflow_imagenet64', 'v5e:2x4'), ('itarflow_imagenet128', 'v4:2x2x4'),
+                                            ('itarflow_imagenet256', 'v4:2x2x4')])
+def test_itarflow_configs_fit_their_slices_at_the_reference_batch(tmp_path, name, topology):
+  r = aot(tmp_path, f'--config=configs/{name}.py', f'--topology={topology}', '--what=train')
+  train = r['train']
+  assert train['batch'] == 512 and train['fits'] and train['bytes_per_chip'] <= r['hbm_bytes_per_chip'], train

@@ -99,6 +99,39 @@ def test_conditional_imagenet_reads_full_imagenet_resized_and_centre_cropped():
     assert c.sample.annealed_guidance, name
 
 
+# ml-itarflow's README commands (train.py, evaluate_fid.py): architecture, noise levels, batch, epochs, label drop,
+# and the FID sampling (cfg; its defaults: annealed, lerp 'tarflow', all blocks, ODE, no clip, int(t1 / 1e-2) steps).
+ITARFLOW = {
+    f'itarflow_imagenet{size}': dict(
+        model=dict(in_channels=3, img_size=size, patch_size=patch, channels=channels, num_blocks=4,
+                   layers_per_block=(4, 4, 4, 24), nvp=True, num_classes=1000, shared_layers=0, noise_conditioning=True,
+                   dtype='bfloat16'),
+        itarflow=dict(t0=1e-2, t1=t1, t_sample='uniform', reweight='t', steps=round(t1 / 1e-2), dynamics='ode',
+                      clip=False, guidance_style='tarflow', guide_flows=-1),
+        epochs=epochs, label_drop=drop, cfg=cfg)
+    for size, patch, channels, epochs, drop, t1, cfg in ((64, 2, 1280, 300, 0.1, 0.3, 2.1),
+                                                         (128, 4, 1600, 450, 0.1, 0.5, 3.7),
+                                                         (256, 8, 2176, 600, 0.0, 0.7, 4.2))
+}
+
+
+@pytest.mark.parametrize('name', sorted(ITARFLOW))
+def test_itarflow_config_reproduces_the_reference_command(name):
+  want, c = ITARFLOW[name], load(name)
+  assert {k: c.model[k] for k in want['model']} == want['model'], name
+  assert c.itarflow.to_dict() == want['itarflow'], name
+  assert (c.data.name, c.data.flip) == ('imagenet2012', True), name
+  assert (c.batch_size, c.num_epochs, c.num_train_steps, c.label_drop) == (512, want['epochs'], -1, want['label_drop'])
+  assert {k: c.optim[k] for k in OPTIM} == {**OPTIM, 'min_lr': 1e-5} and c.optim.lr == 1e-4, name
+  assert (c.sample.guidance, c.sample.attn_temp, c.sample.annealed_guidance) == (want['cfg'], 1.0, True), name
+  assert c.batch_size % c.grad_accum_steps == 0, name
+  config_lib.validate(c)
+  for arg in ('smoke', 'cpu_digits'):
+    small = load(name, arg)
+    config_lib.validate(small)
+    assert small.model.noise_conditioning and small.itarflow.to_dict() == want['itarflow'], (name, arg)
+
+
 def test_every_paper_config_is_covered():
   names = {os.path.splitext(f)[0] for f in os.listdir(os.path.join(REPO, 'configs')) if f.endswith('.py')}
-  assert names - {'demo', 'fashion_mnist'} == set(REFERENCE)  # the CPU-sized configs are ours
+  assert names - {'demo', 'fashion_mnist'} == set(REFERENCE) | set(ITARFLOW)  # the CPU-sized configs are ours

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from tarflow_jax import checkpoint, config_lib, errors, evaluation, fid, inception, sampling, sharding, train
+from tarflow_jax import checkpoint, config_lib, data, errors, evaluation, fid, inception, sampling, sharding, train
 from tarflow_jax import model as model_lib
 
 
@@ -235,6 +235,42 @@ def test_statistics_running_and_round_trip(tmp_path):
   np.savez(tmp_path / 'bad.npz', mean=mu)
   with pytest.raises(ValueError, match='needs arrays `mu` and `sigma`'):
     fid.load_statistics(str(tmp_path / 'bad.npz'))
+
+
+def test_split_statistics_go_on_from_a_pass_that_was_interrupted(tmp_path, monkeypatch):
+  """A pass over the digits' test split that stops after 3 batches, started again, gives the statistics
+  of one uninterrupted pass (numpy's mean and covariance of every image's features); a pass with other
+  arguments refuses the file."""
+  config = config_lib.cpu_digits(config_lib.default())
+  projection = np.random.default_rng(0).normal(size=(16 * 16, 8))
+  calls = []
+
+  def features(variables, x, pipeline):  # (B, 16, 16, 1) uint8 -> (B, 8), a fixed projection of the pixels
+    calls.append(len(x))
+    if len(calls) == 4 and interrupt:
+      raise KeyboardInterrupt
+    return np.asarray(x, np.float64).reshape(len(x), -1) @ projection / 255
+
+  monkeypatch.setattr(inception, 'batch_features', features)
+  weights, mesh, progress = {'w': np.ones(3)}, sharding.make_mesh(config.mesh), str(tmp_path / 'stats.partial.npz')
+  args = dict(num_examples=100, batch_size=16, progress=progress, progress_every_s=0)
+  interrupt = True
+  with pytest.raises(KeyboardInterrupt):
+    evaluation.split_fid_statistics(weights, config, mesh, 'test', **args)
+  with np.load(progress) as f:
+    assert int(f['batches']) == 3 and int(f['n']) == 48
+  interrupt, calls[:] = False, []
+  mu, sigma, n = evaluation.split_fid_statistics(weights, config, mesh, 'test', **args)
+  assert n == 100 and calls == [16] * 4  # batches 4 to 7 (the last padded from 4), not 1 to 3 again
+  images = data.get_split(config, 'test', 100, train=False, limit=100).batches
+  want = fid.statistics(next(images)['image'][:100].reshape(100, -1) @ projection / 255)
+  for got, expected in zip((mu, sigma), want):
+    np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12)
+  with pytest.raises(errors.AlreadyExists, match=r'another FID statistics pass \(batch_size 16 \(now 32\)\): give '
+                     'the arguments it was started with to finish it, or delete it'):
+    evaluation.split_fid_statistics(weights, config, mesh, 'test', **{**args, 'batch_size': 32})
+  with pytest.raises(errors.AlreadyExists, match=r'weights'):
+    evaluation.split_fid_statistics({'w': np.full(3, 2.0)}, config, mesh, 'test', **args)
 
 
 def test_tf1_resize_and_the_references_pixels():

@@ -28,6 +28,7 @@ import dataclasses
 import os
 
 from absl import app, flags, logging
+from etils import epath
 import jax
 from ml_collections import config_flags
 import numpy as np
@@ -67,8 +68,9 @@ flags.DEFINE_bool('raw_weights', False, 'bpd, classify, fid: the trained paramet
 flags.DEFINE_string('decoder', 'seq', 'fid from --checkpoint: the decoding plan, as sample\'s --decoder: '
                     f'{sampling.PLAN_SPELLING}.')
 flags.DEFINE_string('output', None, 'bpd: .npz file for the per-image values; fid_stats: the statistics .npz '
-                    '(required); fid: a JSON file for the score; inception_weights: the .npz (or .pth) to write '
-                    '(required).')
+                    '(required; its pass so far is kept in OUTPUT.partial.npz, and the same command started '
+                    'again goes on from there); fid: a JSON file for the score; inception_weights: the .npz (or .pth) '
+                    'to write (required).')
 
 _NEEDED = dict(bpd=('checkpoint',), classify=('checkpoint',), fid_stats=('config', 'inception', 'output'),
                fid=('stats', 'inception'), inception_weights=('output',))
@@ -132,11 +134,13 @@ def fid_stats():
   split = FLAGS.split or config.data.train_split
   weights = inception.load_weights(FLAGS.inception)
   pipeline = FLAGS.feature_pipeline or 'pytorch_fid'
+  progress = f'{FLAGS.output.removesuffix(".npz")}.partial.npz'
   mu, sigma, n = evaluation.split_fid_statistics(weights, config, sharding.make_mesh(config.mesh), split,
                                                  num_examples=FLAGS.num_examples, batch_size=FLAGS.batch_size,
-                                                 pipeline=pipeline)
+                                                 pipeline=pipeline, progress=progress)
   if jax.process_index() == 0:
     fid.save_statistics(FLAGS.output, mu, sigma, pipeline)
+    epath.Path(progress).unlink(missing_ok=True)
   print(f'FID statistics of {config.data.name}:{split} ({n} images) written to {FLAGS.output}')
   print(f'Features: {inception.NETWORK}, weights from {FLAGS.inception}; {inception.PIPELINES[pipeline]}.')
 

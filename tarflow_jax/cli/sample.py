@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tarflow_jax import auto_plan, checkpoint, data, errors, images, sampling, sharding, storage
+from tarflow_jax import auto_plan, checkpoint, data, errors, images, iterative_sampling, sampling, sharding
+from tarflow_jax import storage
 from tarflow_jax.cli import _common
 
 FLAGS = flags.FLAGS
@@ -135,6 +136,11 @@ def main(argv):
       enabled=FLAGS.denoise, sigma=FLAGS.sigma, step_scale=FLAGS.denoise_scale))
   if denoising.enabled and not denoising.sigma:
     raise errors.UserError('--denoise needs --sigma (the model was not trained with Gaussian noise).')
+  if model.spec.noise_conditioning:  # iTARFlow: decoded at t1, then denoised iteratively (config.itarflow)
+    if FLAGS.decoder not in ('seq', 'sequential'):
+      raise errors.UserError(f'--decoder={FLAGS.decoder}: a noise-conditioned (iTARFlow) model decodes sequentially.')
+    guidance, denoising = iterative_sampling.from_config(config, **given(
+        weight=FLAGS.guidance, attn_temp=FLAGS.attn_temp, annealed=FLAGS.annealed_guidance))
 
   rng = np.random.default_rng(FLAGS.seed)
   if FLAGS.latents:
@@ -162,11 +168,16 @@ def main(argv):
     if batch_size % mesh.size == 0:
       z = jax.device_put(z, sharding.batch_sharding(mesh))
     t0 = time.perf_counter()
-    x, its = sampling.sample(model, variables, jnp.asarray(z), y, guidance=guidance, decoder=decoder,
-                             return_iterations=True)
-    iterations.append([np.asarray(i) for i in its])
-    if denoising.enabled:
-      x = sampling.denoise(model, variables, x, y, sigma=denoising.sigma, step_scale=denoising.step_scale)
+    if model.spec.noise_conditioning:
+      with jax.set_mesh(mesh):
+        x = iterative_sampling.sample(model, variables, jnp.asarray(z), y, guidance=guidance, denoising=denoising,
+                                      rng=jax.random.key(FLAGS.seed + start), chunks=FLAGS.chunks)
+    else:
+      x, its = sampling.sample(model, variables, jnp.asarray(z), y, guidance=guidance, decoder=decoder,
+                               return_iterations=True)
+      iterations.append([np.asarray(i) for i in its])
+      if denoising.enabled:
+        x = sampling.denoise(model, variables, x, y, sigma=denoising.sigma, step_scale=denoising.step_scale)
     x = jax.block_until_ready(x)
     seconds.append(time.perf_counter() - t0)
     out.append(images.to_uint8(sharding.fetch(x))[:real])
@@ -176,14 +187,17 @@ def main(argv):
   rate = sum(len(o) for o in out[-len(timed):]) / sum(timed)
   note = 'after compilation' if len(seconds) > 1 else 'including compilation (one batch)'
   logging.info('%d samples in %.1f s (first batch %.1f s, with compilation).', num, sum(seconds), seconds[0])
-  microbatch = sampling.resolve_microbatch(model, decoder, batch_size, guidance.enabled) or batch_size
   details = ([f'guidance {guidance.weight:g}'] if guidance.enabled else []) + (
-      ['denoised'] if denoising.enabled else []) + [f'micro-batch {microbatch}']
+      ['denoised'] if denoising.enabled else [])
+  if iterations:  # decoded by `sampling.sample` (not an iTARFlow model)
+    microbatch = sampling.resolve_microbatch(model, decoder, batch_size, guidance.enabled) or batch_size
+    details.append(f'micro-batch {microbatch}')
   print(f'{num} samples, {rate:.2f} images/s {note} ({", ".join(details)}).')
-  print(f'Decoding plan (block 0 first): --decoder={sampling.spell(decoder, model.spec.num_blocks, model.num_tokens)}')
-  per_block = [int(its.sum()) for its in iterations[0]]
-  print(f'Iterations per block (block 0 first, summed over segments, first batch): {per_block} '
-        f'(sequential decoding takes {model.num_tokens - 1} per block).')
+  if iterations:
+    print(f'Decoding plan (block 0 first): --decoder={sampling.spell(decoder, model.spec.num_blocks, model.num_tokens)}')
+    per_block = [int(its.sum()) for its in iterations[0]]
+    print(f'Iterations per block (block 0 first, summed over segments, first batch): {per_block} '
+          f'(sequential decoding takes {model.num_tokens - 1} per block).')
   if jax.process_index() == 0:
     os.makedirs(FLAGS.output, exist_ok=True)
     columns = model.spec.num_classes if FLAGS.labels == 'rows' and 0 < model.spec.num_classes <= 32 else 0
