@@ -411,8 +411,8 @@ def _invert_block(model, variables, i: int, cond: _Conditioning, z: Array, decod
     segment, max_iters = decoder.for_block(i, num_tokens)
     return _invert_block_by_jacobi(step, _tokens_of_block(model, variables, i), cache, z, segment, max_iters,
                                    decoder.tol, decoder.init)
-  chunks = decode_chunks(num_tokens, decoder.chunks)
-  return _invert_block_sequentially(step, cache, z, chunks), jnp.asarray([stop - start for start, stop in chunks])
+  lengths = [stop - start for start, stop in decode_chunks(num_tokens, decoder.chunks)]
+  return _invert_block_sequentially(step, cache, z, decoder.chunks), jnp.asarray(lengths)
 
 
 @functools.partial(jax.jit, static_argnames=('model', 'block', 'guided', 'guide_what', 'annealed', 'decoder'))
@@ -474,11 +474,11 @@ def _tokens_of_block(model, variables, i):
   return read, write
 
 
-def _invert_block_sequentially(step, cache, z: Array, chunks: list[tuple[int, int]]) -> Array:
+def _invert_block_sequentially(step, cache, z: Array, chunks: int) -> Array:
   """A block's input from its output z (B, T, D), token after token; both in the original order.
 
-  One `lax.scan` over the tokens of each [start, stop) chunk (`decode_chunks`),
-  with the cache extended to the chunk's end before it.
+  One `lax.scan` over the tokens of each chunk of `decode_chunks`, with the
+  cache extended to the chunk's end before it.
   """
   x = z  # token 0 (in the block's order) is its own inverse; the others are overwritten in turn
 
@@ -486,7 +486,7 @@ def _invert_block_sequentially(step, cache, z: Array, chunks: list[tuple[int, in
     x, cache = carry
     return step(x, z, t, cache), None
 
-  for start, stop in chunks:
+  for start, stop in decode_chunks(z.shape[1], chunks):
     (x, cache), _ = jax.lax.scan(decode, (x, extend_cache(cache, stop)), jnp.arange(start, stop))
   return x
 
