@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from tarflow_jax import errors, likelihood, platforms, sharding
-from tarflow_jax.model import FlowBlock, TarFlow, check_labels, extend_cache, flow_dtype, on_block, unpatchify
+from tarflow_jax.model import PER_BLOCK_FIELDS, FlowBlock, TarFlow, check_labels, extend_cache, flow_dtype, on_block, unpatchify
 
 Array = jax.Array
 
@@ -290,9 +290,9 @@ def _check_sample_args(model, noise, labels, guidance, decoder):
   if not isinstance(decoder, (Sequential, Jacobi, Plan)):
     raise TypeError(f'decoder must be Sequential(chunks, microbatch), Jacobi(segment, max_iters, tol, init) or '
                     f'a Plan of them, got {decoder!r}.')
-  if model.spec.noise_conditioning:
-    raise errors.UserError('The model is conditioned on the noise level (iTARFlow): sample it with '
-                           'iterative_sampling.sample.')
+  if model.spec.noise_conditioning or any(isinstance(getattr(model.spec, f), tuple) for f in PER_BLOCK_FIELDS):
+    raise errors.UserError('The model is conditioned on the noise level or shaped per block (iTARFlow): sample it '
+                           'with iterative_sampling.sample.')
   if isinstance(decoder, Plan) and len(decoder.blocks) != model.spec.num_blocks:
     raise errors.UserError(f'The decoding plan has {len(decoder.blocks)} entries for a model of '
                            f'{model.spec.num_blocks} blocks: give one entry, or one per block.')

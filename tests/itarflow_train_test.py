@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tarflow_jax import checkpoint, config_lib, evaluation, iterative_sampling, likelihood, noise_levels, sharding
-from tarflow_jax import train
+from tarflow_jax import errors, sampling, train
 from tarflow_jax import model as model_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -135,3 +135,12 @@ def test_a_tiny_itarflow_trains_and_samples_by_iterative_denoising(tmp_path):
                          f'--output={tmp_path}/jacobi', '--num=4', '--decoder=jacobi'], capture_output=True,
                         text=True, cwd=REPO, env=env, timeout=600)
   assert proc.returncode == 2 and 'decodes sequentially' in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize('options', [dict(noise_conditioning=True), dict(patch_size=(2, 4)), dict(channels=(16, 32))])
+def test_tarflows_sampler_refuses_itarflows_options(options):
+  spec = model_lib.Spec(**{**dict(in_channels=1, img_size=8, patch_size=4, channels=32, num_blocks=2,
+                                  layers_per_block=1, head_dim=16), **options})
+  model = model_lib.TarFlow(spec)
+  with pytest.raises(errors.UserError, match=r'shaped per block \(iTARFlow\): sample it with iterative_sampling'):
+    sampling.sample(model, {}, jnp.zeros((1, model.num_tokens, model.token_dim)))
