@@ -505,7 +505,7 @@ def test_fid_cli_draws_from_a_checkpoint(torch_weights, model_checkpoint, fake_f
   assert got['guidance']['weight'] == 1.5 and got['guidance']['annealed'] and got['denoising']['enabled']
   assert (f'FID {got["fid"]:.4f} of 6 samples from {directory}: 6 samples, guidance 1.5 annealed (guiding ab, '
           'attention temperature 1), self-denoised (sigma 0.05, step scale 0.7), 0 redrawn for non-finite values; '
-          f'against {tmp_path}/stats.pth.') in out
+          f'decoded by --decoder=seq:chunks=1,seq:chunks=1; against {tmp_path}/stats.pth.') in out
   assert "the reference's input (torchmetrics 1.6 / torch-fidelity 0.3)" in out and pipelines == ['torchmetrics']
 
   draw = evaluation.model_sampler(model, variables, sharding.make_mesh(config.mesh), evaluation.fid_protocol(config, 6))
