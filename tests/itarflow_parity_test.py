@@ -9,66 +9,24 @@ recorded draws); and the .pth reader where torch is installed.
 """
 
 import dataclasses
-import glob
-import json
 import os
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from recorded import FORWARD_TOL, SAMPLE_TOL, Case, assert_close, nchw, nhwc, stems
 from tarflow_jax import iterative_sampling, likelihood, reference
 from tarflow_jax.model import Spec, TarFlow, patchify, repatchify
 
 FIXTURES = os.environ.get('TARFLOW_ITARFLOW_FIXTURES',
                           os.path.join(os.path.dirname(__file__), 'fixtures', 'itarflow'))
-STEMS = sorted(os.path.splitext(p)[0] for p in glob.glob(os.path.join(FIXTURES, '*.json')))
-
-# As TarFlow's parity (tests/reference_parity_test.py).
-FORWARD_TOL = 1e-5
-SAMPLE_TOL = 2e-5
-
-
-def nhwc(x):
-  return jnp.asarray(x).transpose(0, 2, 3, 1)
-
-
-def nchw(x):
-  return np.asarray(x).transpose(0, 3, 1, 2)
-
-
-class Case:
-
-  def __init__(self, stem):
-    with open(stem + '.json') as f:
-      self.spec = json.load(f)
-    with np.load(stem + '.npz') as f:
-      self.data = {k: f[k] for k in f.files}
-    self.stem = stem
-    self.model = TarFlow(Spec(**reference.itarflow_model_fields(self.spec)))
-    self.variables = reference.load_reference_checkpoint(self.model, stem + '.npz')
-    self.x = nhwc(self.data['inputs/x'])
-    self.t = jnp.asarray(self.data['inputs/t'])[:, 0]  # (B,)
-    self.y = jnp.asarray(self.data['inputs/y']) if 'inputs/y' in self.data else None
-
-  def tags(self):
-    return sorted({k.split('/')[1] for k in self.data if k.startswith('forward/')})
-
-  def labels(self, tag):
-    y = {'y': self.y, 'y_dropped': self.data.get('inputs/y_dropped'), 'y_none': None}[tag]
-    return None if y is None else jnp.asarray(y)
+STEMS = stems(FIXTURES)
 
 
 @pytest.fixture(scope='module', params=STEMS, ids=os.path.basename)
 def case(request):
-  return Case(request.param)
-
-
-def assert_close(actual, expected, tol, what):
-  actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-  assert actual.shape == expected.shape, f'{what}: shape {actual.shape}, recorded {expected.shape}'
-  err = float(np.max(np.abs(actual - expected)))
-  assert err <= tol, f'{what}: max abs error {err:.3g} > {tol:.1g}'
+  return Case(request.param, reference.itarflow_model_fields)
 
 
 def test_fixtures_present():

@@ -6,67 +6,24 @@ labels given, dropped and absent; bits per dim; every recorded guidance setting
 of the sampler; the denoising step; and the .pth reader where torch is installed.
 """
 
-import glob
-import json
 import os
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from recorded import FORWARD_TOL, SAMPLE_TOL, Case, assert_close, nchw, nhwc, stems
 from tarflow_jax import likelihood, reference, sampling
-from tarflow_jax.model import Spec, TarFlow
 
 FIXTURES = os.environ.get('TARFLOW_FIXTURES', os.path.join(os.path.dirname(__file__), 'fixtures'))
-# train_* stems are training trajectories (tests/reference_training_test.py).
-STEMS = sorted(os.path.splitext(p)[0] for p in glob.glob(os.path.join(FIXTURES, '*.json'))
-               if not os.path.basename(p).startswith('train_'))
-
-# Recomputing the reference in float32 by another code path stays under 7e-6;
-# tanh-GELU moves z by 7e-5 and LayerNorm eps 1e-6 by 2.4e-5 on the shared case.
-FORWARD_TOL = 1e-5
-SAMPLE_TOL = 2e-5
-
+STEMS = stems(FIXTURES, skip_prefix='train_')  # train_* stems are training trajectories (reference_training_test.py)
 ARCH_FIELDS = ('in_channels', 'img_size', 'patch_size', 'channels', 'num_blocks', 'layers_per_block', 'nvp',
                'num_classes')
 
 
-def nhwc(x):
-  return jnp.asarray(x).transpose(0, 2, 3, 1)
-
-
-def nchw(x):
-  return np.asarray(x).transpose(0, 3, 1, 2)
-
-
-class Case:
-
-  def __init__(self, stem):
-    with open(stem + '.json') as f:
-      self.spec = json.load(f)
-    with np.load(stem + '.npz') as f:
-      self.data = {k: f[k] for k in f.files}
-    self.stem = stem
-    self.model = TarFlow(Spec(**{k: self.spec[k] for k in ARCH_FIELDS}))
-    self.variables = reference.load_reference_checkpoint(self.model, stem + '.npz')
-    self.x = nhwc(self.data['inputs/x'])
-    self.y = jnp.asarray(self.data['inputs/y']) if 'inputs/y' in self.data else None
-
-  def tags(self):
-    return sorted({k.split('/')[1] for k in self.data if k.startswith('forward/')})
-
-  def labels(self, tag):
-    return {'y': self.y, 'y_dropped': self.data.get('inputs/y_dropped'), 'y_none': None}[tag]
-
-
 @pytest.fixture(scope='module', params=STEMS, ids=os.path.basename)
 def case(request):
-  return Case(request.param)
-
-
-def assert_close(actual, expected, tol, what):
-  err = float(np.max(np.abs(np.asarray(actual, np.float64) - np.asarray(expected, np.float64))))
-  assert err <= tol, f'{what}: max abs error {err:.3g} > {tol:.1g}'
+  return Case(request.param, lambda spec: {k: spec[k] for k in ARCH_FIELDS})
 
 
 def test_fixtures_present():
@@ -77,7 +34,7 @@ def test_forward(case):
   assert case.tags(), 'case records no forward pass'
   for tag in case.tags():
     y = case.labels(tag)
-    z, logdets, block_latents = case.model.apply(case.variables, case.x, None if y is None else jnp.asarray(y))
+    z, logdets, block_latents = case.model.apply(case.variables, case.x, y)
     rec = f'forward/{tag}'
     assert_close(z, case.data[f'{rec}/z'], FORWARD_TOL, f'{rec}/z')
     assert_close(logdets, case.data[f'{rec}/logdets'], FORWARD_TOL, f'{rec}/logdets')
