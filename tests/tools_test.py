@@ -55,6 +55,7 @@ def test_sample_cli_decodes_given_latents_exactly(saved, tmp_path):
                       f'--decoder={decoder}', '--jacobi_tol=0', *extra)
     assert result.returncode == 0, result.stderr[-3000:]
     assert 'images/s' in result.stdout
+    assert ('micro-batch' in result.stdout) == (decoder != 'jacobi'), result.stdout  # Jacobi: the whole batch
     got = np.load(out / 'samples.npz')
     want = sampling.sample(model, variables, jnp.asarray(noise), jnp.asarray(labels),
                            guidance=sampling.Guidance(1.5))

@@ -189,7 +189,7 @@ def main(argv):
   logging.info('%d samples in %.1f s (first batch %.1f s, with compilation).', num, sum(seconds), seconds[0])
   details = ([f'guidance {guidance.weight:g}'] if guidance.enabled else []) + (
       ['denoised'] if denoising.enabled else [])
-  if iterations:  # decoded by `sampling.sample` (not an iTARFlow model)
+  if iterations and not isinstance(decoder, sampling.Jacobi):  # sequential steps (Jacobi decodes the whole batch)
     microbatch = sampling.resolve_microbatch(model, decoder, batch_size, guidance.enabled) or batch_size
     details.append(f'micro-batch {microbatch}')
   print(f'{num} samples, {rate:.2f} images/s {note} ({", ".join(details)}).')
