@@ -134,4 +134,18 @@ def test_itarflow_config_reproduces_the_reference_command(name):
 
 def test_every_paper_config_is_covered():
   names = {os.path.splitext(f)[0] for f in os.listdir(os.path.join(REPO, 'configs')) if f.endswith('.py')}
-  assert names - {'demo', 'fashion_mnist'} == set(REFERENCE) | set(ITARFLOW)  # the CPU-sized configs are ours
+  cpu_sized = {'demo', 'fashion_mnist', 'itarflow_fashion_mnist'}  # ours
+  assert names - cpu_sized == set(REFERENCE) | set(ITARFLOW)
+
+
+@pytest.mark.parametrize('arg', ['', 'smoke'])
+def test_itarflow_fashion_mnist_is_tarflows_recipe_but_for_what_the_paper_changes(arg):
+  tarflow, itarflow = load('fashion_mnist', arg).to_dict(), load('itarflow_fashion_mnist', arg).to_dict()
+  assert itarflow['model'].pop('noise_conditioning') and not tarflow['model'].pop('noise_conditioning')
+  assert itarflow.pop('itarflow') == dict(t0=1e-2, t1=3e-1, t_sample='uniform', reweight='t', steps=30,
+                                          dynamics='ode', clip=False, guidance_style='tarflow', guide_flows=-1)
+  tarflow.pop('itarflow')
+  assert itarflow == tarflow
+  c = load('itarflow_fashion_mnist', arg)
+  c.fid_every = 0  # the FID files are made once, by hand (configs/fashion_mnist.py)
+  config_lib.validate(c)
