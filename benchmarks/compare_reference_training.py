@@ -1,12 +1,15 @@
-r"""Equal-budget training: the official PyTorch TarFlow against ours with one recipe, trained and scored alike.
+r"""Equal-budget training: the official PyTorch TarFlow (or iTARFlow) against ours, one recipe, trained and scored alike.
 
   python benchmarks/compare_reference_training.py --reference_dir=/path/to/ml-tarflow \
       [--config=configs/demo.py] [--workdir=DIR] [--seeds 0 1] [--sides reference library] [--set optim.lr=4e-3]
   python benchmarks/compare_reference_training.py --reference_dir=/path/to/ml-tarflow \
       --config=configs/fashion_mnist.py --fid    # bits/dim and FID of 10,000 guided samples, both sides
+  python benchmarks/compare_reference_training.py --reference_dir=/path/to/ml-itarflow \
+      --config=configs/itarflow_fashion_mnist.py --fid    # iTARFlow's recipe: ml-itarflow's loop against ours
 
-`--reference_dir` is a local checkout of apple/ml-tarflow; its `transformer_flow.Model` is
-imported from there at run time (needs torch). Both sides train the architecture of `--config`
+`--reference_dir` is a local checkout of apple/ml-tarflow (of apple/ml-itarflow for a config whose
+model is noise-conditioned); its `transformer_flow.Model` is imported from there at run time
+(needs torch). Both sides train the architecture of `--config`
 (configs/demo.py: the 4,500 embedded digits; configs/fashion_mnist.py: the 60,000 images of
 Debian's dataset-fashion-mnist) for its steps, batch, learning rate, warm-up, noise and label
 drop, on the same batches (the library's input pipeline, same seed):
@@ -14,8 +17,10 @@ drop, on the same batches (the library's input pipeline, same seed):
 - reference: `transformer_flow.Model` from its constructor (torch's initialisation), the loop of
   the reference's train.py on the CPU in float32: torch AdamW (b1, b2, weight decay from the
   config), Gaussian noise, labels dropped to -1, the learning rate of its `CosineLRSchedule`
-  (linear warm-up from min_lr, cosine to min_lr; `train.schedule` is the same function). Its
-  weights are converted with `python -m tarflow_jax.cli.convert`.
+  (linear warm-up from min_lr, cosine to min_lr; `train.schedule` is the same function). For
+  iTARFlow, ml-itarflow's train.py instead: a noise level t per image (`--t_sample`), x + t eps,
+  `Model(x, y, t)` and the loss weighted by `--reweight`. Its weights are converted with
+  `python -m tarflow_jax.cli.convert`.
 - library: `python -m tarflow_jax.main --config=CONFIG --config.seed=S` (its own FID while
   training off: both sides are scored afterwards by the same commands).
 
@@ -25,7 +30,8 @@ drop, on the same batches (the library's input pipeline, same seed):
 Both are then measured by the same commands: `python -m tarflow_jax.cli.evaluate bpd` (held-out
 bits/dim, uniform dequantisation) and `classify` on the config's evaluation split (all of it, or
 `--eval_examples`), and with `--fid`, `evaluate fid` of `--fid_samples` (10,000) samples drawn as
-the config samples (its guidance weight, annealed, and self-denoising: `evaluation.FidProtocol`),
+the config samples (its guidance weight, annealed, and self-denoising, or iTARFlow's iterative
+denoising: `evaluation.FidProtocol`),
 with the same latents and labels for every model, against the FID statistics of the config's
 training split (all of it, or the first `--fid_stats_examples`) with the real FID Inception
 weights. Those two files are made first if absent (`evaluate inception_weights`, which needs torch
@@ -36,6 +42,7 @@ again. Prints a markdown table and writes it with the numbers to `<workdir>/resu
 
 import argparse
 import ast
+import inspect
 import json
 import os
 import re
@@ -78,9 +85,44 @@ def override(config, assignments: list[str]) -> None:
       node[leaf] = value
 
 
+def per_block(value) -> list:
+  """A config field that may be per block (a tuple) as ml-itarflow's `Model` takes it: a list."""
+  return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def reference_model(transformer_flow, config):
+  """The reference's `Model` of the config's architecture: ml-tarflow's, or ml-itarflow's for a noise-conditioned model."""
+  m = config.model
+  if not m.noise_conditioning:
+    return transformer_flow.Model(in_channels=m.in_channels, img_size=m.img_size, patch_size=m.patch_size,
+                                  channels=m.channels, num_blocks=m.num_blocks, layers_per_block=m.layers_per_block,
+                                  nvp=m.nvp, num_classes=m.num_classes)
+  if 'patch_sizes' not in inspect.signature(transformer_flow.Model).parameters:
+    raise ValueError('The config is iTARFlow\'s (model.noise_conditioning): give --reference_dir a checkout of '
+                     'apple/ml-itarflow.')
+  return transformer_flow.Model(in_channels=m.in_channels, img_size=m.img_size, patch_sizes=per_block(m.patch_size),
+                                channels=per_block(m.channels), num_blocks=m.num_blocks,
+                                layers_per_block=per_block(m.layers_per_block), nvp=m.nvp, num_classes=m.num_classes,
+                                shared_backbone_layers=m.shared_layers)
+
+
+def reference_noise_levels(s, batch: int):
+  """ml-itarflow's train.py: t (B, 1) by `--t_sample` ('uni', or 'linear': t^2 uniform) and its `--reweight` weights."""
+  import torch  # pylint: disable=g-import-not-at-top
+  u = torch.rand(batch)[:, None]
+  t = s.t0 + u * (s.t1 - s.t0) if s.t_sample == 'uniform' else torch.sqrt(u * (s.t1**2 - s.t0**2) + s.t0**2)
+  weights = {'none': torch.ones_like(t), 't': t, 't_norm': t / (s.t0 + s.t1), 't_squared': t**2,
+             't_squared_norm': t**2 / (s.t0**2 + s.t1**2)}[s.reweight]
+  return t, weights
+
+
 def train_reference(config_path: str, reference_dir: str, seed: int, path: str, threads: int,
                     assignments: list[str]) -> None:
-  """Trains the reference Model with the config's recipe and budget; saves its state dict to `path`."""
+  """Trains the reference Model with the config's recipe and budget; saves its state dict to `path`.
+
+  A noise-conditioned config (iTARFlow) trains ml-itarflow's `Model` with its train.py's loop: t per
+  image, x + t eps, the loss weighted by its reweighting; otherwise ml-tarflow's with Gaussian noise.
+  """
   import torch  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, os.path.abspath(reference_dir))
   import transformer_flow  # pylint: disable=g-import-not-at-top
@@ -88,15 +130,13 @@ def train_reference(config_path: str, reference_dir: str, seed: int, path: str, 
 
   config = config_lib.load(config_path)
   override(config, assignments)
-  m, o = config.model, config.optim
-  if not m.nvp or config.noise.type != 'gaussian':
-    raise ValueError('This comparison covers recipes with nvp=True and Gaussian noise.')
+  o, itarflow = config.optim, config.model.noise_conditioning
+  if not config.model.nvp or not (itarflow or config.noise.type == 'gaussian'):
+    raise ValueError('This comparison covers recipes with nvp=True and Gaussian noise (or iTARFlow\'s noise levels).')
   if threads > 0:
     torch.set_num_threads(threads)
   torch.manual_seed(seed)
-  model = transformer_flow.Model(in_channels=m.in_channels, img_size=m.img_size, patch_size=m.patch_size,
-                                 channels=m.channels, num_blocks=m.num_blocks, layers_per_block=m.layers_per_block,
-                                 nvp=m.nvp, num_classes=m.num_classes)
+  model = reference_model(transformer_flow, config)
   opt = torch.optim.AdamW(model.parameters(), lr=o.min_lr, betas=(o.b1, o.b2), weight_decay=o.weight_decay)
   split = data.get_split(config, config.data.train_split, config.batch_size, train=True, seed=seed)
   steps_per_epoch, total = train._steps(config, split.num_examples)  # pylint: disable=protected-access
@@ -105,13 +145,21 @@ def train_reference(config_path: str, reference_dir: str, seed: int, path: str, 
   for step in range(total):
     batch = next(split.batches)
     x = torch.from_numpy(batch['image']).permute(0, 3, 1, 2).float() / 127.5 - 1  # NHWC uint8 -> NCHW [-1, 1]
-    x = x + config.noise.std * torch.randn_like(x)
+    if itarflow:
+      t, weights = reference_noise_levels(config.itarflow, x.shape[0])  # (B, 1) each
+      x = x + t.reshape(-1, 1, 1, 1) * torch.randn_like(x)
+    else:
+      x = x + config.noise.std * torch.randn_like(x)
     y = torch.from_numpy(batch['label']).long()
     y = torch.where(torch.rand(y.shape) < config.label_drop, -1, y)
     for group in opt.param_groups:
       group['lr'] = float(lr(step))
-    z, _, logdets = model(x, y)
-    loss = model.get_loss(z, logdets)
+    if itarflow:
+      z, _, logdets, mid_vars = model(x, y, t)
+      loss = model.get_loss(z, logdets, mid_vars, weights)
+    else:
+      z, _, logdets = model(x, y)
+      loss = model.get_loss(z, logdets)
     opt.zero_grad()
     loss.backward()
     opt.step()

@@ -58,11 +58,16 @@ def _bpd_fn(model, conditional: bool, noise_level=None):
 
 def classify_split(model, variables, config, mesh, split: str, *, num_examples: int = -1,
                    batch_size: int = 256, noise_std: float = 0.0, seed: int = 0):
-  """Bayes classifier argmax_y log p(x | y) over a split; returns (predictions, labels)."""
+  """Bayes classifier argmax_y log p(x | y) over a split; returns (predictions, labels).
+
+  A noise-conditioned model (iTARFlow) scores the images at their noise level: `noise_std`, or the
+  lowest training level `config.itarflow.t0` for images without noise (as bits/dim).
+  """
   if not model.spec.num_classes:
     raise errors.UserError('The Bayes classifier needs a class-conditional model (num_classes > 0); this one has none.')
   variables = jax.device_put(variables, sharding.replicated(mesh))
   scores = _class_scores_fn(model)
+  level = (noise_std or config.itarflow.t0) if model.spec.noise_conditioning else None
   rng = jax.random.PRNGKey(seed)
   preds, labels = [], []
   with jax.set_mesh(mesh):
@@ -70,7 +75,8 @@ def classify_split(model, variables, config, mesh, split: str, *, num_examples: 
       x = images.from_uint8(batch['image'])
       if noise_std > 0:
         x = x + noise_std * jax.random.normal(jax.random.fold_in(rng, i), x.shape)
-      s = np.stack([sharding.fetch(scores(variables, x, jnp.full((x.shape[0],), k, jnp.int32)))
+      t = None if level is None else jnp.full((x.shape[0],), level)
+      s = np.stack([sharding.fetch(scores(variables, x, jnp.full((x.shape[0],), k, jnp.int32), t))
                     for k in range(model.spec.num_classes)], axis=1)  # (B, K)
       preds.append(s.argmax(1)[mask])
       labels.append(sharding.fetch(batch['label'])[mask])
@@ -79,7 +85,7 @@ def classify_split(model, variables, config, mesh, split: str, *, num_examples: 
 
 @functools.lru_cache()
 def _class_scores_fn(model):
-  return jax.jit(lambda variables, x, y: likelihood.log_prob(model, variables, x, y))
+  return jax.jit(lambda variables, x, y, t: likelihood.log_prob(model, variables, x, y, t))
 
 
 def split_fid_statistics(inception_variables, config, mesh, split: str, *, num_examples: int = -1,

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tarflow_jax import checkpoint, config_lib, evaluation, iterative_sampling, likelihood, noise_levels, sharding
-from tarflow_jax import errors, sampling, train
+from tarflow_jax import checkpoint, config_lib, data, evaluation, iterative_sampling, likelihood, noise_levels, sharding
+from tarflow_jax import errors, images, sampling, train
 from tarflow_jax import model as model_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -122,6 +122,14 @@ def test_a_tiny_itarflow_trains_and_samples_by_iterative_denoising(tmp_path):
       iterative_sampling.iterative_denoise(model, variables, start, jnp.asarray(labels), denoising=one),
       start + 0.04 * score, atol=1e-5)
   assert math.isfinite(float(out['eval'][4]))
+
+  # The Bayes classifier scores clean images at t0, as bits/dim does.
+  preds, truth = evaluation.classify_split(model, variables, saved, mesh, saved.data.eval_split, num_examples=8)
+  x = images.from_uint8(next(data.get_split(saved, saved.data.eval_split, 8, train=False, limit=8).batches)['image'])
+  at_t0 = jnp.stack([likelihood.log_prob(model, variables, x, jnp.full((8,), k), jnp.full((8,), saved.itarflow.t0))
+                     for k in range(10)], 1)  # (8, 10)
+  np.testing.assert_array_equal(preds, np.asarray(at_t0.argmax(1))[:len(preds)])
+  assert len(preds) == len(truth) == 8
 
   # The command line samples it the same way (decoded at t1, iterative denoising from the config).
   env = dict(os.environ, PYTHONPATH=REPO)
