@@ -85,25 +85,14 @@ def override(config, assignments: list[str]) -> None:
       node[leaf] = value
 
 
-def per_block(value) -> list:
-  """A config field that may be per block (a tuple) as ml-itarflow's `Model` takes it: a list."""
-  return list(value) if isinstance(value, (list, tuple)) else [value]
-
-
 def reference_model(transformer_flow, config):
   """The reference's `Model` of the config's architecture: ml-tarflow's, or ml-itarflow's for a noise-conditioned model."""
-  m = config.model
-  if not m.noise_conditioning:
-    return transformer_flow.Model(in_channels=m.in_channels, img_size=m.img_size, patch_size=m.patch_size,
-                                  channels=m.channels, num_blocks=m.num_blocks, layers_per_block=m.layers_per_block,
-                                  nvp=m.nvp, num_classes=m.num_classes)
-  if 'patch_sizes' not in inspect.signature(transformer_flow.Model).parameters:
+  from tarflow_jax import model as model_lib, reference  # pylint: disable=g-import-not-at-top
+  args = reference.reference_model_args(model_lib.from_config(config.model).spec)
+  if config.model.noise_conditioning and 'patch_sizes' not in inspect.signature(transformer_flow.Model).parameters:
     raise ValueError('The config is iTARFlow\'s (model.noise_conditioning): give --reference_dir a checkout of '
                      'apple/ml-itarflow.')
-  return transformer_flow.Model(in_channels=m.in_channels, img_size=m.img_size, patch_sizes=per_block(m.patch_size),
-                                channels=per_block(m.channels), num_blocks=m.num_blocks,
-                                layers_per_block=per_block(m.layers_per_block), nvp=m.nvp, num_classes=m.num_classes,
-                                shared_backbone_layers=m.shared_layers)
+  return transformer_flow.Model(**args)
 
 
 def reference_noise_levels(s, batch: int):

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tarflow_jax import config_lib, errors
-from tarflow_jax.model import TarFlow, abstract_variables
+from tarflow_jax.model import PER_BLOCK_FIELDS, TarFlow, abstract_variables
 from tarflow_jax.state_dict import read_state_dict, strip_prefixes, write_state_dict
 
 
@@ -226,6 +226,20 @@ def itarflow_model_fields(args: Mapping) -> dict:
   fields = {_ITARFLOW_RENAMES.get(k, k): args[k] for k in ITARFLOW_MODEL_ARGS if k in args}
   fields = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in fields.items()}
   return {**fields, 'noise_conditioning': True}
+
+
+def reference_model_args(spec) -> dict:
+  """The arguments of the reference's `Model(...)` for our spec: ml-itarflow's for a noise-conditioned model
+  (per-block fields as lists, block 0 first), else ml-tarflow's."""
+  if not spec.noise_conditioning:
+    return {f: getattr(spec, f) for f in REFERENCE_MODEL_ARGS}
+
+  def value(field):
+    if field in PER_BLOCK_FIELDS:
+      return [getattr(spec.block(i), field) for i in range(spec.num_blocks)]
+    return getattr(spec, field)
+
+  return {theirs: value(_ITARFLOW_RENAMES.get(theirs, theirs)) for theirs in ITARFLOW_MODEL_ARGS}
 
 
 def to_reference(model: TarFlow, variables) -> dict:

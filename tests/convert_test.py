@@ -1,7 +1,8 @@
 """Reference state dicts to our variables and back, architecture checks, and the conversion CLI both ways.
 
 With TARFLOW_REFERENCE_DIR pointing at a checkout of apple/ml-tarflow (its transformer_flow.py) and
-torch installed, an exported .pth is also loaded into the reference's own Model and run.
+torch installed, an exported .pth is also loaded into the reference's own Model and run; with
+TARFLOW_ITARFLOW_REFERENCE_DIR at a checkout of apple/ml-itarflow, an exported iTARFlow into its Model.
 """
 
 import importlib.util
@@ -21,7 +22,6 @@ from tarflow_jax.model import Spec, TarFlow, abstract_variables, patchify
 import toy
 
 FIXTURE = os.path.join(os.path.dirname(__file__), 'fixtures', 'cond_small')
-REFERENCE_DIR = os.environ.get('TARFLOW_REFERENCE_DIR', '')
 COND_SMALL = dict(in_channels=1, img_size=8, patch_size=2, channels=128, num_blocks=2, layers_per_block=2,
                   nvp=True, num_classes=3)
 
@@ -208,13 +208,15 @@ def test_export_refuses_what_the_reference_cannot_load(state, tmp_path, monkeypa
   assert sorted(os.listdir(tmp_path)) == ['model.npz']
 
 
-def _reference_module():
-  """apple/ml-tarflow's transformer_flow module from TARFLOW_REFERENCE_DIR (skips without it or torch)."""
-  path = os.path.join(REFERENCE_DIR, 'transformer_flow.py')
-  if not REFERENCE_DIR or not os.path.exists(path):
-    pytest.skip('TARFLOW_REFERENCE_DIR does not point at a checkout of apple/ml-tarflow')
+def _reference_module(variable: str = 'TARFLOW_REFERENCE_DIR', repository: str = 'apple/ml-tarflow'):
+  """The transformer_flow module of a checkout of `repository` named by $`variable` (skips without it or torch)."""
+  directory = os.environ.get(variable, '')
+  path = os.path.join(directory, 'transformer_flow.py')
+  if not directory or not os.path.exists(path):
+    pytest.skip(f'{variable} does not point at a checkout of {repository}')
   pytest.importorskip('torch')
-  spec = importlib.util.spec_from_file_location('transformer_flow', path)
+  spec = importlib.util.spec_from_file_location(f'transformer_flow_{repository.replace("/", "_").replace("-", "_")}',
+                                                path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -231,7 +233,7 @@ def test_exported_pth_loads_into_the_reference_model_and_computes_our_forward(tm
   variables['prior']['var'] = np.exp(rng.normal(0.0, 0.3, variables['prior']['var'].shape)).astype(np.float32)
   path = str(tmp_path / 'model.pth')
   reference.export_reference_checkpoint(model, variables, path)
-  theirs = transformer_flow.Model(**{f: getattr(model.spec, f) for f in reference.REFERENCE_MODEL_ARGS})
+  theirs = transformer_flow.Model(**reference.reference_model_args(model.spec))
   theirs.load_state_dict(torch.load(path, map_location='cpu', weights_only=True), strict=True)
   x = toy.images(model)
   y = jnp.array([0, 2, -1]) if num_classes else None
@@ -248,6 +250,29 @@ def test_exported_pth_loads_into_the_reference_model_and_computes_our_forward(tm
     tx = theirs.reverse(torch.from_numpy(np.array(noise)), None if y is None else torch.tensor(np.asarray(y[:2])))
   ours = sampling.sample(model, variables, noise, None if y is None else y[:2])
   np.testing.assert_allclose(tx.numpy().transpose(0, 2, 3, 1), ours, atol=1e-4)
+
+
+@pytest.mark.extras
+def test_exported_itarflow_pth_loads_into_ml_itarflow_and_computes_our_forward(tmp_path):
+  """Export to ml-itarflow end to end: per-block patch sizes, widths and depths, noise-level conditioning."""
+  transformer_flow = _reference_module('TARFLOW_ITARFLOW_REFERENCE_DIR', 'apple/ml-itarflow')
+  import torch  # pylint: disable=g-import-not-at-top
+  model = toy.tiny_model(img_size=8, patch_size=(2, 4), channels=(64, 128), head_dim=64, layers_per_block=(1, 2),
+                         num_classes=3, noise_conditioning=True)
+  rng = np.random.default_rng(0)
+  variables = jax.tree.map(lambda s: rng.normal(0.0, 0.05, s.shape).astype(np.float32), abstract_variables(model))
+  path = str(tmp_path / 'model.pth')
+  reference.export_reference_checkpoint(model, variables, path)
+  theirs = transformer_flow.Model(**reference.reference_model_args(model.spec))
+  theirs.load_state_dict(torch.load(path, map_location='cpu', weights_only=True), strict=True)
+  x, y, t = toy.images(model), jnp.array([0, 2, -1]), jnp.array([0.05, 0.1, 0.3])
+  z, logdets, _ = model.apply(variables, x, y, t)
+  with torch.no_grad():
+    tz, _, tlogdets, _ = theirs(torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy()),
+                                torch.tensor(np.asarray(y)), torch.tensor(np.asarray(t))[:, None])
+  np.testing.assert_allclose(tz.numpy(), z, atol=1e-5)
+  np.testing.assert_allclose(tlogdets.numpy(), logdets, atol=1e-5)
+  assert float(jnp.abs(z - patchify(x, 4)).max()) > 1e-2  # not the identity
 
 
 def test_cli_exports_a_checkpoint_directory(tmp_path):

@@ -63,6 +63,15 @@ def test_state_dict_both_ways(case):
     np.testing.assert_array_equal(back[k], v, err_msg=k)
 
 
+def test_reference_constructor_arguments(case):
+  """What export prints and the benchmarks build ml-itarflow's Model with: the recorded arguments, lists per block."""
+  def per_block(v):
+    return list(v) * case.spec['num_blocks'] if isinstance(v, list) and len(v) == 1 else v
+
+  recorded = {k: per_block(case.spec[k]) for k in reference.ITARFLOW_MODEL_ARGS if k in case.spec}
+  assert reference.reference_model_args(case.model.spec) == {'shared_backbone_layers': 0, **recorded}
+
+
 def test_architecture_mismatch_is_one_clear_line(case):
   fields = reference.itarflow_model_fields(case.spec)
   wider = dict(fields, channels=[2 * c for c in case.spec['channels']])

@@ -44,6 +44,10 @@ def test_forward(case):
       assert_close(out, case.data[f'{rec}/block{i}'], FORWARD_TOL, f'{rec}/block{i}')
 
 
+def test_reference_constructor_arguments(case):
+  assert reference.reference_model_args(case.model.spec) == {k: case.spec[k] for k in ARCH_FIELDS}
+
+
 def test_bits_per_dim(case):
   bpd = likelihood.bits_per_dim(case.model, case.variables, nhwc(case.data['bpd/x_int']), nhwc(case.data['bpd/u']))
   assert_close(bpd, case.data['bpd/bpd'], FORWARD_TOL, 'bpd/bpd')

@@ -68,7 +68,7 @@ def export_checkpoint() -> None:
                            'reads a checkpoint directory: a training workdir, its checkpoints/, or a converted one.')
   model, variables, _ = checkpoint.load_model(FLAGS.checkpoint, raw_weights=FLAGS.raw_weights)
   state = reference.export_reference_checkpoint(model, variables, FLAGS.output, overwrite=FLAGS.overwrite)
-  args = ', '.join(f'{f}={getattr(model.spec, f)!r}' for f in reference.REFERENCE_MODEL_ARGS)
+  args = ', '.join(f'{k}={v!r}' for k, v in reference.reference_model_args(model.spec).items())
   print(f'Wrote {FLAGS.output}: {len(state)} tensors, {sum(np.size(v) for v in state.values()):,} values, for the '
         f'reference\'s Model({args}).')
 
