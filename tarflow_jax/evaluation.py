@@ -239,10 +239,11 @@ def fid_samples(draw: Callable, num_samples: int, batch_size: int, noise_shape: 
 
 
 def model_sampler(model, variables, mesh, protocol: FidProtocol,
-                  decoder: sampling.Decoder = sampling.Sequential()) -> Callable:
+                  decoder: sampling.Decoder = sampling.Sequential(), seed: int = 0) -> Callable:
   """`draw` of `fid_samples`: the model's samples with the protocol's guidance and denoising.
 
-  A batch that the mesh's devices divide is split over them.
+  A batch that the mesh's devices divide is split over them. `seed` seeds the fresh noise of the
+  iterative denoiser's SDE rounds (iTARFlow), one key per call.
   """
   variables = jax.device_put(variables, sharding.replicated(mesh))
   d = protocol.denoising
@@ -255,7 +256,7 @@ def model_sampler(model, variables, mesh, protocol: FidProtocol,
     if protocol.iterative:
       with jax.set_mesh(mesh):
         x = iterative_sampling.sample(model, variables, jnp.asarray(noise), y, guidance=protocol.guidance,
-                                      denoising=d, rng=jax.random.fold_in(jax.random.key(0), next(calls)))
+                                      denoising=d, rng=jax.random.fold_in(jax.random.key(seed), next(calls)))
       return sharding.fetch(x)
     x = sampling.sample(model, variables, jnp.asarray(noise), y, guidance=protocol.guidance, decoder=decoder)
     if d.enabled:
@@ -280,7 +281,7 @@ def model_fid(model, variables, mesh, protocol: FidProtocol, inception_variables
   """
   batch = sample_batch_size(batch_size, protocol.num_samples, mesh)
   samples, labels, redrawn = fid_samples(
-      model_sampler(model, variables, mesh, protocol, decoder), protocol.num_samples, batch,
+      model_sampler(model, variables, mesh, protocol, decoder, seed), protocol.num_samples, batch,
       (model.num_tokens, model.token_dim), model.spec.num_classes, np.random.default_rng(seed), pipeline=pipeline)
   features = fid.features(inception_variables, samples, mesh, batch_size=batch_size, pipeline=pipeline)
   return fid.frechet_distance(*reference, *fid.statistics(features)), samples, labels, redrawn
