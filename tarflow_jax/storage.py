@@ -150,11 +150,15 @@ def save_json(path: str, value) -> None:
 
 
 class _DuplicateReports(logging.Filter):
-  """Drops the ERROR records with a traceback that Orbax's and clu's threads log (their callers re-raise it)."""
+  """Drops the ERROR records with a traceback that Orbax's and clu's threads log (their callers re-raise it), and
+  asyncio's "exception was never retrieved" of an abandoned write that storage refused (raised in TensorStore,
+  its exception carries no Python traceback to tell where it came from)."""
 
   def filter(self, record):
     if record.levelno < logging.ERROR or not record.exc_info or record.exc_info[1] is None:
       return True
+    if record.name == 'asyncio' and write_failure_cause(record.exc_info[1]) is not None:
+      return False
     files = [record.pathname] + [frame.filename for frame in traceback.extract_tb(record.exc_info[2])]
     return not any(name in f for f in files for name in _BACKGROUND_IO)
 

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 
 import numpy as np
@@ -79,6 +80,28 @@ def test_a_refused_write_is_named_by_its_cause(error, cause):
   wrapped.__cause__ = error
   assert storage.write_failure_cause(error) == cause
   assert storage.write_failure_cause(wrapped) == cause
+
+
+def test_the_abandoned_writes_of_a_refused_save_are_not_reported_again():
+  """When one write fails Orbax abandons the item's others; asyncio reports each when collected ("Future exception
+  was never retrieved", TensorStore's error with no Python traceback). Those that storage refused are dropped, a
+  bug's stays."""
+  script = textwrap.dedent('''
+      import asyncio, gc
+      from tarflow_jax import storage
+      storage.quiet_background_io()
+      loop = asyncio.new_event_loop()
+      for message in (\'RESOURCE_EXHAUSTED: Error writing "rng/0" in OCDBT database at local file "/w/": Failed to \'
+                      "write 26744 bytes to file 7: No space left on device [os_error_code='28']", 'a bug'):
+        future = loop.create_future()
+        future.set_exception(ValueError(message))
+        del future
+        gc.collect()
+      ''')
+  result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, cwd=REPO, env=_env(),
+                          timeout=120, check=True)
+  assert 'No space left' not in result.stderr, result.stderr
+  assert 'never retrieved' in result.stderr and 'ValueError: a bug' in result.stderr, result.stderr
 
 
 def test_a_refused_save_stops_the_run_with_one_error_and_keeps_the_older_checkpoints(tmp_path, monkeypatch):
