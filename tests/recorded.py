@@ -12,6 +12,7 @@ from typing import Callable
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from tarflow_jax import reference
 from tarflow_jax.model import Spec, TarFlow
@@ -66,3 +67,14 @@ def assert_close(actual, expected, tol: float, what: str) -> None:
   assert actual.shape == expected.shape, f'{what}: shape {actual.shape}, recorded {expected.shape}'
   err = float(np.max(np.abs(actual - expected)))
   assert err <= tol, f'{what}: max abs error {err:.3g} > {tol:.1g}'
+
+
+def check_pth_reader(case: Case) -> None:
+  """The reference's .pth beside a case, read by `reference.load_reference_checkpoint`, gives the recorded latent."""
+  pytest.importorskip('torch')
+  pth = case.stem + '.pth'
+  if not os.path.exists(pth):
+    pytest.skip(f'{pth} not recorded')
+  variables = reference.load_reference_checkpoint(case.model, pth)
+  z, _, _ = case.model.apply(variables, case.x, case.y, case.t)
+  assert_close(z, case.data['forward/y_none/z' if case.y is None else 'forward/y/z'], FORWARD_TOL, '.pth forward z')

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from recorded import FORWARD_TOL, SAMPLE_TOL, Case, assert_close, nchw, nhwc, stems
+from recorded import FORWARD_TOL, SAMPLE_TOL, Case, assert_close, check_pth_reader, nchw, nhwc, stems
 from tarflow_jax import likelihood, reference, sampling
 
 FIXTURES = os.environ.get('TARFLOW_FIXTURES', os.path.join(os.path.dirname(__file__), 'fixtures'))
@@ -72,10 +72,4 @@ def test_denoise(case):
 
 @pytest.mark.extras
 def test_pth_reader_matches_npz(case):
-  pytest.importorskip('torch')
-  pth = case.stem + '.pth'
-  if not os.path.exists(pth):
-    pytest.skip(f'{pth} not recorded')
-  variables = reference.load_reference_checkpoint(case.model, pth)
-  z, _, _ = case.model.apply(variables, case.x, case.y)
-  assert_close(z, case.data['forward/y_none/z' if case.y is None else 'forward/y/z'], FORWARD_TOL, '.pth forward z')
+  check_pth_reader(case)
