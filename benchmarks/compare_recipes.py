@@ -19,34 +19,10 @@ run, then each recipe's mean and spread over seeds) and writes it with the numbe
 """
 
 import argparse
-import json
 import os
-import statistics
 import sys
 
 import compare_reference_training as common  # pylint: disable=g-bad-import-order  # benchmarks/, beside this file
-
-
-def table(results: dict) -> str:
-  """Each run's scores, then each recipe's mean (and the spread over its seeds)."""
-  fid = any('fid' in r for r in results.values())
-  lines = ['| recipe | seed | bits/dim | Bayes classifier |' + (' FID |' if fid else ''),
-           '| --- | --- | --- | --- |' + (' --- |' if fid else '')]
-  runs = sorted(results.values(), key=lambda r: (r['recipe'], r['seed']))
-  for r in runs:
-    lines.append(f'| {r["recipe"]} | {r["seed"]} | {r["bits_per_dim"]:.3f} +- {r["bits_per_dim_stderr"]:.3f} | '
-                 f'{r["accuracy"]:.1f}% |' + (f' {r["fid"]:.2f} ({r["fid_samples"]} samples) |' if fid else ''))
-  for recipe in sorted({r['recipe'] for r in runs}):
-    mine = [r for r in runs if r['recipe'] == recipe]
-
-    def cell(key, digits):
-      values = [r[key] for r in mine]
-      spread = f' (range {min(values):.{digits}f} to {max(values):.{digits}f})' if len(values) > 1 else ''
-      return f'{statistics.mean(values):.{digits}f}{spread}'
-
-    lines.append(f'| {recipe} | mean of {len(mine)} | {cell("bits_per_dim", 3)} | {cell("accuracy", 1)}% |' +
-                 (f' {cell("fid", 2)} |' if fid else ''))
-  return '\n'.join(lines)
 
 
 def main():
@@ -69,11 +45,7 @@ def main():
   args.config = args.configs[0]  # whose training split the FID statistics are of
   inception, stats = common.fid_files(args) if args.fid else (None, None)
   changes = [f'--config.{assignment}' for assignment in (common.NO_TRAINING_FID, *args.set)]
-  results_path = os.path.join(args.workdir, 'results.json')
-  results = {}
-  if os.path.exists(results_path):
-    with open(results_path) as f:
-      results = json.load(f)
+  results_path, results = common.load_results(args.workdir)
   for seed in args.seeds:
     for config in args.configs:
       recipe = os.path.splitext(os.path.basename(config))[0]
@@ -84,9 +56,8 @@ def main():
       if args.fid:
         results[name].update(common.score_fid(workdir, inception, stats, args.fid_samples, args.fid_batch_size))
       print(name, results[name], flush=True)
-      with open(results_path, 'w') as f:
-        json.dump(results, f, indent=2)
-  print(table(results))
+      common.save_results(results_path, results)
+  print(common.table(results, 'recipe'))
 
 
 if __name__ == '__main__':

@@ -46,6 +46,7 @@ import inspect
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -192,6 +193,46 @@ def score_fid(checkpoint: str, inception: str, stats: str, num_samples: int, bat
   return {'fid': result['fid'], 'fid_samples': result['num_samples'], 'fid_stats': stats}
 
 
+def load_results(workdir: str) -> tuple[str, dict]:
+  """The path of `<workdir>/results.json` and what earlier runs of the command recorded there (runs by name)."""
+  path = os.path.join(workdir, 'results.json')
+  if not os.path.exists(path):
+    return path, {}
+  with open(path) as f:
+    return path, json.load(f)
+
+
+def save_results(path: str, results: dict) -> None:
+  with open(path, 'w') as f:
+    json.dump(results, f, indent=2)
+
+
+def table(results: dict, group: str) -> str:
+  """A markdown table: each run's scores, then, for each value of `group` ('side', 'recipe'), their mean over its
+  seeds (and the range where there are several)."""
+  fid = any('fid' in r for r in results.values())
+  lines = [f'| {group} | seed | bits/dim | Bayes classifier |' + (' FID |' if fid else ''),
+           '| --- | --- | --- | --- |' + (' --- |' if fid else '')]
+  runs = sorted(results.values(), key=lambda r: (r[group], r['seed']))
+  for r in runs:
+    fid_cell = (f' {r["fid"]:.2f} ({r["fid_samples"]} samples) |' if 'fid' in r else ' |') if fid else ''
+    lines.append(f'| {r[group]} | {r["seed"]} | {r["bits_per_dim"]:.3f} +- {r["bits_per_dim_stderr"]:.3f} | '
+                 f'{r["accuracy"]:.1f}% |{fid_cell}')
+  for value in sorted({r[group] for r in runs}):
+    mine = [r for r in runs if r[group] == value]
+
+    def cell(key, digits, unit=''):
+      values = [r[key] for r in mine if key in r]
+      if not values:
+        return ''
+      spread = f' (range {min(values):.{digits}f}{unit} to {max(values):.{digits}f}{unit})' if len(values) > 1 else ''
+      return f'{statistics.mean(values):.{digits}f}{unit}{spread}'
+
+    lines.append(f'| {value} | mean of {len(mine)} | {cell("bits_per_dim", 3)} | {cell("accuracy", 1, "%")} |' +
+                 (f' {cell("fid", 2)} |' if fid else ''))
+  return '\n'.join(lines)
+
+
 def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
   """The flags of `evaluate` and the FID scoring (`fid_files`, `score_fid`), shared with compare_recipes.py."""
   parser.add_argument('--eval_examples', type=int, default=-1,
@@ -235,11 +276,7 @@ def main():
   os.makedirs(args.workdir, exist_ok=True)
   inception, stats = fid_files(args) if args.fid else (None, None)
   changes = [f'--config.{assignment}' for assignment in (NO_TRAINING_FID, *args.set)]
-  results_path = os.path.join(args.workdir, 'results.json')
-  results = {}
-  if os.path.exists(results_path):
-    with open(results_path) as f:
-      results = json.load(f)
+  results_path, results = load_results(args.workdir)
   for seed in args.seeds:
     for side in args.sides:
       name = f'{side}_seed{seed}'
@@ -257,15 +294,8 @@ def main():
       if args.fid:
         results[name].update(score_fid(checkpoint, inception, stats, args.fid_samples, args.fid_batch_size))
       print(name, results[name], flush=True)
-      with open(results_path, 'w') as f:
-        json.dump(results, f, indent=2)
-  fid_column = any('fid' in r for r in results.values())
-  print(f'| side | seed | bits/dim | Bayes classifier |{" FID |" if fid_column else ""}\n'
-        f'| --- | --- | --- | --- |{" --- |" if fid_column else ""}')
-  for r in sorted(results.values(), key=lambda r: (r['side'], r['seed'])):
-    fid_cell = (f' {r["fid"]:.2f} ({r["fid_samples"]} samples) |' if 'fid' in r else ' |') if fid_column else ''
-    print(f'| {r["side"]} | {r["seed"]} | {r["bits_per_dim"]:.3f} +- {r["bits_per_dim_stderr"]:.3f} | '
-          f'{r["accuracy"]:.1f}% |{fid_cell}')
+      save_results(results_path, results)
+  print(table(results, 'side'))
 
 
 if __name__ == '__main__':
