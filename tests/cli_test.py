@@ -141,6 +141,10 @@ def saved(tmp_path_factory):
     (['--decoder=seq,seq,seq,seq,seq'], r"--decoder='seq,seq,seq,seq,seq': 5 entries for a model of \d+ blocks"),
     (['--decoder=auto', '--quality_bound=-1'], r'--quality_bound=-1 must be >= 0'),
     (['--decoder=auto', '--calibration_samples=0'], r'--calibration_samples=0 must be positive'),
+    (['--denoise_steps=0'], r'--denoise_steps=0 must be at least 1'),
+    (['--dynamics=sde', '--clip'], r'--dynamics, --clip given, but --checkpoint holds a TarFlow model, sampled with '
+                                   r'one denoising step \(--denoise, --sigma, --denoise_scale, --guide_what\); leave '
+                                   r'them out\.'),
 ])
 def test_sample_rejects_bad_arguments(saved, tmp_path, args, message):
   before = snapshot(saved)

@@ -142,6 +142,24 @@ def test_a_tiny_itarflow_trains_and_samples_by_iterative_denoising(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   with np.load(tmp_path / 'cli' / 'samples.npz') as f:
     assert f['images'].shape == (4, 16, 16, 1) and f['images'].dtype == np.uint8
+  # Its iterative sampling settings from flags: what the library draws with them, from the same noise and key.
+  proc = subprocess.run([sys.executable, '-m', 'tarflow_jax.cli.sample', f'--checkpoint={tmp_path}',
+                         f'--output={tmp_path}/flags', '--num=4', '--batch_size=4', '--labels=rows', '--seed=3',
+                         '--denoise_steps=2', '--dynamics=sde', '--clip', '--guidance_style=starflow'],
+                        capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'decoded at t=0.3, then 2 sde denoising rounds down to 0.05' in proc.stdout, proc.stdout
+  guidance, denoising = iterative_sampling.from_config(saved, steps=2, dynamics='sde', clip=True, style='starflow')
+  noise = np.random.default_rng(3).standard_normal((4, model.num_tokens, model.token_dim), np.float32)
+  expected = iterative_sampling.sample(model, variables, jnp.asarray(noise), jnp.arange(4), guidance=guidance,
+                                       denoising=denoising, rng=jax.random.key(3))
+  with np.load(tmp_path / 'flags' / 'samples.npz') as f:
+    assert np.abs(f['images'].astype(int) - images.to_uint8(np.asarray(expected)).astype(int)).max() <= 1
+  proc = subprocess.run([sys.executable, '-m', 'tarflow_jax.cli.sample', f'--checkpoint={tmp_path}',
+                         f'--output={tmp_path}/tarflow', '--num=4', '--denoise_scale=0.5'], capture_output=True,
+                        text=True, cwd=REPO, env=env, timeout=600)
+  assert proc.returncode == 2 and '--denoise_scale given, but --checkpoint holds a noise-conditioned (iTARFlow) model' \
+      in proc.stderr, proc.stderr[-3000:]
   proc = subprocess.run([sys.executable, '-m', 'tarflow_jax.cli.sample', f'--checkpoint={tmp_path}',
                          f'--output={tmp_path}/jacobi', '--num=4', '--decoder=jacobi'], capture_output=True,
                         text=True, cwd=REPO, env=env, timeout=600)

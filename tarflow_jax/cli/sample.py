@@ -4,10 +4,15 @@ r"""Draws samples from a trained or converted TarFlow.
       --num=100 --labels=rows --guidance=1.0 [--decoder=jacobi --jacobi_tol=1e-3]
   python -m tarflow_jax.cli.sample ... --decoder=seq,seq,jacobi:segment=16:tol=1e-3:init=prev,seq
   python -m tarflow_jax.cli.sample ... --decoder=auto [--quality_bound=2 --calibration_samples=8]
+  python -m tarflow_jax.cli.sample --checkpoint=runs/itarflow_fashion_mnist ... --denoise_steps=30 --dynamics=sde
 
 Writes `samples.png` (a grid), `samples.npz` (uint8 images NHWC and labels) and prints images/s and
 the decoding plan, one entry per block as --decoder takes it (`sampling.parse_plan`).
 Guidance, attention temperature and denoising default to the checkpoint config's `sample` fields.
+A noise-conditioned (iTARFlow) model decodes at config.itarflow.t1 and is then denoised iteratively
+down to t0 (`iterative_sampling`): --denoise_steps, --dynamics, --clip, --guidance_style and
+--guide_flows change its settings (default: the config's `itarflow` fields), while --denoise,
+--sigma, --denoise_scale and --guide_what are TarFlow's and refused there.
 A checkpoint trained with config.ema_decay > 0 samples with the moving average of its parameters;
 --raw_weights uses the parameters themselves.
 """
@@ -41,6 +46,14 @@ flags.DEFINE_bool('denoise', None, 'One score step x + s * sigma^2 grad log p(x|
                   'with Gaussian noise).')
 flags.DEFINE_float('sigma', None, 'Denoising sigma (default: the training noise std).')
 flags.DEFINE_float('denoise_scale', None, 'Multiplier of the denoising step (default: config).')
+flags.DEFINE_integer('denoise_steps', None, 'iTARFlow: rounds of iterative denoising from t1 down to t0 (1: one '
+                     'self-denoising step at t1; default: config.itarflow.steps).')
+flags.DEFINE_enum('dynamics', None, list(iterative_sampling.DYNAMICS), 'iTARFlow: how a denoising round moves to the '
+                  'next noise level: ode (deterministic) or sde (fresh noise, by --seed) (default: config).')
+flags.DEFINE_bool('clip', None, 'iTARFlow: clamp each round\'s denoised estimate to [-1, 1] (default: config).')
+flags.DEFINE_enum('guidance_style', None, list(iterative_sampling.STYLES), 'iTARFlow: how guidance mixes the two '
+                  'branches (iterative_sampling.Guidance; default: config).')
+flags.DEFINE_integer('guide_flows', None, 'iTARFlow: blocks guided, in decoding order (-1: all; default: config).')
 flags.DEFINE_string('decoder', 'seq', 'The decoding plan: exact sequential decoding (seq), Jacobi, or one of them per '
                     f'block: {sampling.PLAN_SPELLING}; or auto: the cheapest plan on this machine whose samples stay '
                     'within --quality_bound of exact decoding on --calibration_samples samples (auto_plan.calibrate).')
@@ -94,10 +107,28 @@ def check_flags() -> None:
                'denoise_scale', 'quality_bound'):
     if FLAGS[name].value is not None and FLAGS[name].value < 0:
       raise errors.UserError(f'--{name}={FLAGS[name].value} must be >= 0.')
+  if FLAGS.denoise_steps is not None and FLAGS.denoise_steps < 1:
+    raise errors.UserError(f'--denoise_steps={FLAGS.denoise_steps} must be at least 1.')
   if FLAGS.attn_temp is not None and FLAGS.attn_temp <= 0:
     raise errors.UserError(f'--attn_temp={FLAGS.attn_temp} must be positive.')
   if FLAGS.decoder != 'auto':
     sampling.parse_plan(FLAGS.decoder, None, setting='--decoder')  # the spelling; the blocks once the model is read
+
+
+_TARFLOW_ONLY = ('denoise', 'sigma', 'denoise_scale', 'guide_what')
+_ITARFLOW_ONLY = ('denoise_steps', 'dynamics', 'clip', 'guidance_style', 'guide_flows')
+
+
+def check_family_flags(noise_conditioned: bool) -> None:
+  """Refuses the flags of the other sampler: TarFlow's one denoising step, or iTARFlow's iterative denoising."""
+  foreign = _TARFLOW_ONLY if noise_conditioned else _ITARFLOW_ONLY
+  given = [f'--{name}' for name in foreign if FLAGS[name].value is not None]
+  if given:
+    model, sampler = (('a noise-conditioned (iTARFlow) model', 'iterative denoising (--denoise_steps, --dynamics, '
+                       '--clip, --guidance_style, --guide_flows)') if noise_conditioned else
+                      ('a TarFlow model', 'one denoising step (--denoise, --sigma, --denoise_scale, --guide_what)'))
+    raise errors.UserError(f'{", ".join(given)} given, but --checkpoint holds {model}, sampled with {sampler}; '
+                           'leave them out.')
 
 
 def decoder_from_flags(model, variables, guidance, batch_size: int) -> sampling.Decoder:
@@ -136,11 +167,14 @@ def main(argv):
       enabled=FLAGS.denoise, sigma=FLAGS.sigma, step_scale=FLAGS.denoise_scale))
   if denoising.enabled and not denoising.sigma:
     raise errors.UserError('--denoise needs --sigma (the model was not trained with Gaussian noise).')
+  check_family_flags(model.spec.noise_conditioning)
   if model.spec.noise_conditioning:  # iTARFlow: decoded at t1, then denoised iteratively (config.itarflow)
     if FLAGS.decoder not in ('seq', 'sequential'):
       raise errors.UserError(f'--decoder={FLAGS.decoder}: a noise-conditioned (iTARFlow) model decodes sequentially.')
     guidance, denoising = iterative_sampling.from_config(config, **given(
-        weight=FLAGS.guidance, attn_temp=FLAGS.attn_temp, annealed=FLAGS.annealed_guidance))
+        weight=FLAGS.guidance, attn_temp=FLAGS.attn_temp, annealed=FLAGS.annealed_guidance,
+        style=FLAGS.guidance_style, flows=FLAGS.guide_flows, steps=FLAGS.denoise_steps, dynamics=FLAGS.dynamics,
+        clip=FLAGS.clip))
 
   rng = np.random.default_rng(FLAGS.seed)
   if FLAGS.latents:
@@ -187,8 +221,12 @@ def main(argv):
   rate = sum(len(o) for o in out[-len(timed):]) / sum(timed)
   note = 'after compilation' if len(seconds) > 1 else 'including compilation (one batch)'
   logging.info('%d samples in %.1f s (first batch %.1f s, with compilation).', num, sum(seconds), seconds[0])
-  details = ([f'guidance {guidance.weight:g}'] if guidance.enabled else []) + (
-      ['denoised'] if denoising.enabled else [])
+  details = [f'guidance {guidance.weight:g}'] if guidance.enabled else []
+  if model.spec.noise_conditioning:
+    details.append(f'decoded at t={denoising.t1:g}, then {denoising.steps} {denoising.dynamics} denoising round'
+                   f'{"s" if denoising.steps > 1 else ""} down to {denoising.t0:g}')
+  elif denoising.enabled:
+    details.append('denoised')
   if iterations and not isinstance(decoder, sampling.Jacobi):  # sequential steps (Jacobi decodes the whole batch)
     microbatch = sampling.resolve_microbatch(model, decoder, batch_size, guidance.enabled) or batch_size
     details.append(f'micro-batch {microbatch}')
