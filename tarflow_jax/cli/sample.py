@@ -160,13 +160,6 @@ def main(argv):
   check_flags()
   model, variables, config = checkpoint.load_model(FLAGS.checkpoint, raw_weights=FLAGS.raw_weights)
   given = lambda **flags: {k: v for k, v in flags.items() if v is not None}
-  guidance = sampling.guidance_from_config(config, **given(
-      weight=FLAGS.guidance, guide_what=FLAGS.guide_what, attn_temp=FLAGS.attn_temp,
-      annealed=FLAGS.annealed_guidance))
-  denoising = sampling.denoising_from_config(config, **given(
-      enabled=FLAGS.denoise, sigma=FLAGS.sigma, step_scale=FLAGS.denoise_scale))
-  if denoising.enabled and not denoising.sigma:
-    raise errors.UserError('--denoise needs --sigma (the model was not trained with Gaussian noise).')
   check_family_flags(model.spec.noise_conditioning)
   if model.spec.noise_conditioning:  # iTARFlow: decoded at t1, then denoised iteratively (config.itarflow)
     if FLAGS.decoder not in ('seq', 'sequential'):
@@ -175,6 +168,14 @@ def main(argv):
         weight=FLAGS.guidance, attn_temp=FLAGS.attn_temp, annealed=FLAGS.annealed_guidance,
         style=FLAGS.guidance_style, flows=FLAGS.guide_flows, steps=FLAGS.denoise_steps, dynamics=FLAGS.dynamics,
         clip=FLAGS.clip))
+  else:
+    guidance = sampling.guidance_from_config(config, **given(
+        weight=FLAGS.guidance, guide_what=FLAGS.guide_what, attn_temp=FLAGS.attn_temp,
+        annealed=FLAGS.annealed_guidance))
+    denoising = sampling.denoising_from_config(config, **given(
+        enabled=FLAGS.denoise, sigma=FLAGS.sigma, step_scale=FLAGS.denoise_scale))
+    if denoising.enabled and not denoising.sigma:
+      raise errors.UserError('--denoise needs --sigma (the model was not trained with Gaussian noise).')
 
   rng = np.random.default_rng(FLAGS.seed)
   if FLAGS.latents:
