@@ -7,14 +7,16 @@ block is to converge (CRM) and how close each initial guess is to the answer (IG
 measures the same on a small batch of the model's own samples, whose exact decoding is the answer:
 
 1. the batch decoded exactly (sequentially), keeping each block's output and input;
-2. each block inverted alone from its exact output by each candidate Jacobi setting (`candidates`):
+2. each block inverted alone from its exact output by each candidate Jacobi setting (`candidates`:
+   fixed segments, and windows that slide past settled tokens, each window capped at the iterations
+   that would cost as much as sequential decoding):
    its iterations and its largest error against the exact input; reported with it, the block's
    convergence (plain Jacobi's iterations per token, CRM-like) and each initial guess's mean
    distance to the answer (IGM-like);
 3. the price of a decoding step over S tokens on this machine (`step_costs`): measured for one token
    (a sequential step) and for the whole block (a plain Jacobi iteration) at the batch to decode,
    linear in S between; sequential decoding costs T - 1 one-token steps, a Jacobi segment its
-   iterations times a step over the segment;
+   iterations times a step over the segment, a window its iterations times a step over the window;
 4. each block's cheapest candidate whose error is within the bound; then the whole plan decodes the
    batch, and while its largest pixel difference to exact decoding exceeds the bound, the block with
    the largest error takes its cheapest more accurate candidate (at worst sequential decoding).
@@ -33,16 +35,20 @@ from tarflow_jax.model import TarFlow, patchify
 
 TOLERANCES = (1e-2, 1e-3)
 SEGMENT_COUNTS = (1, 4, 16)
+WINDOW_COUNTS = (4, 16)  # windows of a quarter and a sixteenth of the block
 
 
 def candidates(num_tokens: int) -> list:
-  """The Jacobi settings tried for each block: segments, tolerances and initial guesses (iterations uncapped)."""
+  """The Jacobi settings tried for each block: segments and windows, tolerances and initial guesses (uncapped)."""
   steps = num_tokens - 1
   lengths = sorted({-(-steps // k) for k in SEGMENT_COUNTS if k <= steps}, reverse=True)
   out = []
   for length in lengths:
     inits = sampling.INITIAL_GUESSES if length < steps else ('latent', 'zeros')
     out += [sampling.Jacobi(segment=length, tol=tol, init=init) for tol in TOLERANCES for init in inits]
+  windows = sorted({-(-steps // k) for k in WINDOW_COUNTS if 2 * k <= steps}, reverse=True)  # of 2 tokens or more
+  for window in windows:
+    out += [sampling.Jacobi(window=window, tol=tol, init=init) for tol in TOLERANCES for init in ('latent', 'zeros')]
   return out
 
 
@@ -133,16 +139,19 @@ def calibrate(model: TarFlow, variables, noise, labels=None, *, guidance: sampli
     measured = [(sampling.spell(sequential, 1, model.num_tokens), sequential, steps * cost_1, 0.0, steps)]
     convergence = 0.0
     for decoder in candidates(model.num_tokens):
+      segment, _ = decoder.for_block(i, model.num_tokens)
+      if decoder.slides(i):  # no dearer than sequential decoding: stopped there, it is inexact or exact and as dear
+        decoder = dataclasses.replace(decoder, max_iters=max(1, int(steps * cost_1 / step_cost(segment))))
       got, iterations = _invert(model, variables, i, z, labels, guidance, decoder)
       iterations = np.asarray(iterations)
-      segment, _ = decoder.for_block(i, model.num_tokens)
-      sizes = [min(segment, steps - start) for start in range(0, steps, segment)]
+      sizes = ([segment] if decoder.slides(i) else
+               [min(segment, steps - start) for start in range(0, steps, segment)])
       cost = float(sum(n * step_cost(size) for n, size in zip(iterations, sizes)))
       error = float(jnp.abs(got - x).max())
       measured.append((sampling.spell(decoder, 1, model.num_tokens), decoder, cost, error, int(iterations.sum())))
       if segment == steps and decoder.tol == min(TOLERANCES) and decoder.init == 'latent':
         convergence = int(iterations.sum()) / steps
-    shortest = min(d.segment for d in candidates(model.num_tokens))
+    shortest = min(d.segment for d in candidates(model.num_tokens) if not d.window)
     distance = {'latent': float(jnp.abs(z - x).mean()), 'zeros': float(jnp.abs(x).mean())}
     if shortest < steps:
       distance['prev'] = float(jnp.abs(x[:, shortest:] - x[:, :-shortest]).mean())

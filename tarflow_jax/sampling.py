@@ -118,20 +118,31 @@ class Jacobi:
   `tol` or `max_iters` iterations have run; the key/value cache carries the
   earlier segments. `segment=0` is one segment for the whole block (plain
   Jacobi). With `max_iters` equal to the segment length (0 means that) and
-  `tol=0` the result is exact, whatever the guess. `segment` and `max_iters`
-  may be tuples, one entry per block (indexed like the blocks, 0 first).
+  `tol=0` the result is exact, whatever the guess. `segment`, `max_iters` and
+  `window` may be tuples, one entry per block (indexed like the blocks, 0 first).
+
+  `window=W` (instead of segments) updates W tokens at a time and, after every
+  iteration, slides the window past the tokens that have settled: the first
+  token of the window (its inputs are all settled), and after it every token
+  up to and including the first that changed by more than `tol`. Settled
+  tokens are not computed again, so no iteration is spent on a converged
+  prefix (what selective Jacobi decoding, arXiv 2505.24791, avoids), and since
+  the window moves by at least one token per iteration, it never takes more
+  iterations than sequential decoding. `max_iters` caps the block's iterations
+  (0: T - 1, exact at `tol=0`); tokens the window has not reached hold the guess.
 
   `init`: 'latent' (the segment's own latent tokens), 'zeros', or 'prev' (the
-  solution of the segment before, token for token; the latent for the first).
-  The key/value cache of a segment holds the inputs of its last iteration:
-  where the iterations stop short of exact (a cap, a tolerance), later segments
-  attend to those, not to the segment's final tokens (within `tol` of them once
-  it has settled).
+  solution of the segment before, token for token; the latent for the first;
+  segments only). The key/value cache of a segment holds the inputs of its last
+  iteration: where the iterations stop short of exact (a cap, a tolerance),
+  later segments attend to those, not to the segment's final tokens (within
+  `tol` of them once it has settled).
   """
   segment: Union[int, tuple] = 0
   max_iters: Union[int, tuple] = 0
   tol: float = 1e-4
   init: str = 'latent'
+  window: Union[int, tuple] = 0
 
   def __post_init__(self):
     if self.init not in INITIAL_GUESSES:
@@ -140,9 +151,21 @@ class Jacobi:
       raise errors.UserError(f'Jacobi tol must be >= 0, got {self.tol}.')
 
   def for_block(self, i: int, num_tokens: int) -> tuple[int, int]:
-    """(segment length, iteration cap) of block i."""
+    """(segment length, iteration cap) of block i; with a window, (window length, the block's iteration cap)."""
+    window = _setting_of_block(self.window, i)
+    if window:
+      if _setting_of_block(self.segment, i):
+        raise errors.UserError(f'Jacobi block {i}: give segment or window, not both.')
+      if self.init == 'prev':
+        raise errors.UserError("Jacobi init='prev' starts a segment from the one before: a window takes 'latent' "
+                               "or 'zeros'.")
+      return min(window, num_tokens - 1), min(_setting_of_block(self.max_iters, i) or num_tokens - 1, num_tokens - 1)
     segment = _setting_of_block(self.segment, i) or num_tokens - 1
     return min(segment, num_tokens - 1), _setting_of_block(self.max_iters, i) or segment
+
+  def slides(self, i: int) -> bool:
+    """Whether block i is decoded by a sliding window (else by segments)."""
+    return bool(_setting_of_block(self.window, i))
 
 
 def _setting_of_block(setting: Union[int, tuple], i: int) -> int:
@@ -177,10 +200,11 @@ def _decoder_of_block(decoder: Decoder, i: int) -> Union[Sequential, Jacobi]:
   return decoder.for_block(i) if isinstance(decoder, Plan) else decoder
 
 
-PLAN_SPELLING = ('seq[:chunks=N] or jacobi[:segment=N][:iters=N][:tol=X][:init=latent|zeros|prev], one for every '
-                 'block or one per block (block 0 first) separated by commas, e.g. '
-                 'seq,jacobi:segment=16:iters=8:tol=1e-3:init=prev')
-_KEYS = {'seq': {'chunks': int}, 'jacobi': {'segment': int, 'iters': int, 'tol': float, 'init': str}}
+PLAN_SPELLING = ('seq[:chunks=N] or jacobi[:segment=N|:window=N][:iters=N][:tol=X][:init=latent|zeros|prev], one '
+                 'for every block or one per block (block 0 first) separated by commas, e.g. '
+                 'seq,jacobi:segment=16:iters=8:tol=1e-3:init=prev,jacobi:window=64:tol=1e-3')
+_KEYS = {'seq': {'chunks': int},
+         'jacobi': {'segment': int, 'window': int, 'iters': int, 'tol': float, 'init': str}}
 _KINDS = {'seq': 'seq', 'sequential': 'seq', 'jacobi': 'jacobi'}
 
 
@@ -228,7 +252,15 @@ def _parse_entry(entry: str, sequential: Sequential, jacobi: Jacobi, fail) -> Un
       raise fail(f'init={value!r} is none of {", ".join(INITIAL_GUESSES)}')
   if kind == 'seq':
     return dataclasses.replace(sequential, **values)
-  names = {'segment': 'segment', 'iters': 'max_iters', 'tol': 'tol', 'init': 'init'}
+  if values.get('segment') and values.get('window'):
+    raise fail(f'{entry!r} gives both segment= and window=: segments are solved in turn, a window slides; give one')
+  if values.get('window') and values.get('init') == 'prev':
+    raise fail("init=prev starts a segment from the one before; a window takes init=latent or init=zeros")
+  if 'window' in values:
+    values.setdefault('segment', 0)
+  elif 'segment' in values:
+    values['window'] = 0
+  names = {'segment': 'segment', 'window': 'window', 'iters': 'max_iters', 'tol': 'tol', 'init': 'init'}
   return dataclasses.replace(jacobi, **{names[k]: v for k, v in values.items()})
 
 
@@ -239,6 +271,9 @@ def spell(decoder: Decoder, num_blocks: int, num_tokens: int) -> str:
     d = _decoder_of_block(decoder, i)
     if isinstance(d, Sequential):
       entries.append(f'seq:chunks={len(decode_chunks(num_tokens, d.chunks))}')
+    elif d.slides(i):
+      window, max_iters = d.for_block(i, num_tokens)
+      entries.append(f'jacobi:window={window}:iters={max_iters}:tol={d.tol:g}:init={d.init}')
     else:
       segment, max_iters = d.for_block(i, num_tokens)
       entries.append(f'jacobi:segment={segment}:iters={min(max_iters, segment)}:tol={d.tol:g}:init={d.init}')
@@ -407,6 +442,10 @@ def _invert_block(model, variables, i: int, cond: _Conditioning, z: Array, decod
   batch, num_tokens, _ = z.shape
   step = _inverse_step_of_block(model, variables, i, cond)
   cache = model.apply(variables, batch * cond.branches, 0, method=on_block(i, FlowBlock.init_cache))
+  if isinstance(decoder, Jacobi) and decoder.slides(i):
+    window, max_iters = decoder.for_block(i, num_tokens)
+    return _invert_block_by_window(step, _tokens_of_block(model, variables, i), cache, z, window, max_iters,
+                                   decoder.tol, decoder.init)
   if isinstance(decoder, Jacobi):
     segment, max_iters = decoder.for_block(i, num_tokens)
     return _invert_block_by_jacobi(step, _tokens_of_block(model, variables, i), cache, z, segment, max_iters,
@@ -529,6 +568,40 @@ def _solve_segment(step, x, z, cache, start: int, size: int, max_iters: int, tol
 
   count, x, _, cache = jax.lax.while_loop(not_done, iterate, (0, x, jnp.inf, cache))
   return x, cache, count
+
+
+def _invert_block_by_window(step, tokens, cache, z: Array, window: int, max_iters: int, tol: float, init: str):
+  """A block's input from its output z (B, T, D) by Jacobi iterations over a window that slides past settled tokens.
+
+  See `Jacobi`. Tokens 1..first-1 have settled (token 0 is its own inverse); each iteration updates
+  the `window` tokens from `first` on (from T - window at the end, keeping the settled ones), then
+  moves `first` past the first token that changed by more than `tol` (or past the window), for the
+  whole batch at once. Returns the input (B, T, D) and the iterations (1,).
+  """
+  read, write = tokens
+  steps = z.shape[1] - 1
+  x = write(z, jnp.zeros_like(read(z, 1, steps)), 1) if init == 'zeros' else z
+  cache = extend_cache(cache, steps)  # inputs 0..T-2
+  offsets = jnp.arange(window)
+
+  def not_done(state):
+    count, first, _, _ = state
+    return (first <= steps) & (count < max_iters)
+
+  def iterate(state):
+    count, first, x, cache = state
+    start = jnp.minimum(first - 1, steps - window)  # inputs start..start+window-1 give tokens start+1..
+    new, cache = step(x, z, start, cache, window)
+    outputs = start + 1 + offsets  # (W,) the window's tokens
+    settled = (outputs < first)[None, :, None]
+    old = read(x, start + 1, window)  # (B, W, D)
+    new = jnp.where(settled, old, read(new, start + 1, window))
+    moved = (jnp.max(jnp.abs(new - old), axis=(0, 2)) > tol) & (outputs >= first)  # (W,)
+    last = jnp.where(moved.any(), outputs[jnp.argmax(moved)], outputs[-1])  # settled up to here now
+    return count + 1, last + 1, write(x, new, start + 1), cache
+
+  count, _, x, _ = jax.lax.while_loop(not_done, iterate, (0, 1, x, cache))
+  return x, count[None]
 
 
 def score(model: TarFlow, variables, x: Array, y: Optional[Array] = None) -> Array:

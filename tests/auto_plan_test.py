@@ -67,7 +67,9 @@ def test_step_costs_are_measured(model_and_variables):
 
 def test_candidates_cover_segments_tolerances_and_guesses():
   got = auto_plan.candidates(1024)
-  assert {d.segment for d in got} == {1023, 256, 64}
+  assert {d.segment for d in got if not d.window} == {1023, 256, 64}
+  assert {d.window for d in got if d.window} == {256, 64}  # windows sliding past settled tokens
+  assert {d.init for d in got if d.window} == {'latent', 'zeros'}
   assert {d.init for d in got if d.segment == 64} == set(sampling.INITIAL_GUESSES)
   assert {d.init for d in got if d.segment == 1023} == {'latent', 'zeros'}  # one segment: no segment before
   assert {d.tol for d in got} == set(auto_plan.TOLERANCES)

@@ -187,6 +187,8 @@ def test_bad_sampler_input_is_refused():
     (sampling.Jacobi(segment=0, tol=0.0), 0.0),  # plain Jacobi over the whole block
     (sampling.Jacobi(segment=3, tol=0.0), 1.5),  # Gauss-Seidel-Jacobi, last segment shorter
     (sampling.Jacobi(segment=(2, 8), max_iters=(2, 0), tol=0.0), 1.0),  # per-block settings
+    (sampling.Jacobi(window=3, tol=0.0), 1.5),  # a sliding window
+    (sampling.Jacobi(segment=(0, 3), window=(4, 0), tol=0.0, init='zeros'), 1.0),  # a window, then segments
 ])
 def test_exact_jacobi_equals_the_sequential_sampler(jacobi, guidance):
   model = toy.tiny_model(num_classes=3, img_size=6)  # 9 tokens
@@ -200,8 +202,11 @@ def test_exact_jacobi_equals_the_sequential_sampler(jacobi, guidance):
   np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
   for i, its in enumerate(iterations):
     segment, _ = jacobi.for_block(i, model.num_tokens)
-    assert len(its) == -(-(model.num_tokens - 1) // segment)
-    assert int(its.max()) <= segment
+    if jacobi.slides(i):  # one count for the block, never more than sequential decoding's steps
+      assert len(its) == 1 and int(its[0]) <= model.num_tokens - 1
+    else:
+      assert len(its) == -(-(model.num_tokens - 1) // segment)
+      assert int(its.max()) <= segment
 
 
 def test_jacobi_with_a_tolerance_stops_early():
@@ -215,6 +220,70 @@ def test_jacobi_with_a_tolerance_stops_early():
   # A cap of one iteration is not exact: the iterations matter.
   capped = sampling.sample(model, variables, noise, decoder=sampling.Jacobi(max_iters=1, tol=0.0))
   assert float(jnp.abs(capped - exact).max()) > 1e-2
+
+
+def loop_window(model, variables, z, window, iterations, tol, init='latent', block=0):
+  """The sliding-window Jacobi inverse of one block from z, each iteration one full causal pass (no cache).
+
+  As the sampler's key/value cache, inputs the window has passed are seen as they were in the last
+  iteration that computed from them. Returns the block's input (B, T, D) in the original order and the
+  iterations run.
+  """
+  affine = jax.jit(lambda h: model.apply(variables, h, method=on_block(block, FlowBlock.affine_params)))
+  z = np.asarray(z, np.float64)
+  z = z[:, ::-1].copy() if block % 2 else z  # reading order
+  x = z.copy()
+  if init == 'zeros':
+    x[:, 1:] = 0
+  seen = x.copy()
+  steps, first, count = z.shape[1] - 1, 1, 0
+  while first <= steps and count < iterations:
+    start = min(first - 1, steps - window)
+    h = np.concatenate([seen[:, :start], x[:, start:]], axis=1)
+    a, b = (np.asarray(v, np.float64) for v in affine(jnp.asarray(h, jnp.float32)))
+    seen[:, start:start + window] = x[:, start:start + window]
+    moved = None
+    for j in range(max(first, start + 1), start + window + 1):
+      new = z[:, j] * np.exp(a[:, j]) + b[:, j]
+      if moved is None and np.abs(new - x[:, j]).max() > tol:
+        moved = j
+      x[:, j] = new
+    first = (start + window if moved is None else moved) + 1
+    count += 1
+  return (x[:, ::-1] if block % 2 else x), count
+
+
+@pytest.mark.parametrize('window, iterations, tol, init', [
+    (3, 2, 0.0, 'latent'),  # capped: the tokens it has not reached keep their latent
+    (4, 3, 0.0, 'zeros'),
+    (8, 100, 0.0, 'latent'),  # the whole block: exact
+    (3, 100, 1e-3, 'latent'),  # settled within the tolerance
+])
+@pytest.mark.parametrize('block', [0, 1])
+def test_a_sliding_window_equals_its_loop_without_a_cache(window, iterations, tol, init, block):
+  model = toy.tiny_model(img_size=6, num_blocks=2)  # 9 tokens; block 1 reads them in reverse
+  variables = toy.random_variables(model, scale=0.05)
+  z = jax.random.normal(jax.random.key(15), (2, model.num_tokens, model.token_dim))
+  decoder = sampling.Jacobi(window=window, max_iters=iterations, tol=tol, init=init)
+  got, count = sampling.invert_block(model, variables, block, z, None, 0.0, 1.0, guided=False, guide_what='ab',
+                                     annealed=False, decoder=decoder)
+  want, want_count = loop_window(model, variables, z, window, iterations, tol, init, block)
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
+  assert count.tolist() == [want_count]
+
+
+def test_a_sliding_window_skips_settled_tokens():
+  model = toy.tiny_model(img_size=8)  # 16 tokens; small weights: Jacobi converges in a few iterations
+  variables = toy.random_variables(model, scale=0.01)
+  noise = jax.random.normal(jax.random.key(8), (2, model.num_tokens, model.token_dim))
+  exact = sampling.sample(model, variables, noise)
+  work = {}
+  for name, decoder in [('plain', sampling.Jacobi(tol=1e-5)), ('window', sampling.Jacobi(window=4, tol=1e-5))]:
+    got, iterations = sampling.sample(model, variables, noise, decoder=decoder, return_iterations=True)
+    np.testing.assert_allclose(got, exact, atol=1e-4)
+    size, _ = decoder.for_block(0, model.num_tokens)
+    work[name] = sum(int(its.sum()) for its in iterations) * size  # tokens computed
+  assert work['window'] < work['plain'] / 1.5, work
 
 
 def test_guidance_is_validated():
@@ -409,6 +478,14 @@ def test_plan_spelling_reads_and_writes_back():
       tol=0.5, init='zeros')
   assert sampling.parse_plan('sequential', 4) == sampling.Sequential()
   assert sampling.spell(sampling.Jacobi(), 2, 9) == ','.join(['jacobi:segment=8:iters=8:tol=0.0001:init=latent'] * 2)
+  # A window instead of segments, from the defaults' segment or not.
+  plan = sampling.parse_plan('jacobi:window=4:tol=1e-3:init=zeros,jacobi:segment=2', 2,
+                             jacobi=sampling.Jacobi(segment=3, window=0))
+  assert plan.blocks == (sampling.Jacobi(window=4, tol=1e-3, init='zeros'), sampling.Jacobi(segment=2))
+  assert sampling.spell(plan, 2, 9) == ('jacobi:window=4:iters=8:tol=0.001:init=zeros,'
+                                        'jacobi:segment=2:iters=2:tol=0.0001:init=latent')
+  assert sampling.parse_plan(sampling.spell(plan, 2, 9), 2).blocks[0] == sampling.Jacobi(window=4, max_iters=8,
+                                                                                          tol=1e-3, init='zeros')
 
 
 @pytest.mark.parametrize('spelling, message', [
@@ -416,7 +493,8 @@ def test_plan_spelling_reads_and_writes_back():
     ('', 'an empty entry'),
     ('seq,,seq', 'an empty entry'),
     ('seq,seq,seq', '3 entries for a model of 2 blocks'),
-    ('jacobi:segments=4', r"'segments=4' is not a setting of jacobi \(it takes segment=, iters=, tol=, init=\)"),
+    ('jacobi:segments=4', r"'segments=4' is not a setting of jacobi \(it takes segment=, window=, iters=, tol=, "
+                          r"init=\)"),
     ('seq:tol=1e-3', r"'tol=1e-3' is not a setting of seq \(it takes chunks=\)"),
     ('jacobi:tol', r'tol needs a value \(tol=\.\.\.\)'),
     ('jacobi:tol=x', "tol='x' is not a number"),
@@ -425,6 +503,8 @@ def test_plan_spelling_reads_and_writes_back():
     ('seq:chunks=0', 'chunks=0 must be positive'),
     ('jacobi:init=noise', "init='noise' is none of latent, zeros, prev"),
     ('jacobi:tol=1:tol=2', "tol given twice in 'jacobi:tol=1:tol=2'"),
+    ('jacobi:segment=4:window=8', "gives both segment= and window=: segments are solved in turn, a window slides"),
+    ('jacobi:window=8:init=prev', 'a window takes init=latent or init=zeros'),
 ])
 def test_bad_plan_spellings_say_what_is_wrong(spelling, message):
   with pytest.raises(errors.UserError, match=message) as e:
