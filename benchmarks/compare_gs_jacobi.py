@@ -54,51 +54,31 @@ import importlib.util
 import json
 import math
 import os
-import statistics
 import sys
 import tempfile
-import time
 
 import numpy as np
 
 os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')  # torch's threads sleep, not spin, on a shared machine
 import torch  # pylint: disable=g-import-not-at-top
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-from compare_sampling_speed import ARCHITECTURE, WORKLOADS  # pylint: disable=g-import-not-at-top
+from decoding_models import add_model_args, decode_ours, draw, load, median, pixel_difference, timed_rounds  # pylint: disable=g-import-not-at-top
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-from tarflow_jax import auto_plan, checkpoint, config_lib, errors, images  # pylint: disable=g-import-not-at-top
-from tarflow_jax import reference  # pylint: disable=g-import-not-at-top
-from tarflow_jax import sampling  # pylint: disable=g-import-not-at-top
+from tarflow_jax import auto_plan, errors, reference, sampling  # pylint: disable=g-import-not-at-top
 from tarflow_jax import model as model_lib  # pylint: disable=g-import-not-at-top
-
-
-# Random weights: every parameter perturbed by this much. The samples of configs/demo.py's layout then stay within the
-# noise's range (largest |x| 3.9 on 4 samples), as a trained model's do; toy's default 0.03 takes them to 30.
-RANDOM_SCALE = 0.01
 
 
 def parse_args():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--gs_jacobi_dir', required=True, help='Checkout of Minokori/GS-Jacobi_for_TarFlow.')
-  model = parser.add_mutually_exclusive_group(required=True)
-  model.add_argument('--checkpoint', help='Training workdir or converted checkpoint.')
-  model.add_argument('--layout', choices=('demo', 'imagenet64'), help='Random weights in this architecture.')
   parser.add_argument('--batches', type=int, nargs='+', default=[1, 16, 64])
   parser.add_argument('--rounds', type=int, default=5, help='Timed rounds, after one warm-up call each.')
   parser.add_argument('--strategy', nargs=3, action='append', type=ast.literal_eval,
                       metavar=('NUM_GS_LIST', 'MAX_JACOBI_LIST', 'GUESS_LIST'),
                       help='Their three lists, decoding order (entry 0: the last block of the forward pass).')
   parser.add_argument('--ebound', type=float, default=1e-6, help="Their stopping bound (default: their reverse's).")
-  parser.add_argument('--guidance', type=float, help='Guidance weight (default: the config\'s; none for imagenet64).')
-  parser.add_argument('--guide_what', choices=sampling.GUIDE_WHAT)
-  parser.add_argument('--attn_temp', type=float)
-  parser.add_argument('--annealed_guidance', action=argparse.BooleanOptionalAction, default=None)
-  parser.add_argument('--calibration_samples', type=int, default=8, help='auto: as cli.sample\'s.')
-  parser.add_argument('--quality_bound', type=int, default=2, help='auto: as cli.sample\'s.')
-  parser.add_argument('--seed', type=int, default=0)
+  add_model_args(parser)
   parser.add_argument('--json', help='Write the rows here.')
   args = parser.parse_args()
   if not os.path.isfile(os.path.join(args.gs_jacobi_dir, 'GS_Jacobi_sampling.py')):
@@ -184,48 +164,11 @@ def our_plan(strategy, model, batch: int, ebound: float) -> sampling.Plan:
   return sampling.Plan(tuple(entries))
 
 
-def decode_ours(model, variables, noise, labels, guidance: sampling.Guidance, decoder):
-  """Our `sampling.sample`: images (B, H, W, C) and each block's iterations (block 0 first)."""
-  x, iterations = sampling.sample(model, variables, jnp.asarray(noise), None if labels is None else jnp.asarray(labels),
-                                  guidance=guidance, decoder=decoder, return_iterations=True)
-  return np.asarray(x), [int(np.sum(i)) for i in iterations]
-
-
-def load(args):
-  """(model, variables, guidance) of --checkpoint or --layout."""
-  given = {k: v for k, v in dict(weight=args.guidance, guide_what=args.guide_what, attn_temp=args.attn_temp,
-                                 annealed=args.annealed_guidance).items() if v is not None}
-  if args.checkpoint:
-    model, variables, config = checkpoint.load_model(args.checkpoint)
-    return model, variables, sampling.guidance_from_config(config, **given)
-  if args.layout == 'demo':
-    config = config_lib.load(os.path.join(REPO, 'configs', 'demo.py'))
-    model, guidance = model_lib.from_config(config.model), sampling.guidance_from_config(config, **given)
-  else:
-    model = model_lib.TarFlow(model_lib.Spec(**{k: WORKLOADS[args.layout][k] for k in ARCHITECTURE}))
-    guidance = sampling.Guidance(**given)
-  sys.path.insert(0, os.path.join(REPO, 'tests'))
-  import toy  # pylint: disable=g-import-not-at-top
-  return model, toy.random_variables(model, args.seed, RANDOM_SCALE), guidance
-
-
-def pixel_difference(x, exact) -> tuple:
-  """Largest and mean difference of images x to `exact` (0..255), a non-finite pixel counting as 255; the samples
-  with one."""
-  finite = np.isfinite(x)
-  d = np.abs(images.to_uint8(np.where(finite, x, 0)).astype(np.int32) - images.to_uint8(exact).astype(np.int32))
-  d = np.where(finite, d, 255)
-  return int(d.max()), float(d.mean()), int((~finite).reshape(len(x), -1).any(axis=1).sum())
-
-
 def compare_at(batch: int, args, model, variables, theirs, guidance, strategies) -> list:
   """The rows at one batch size: each decoder's times, iterations and pixel differences to our sequential decoding."""
   rng = np.random.default_rng(args.seed + batch)
-  num_classes = model.spec.num_classes
-  noise = rng.standard_normal((batch, model.num_tokens, model.token_dim), np.float32)  # (B, T, C)
-  labels = rng.integers(0, num_classes, batch).astype(np.int32) if num_classes else None
-  calibration_noise = rng.standard_normal((args.calibration_samples, model.num_tokens, model.token_dim), np.float32)
-  calibration_labels = rng.integers(0, num_classes, args.calibration_samples).astype(np.int32) if num_classes else None
+  noise, labels = draw(model, batch, rng)
+  calibration_noise, calibration_labels = draw(model, args.calibration_samples, rng)
   rows = sampling.resolve_microbatch(model, sampling.Sequential(), batch, guidance.enabled) or batch
   auto = auto_plan.calibrate(model, variables, jnp.asarray(calibration_noise), None if calibration_labels is None else
                              jnp.asarray(calibration_labels), guidance=guidance, bound=args.quality_bound, batch=rows)
@@ -240,23 +183,17 @@ def compare_at(batch: int, args, model, variables, theirs, guidance, strategies)
 
   def call(side, decoder):
     if side == 'theirs':
-      return decode_theirs(theirs, noise, labels, guidance, decoder, args.ebound)
-    return decode_ours(model, variables, noise, labels, guidance, decoder)
+      return lambda: decode_theirs(theirs, noise, labels, guidance, decoder, args.ebound)
+    return lambda: decode_ours(model, variables, noise, labels, guidance, decoder)
 
-  results = [call(side, decoder) for _, side, _, decoder in runs]  # the warm-up calls
-  times = [[] for _ in runs]
-  for r in range(args.rounds):
-    for j in [*range(r % len(runs), len(runs)), *range(r % len(runs))]:
-      start = time.perf_counter()
-      call(runs[j][1], runs[j][3])
-      times[j].append(time.perf_counter() - start)
+  results, times = timed_rounds([call(side, decoder) for _, side, _, decoder in runs], args.rounds)
   exact = results[1][0]  # ours, seq
   out = []
   for (name, side, spelled, _), (x, iterations), t in zip(runs, results, times):
     largest, mean, nonfinite = pixel_difference(x, exact)
-    out.append(dict(batch=batch, decoder=name, side=side, setting=spelled, median_s=statistics.median(t), times_s=t,
-                    iterations=iterations, max_pixel_difference=largest, mean_pixel_difference=mean,
-                    nonfinite_samples=nonfinite))
+    out.append(dict(batch=batch, decoder=name, side=side, setting=spelled, median_s=median(t), times_s=t,
+                    iterations=[int(np.sum(i)) for i in iterations], max_pixel_difference=largest,
+                    mean_pixel_difference=mean, nonfinite_samples=nonfinite))
   return out
 
 

@@ -117,15 +117,18 @@ def _invert(model, variables, block, z, labels, guidance, decoder):
 
 
 def calibrate(model: TarFlow, variables, noise, labels=None, *, guidance: sampling.Guidance = sampling.Guidance(),
-              bound: int = 2, batch: Optional[int] = None, costs: Optional[tuple] = None) -> Calibration:
+              bound: int = 2, batch: Optional[int] = None, costs: Optional[tuple] = None,
+              tried: Optional[list] = None) -> Calibration:
   """The cheapest plan whose samples of `noise` (B, T, D) stay within `bound` pixel levels (of 255) of exact decoding.
 
   `batch`: the batch the plan will decode, for the step costs (default: B); `costs` gives them
-  instead of measuring (`step_costs`). See the module docstring.
+  instead of measuring (`step_costs`); `tried`: the Jacobi settings to try (default: `candidates`).
+  See the module docstring.
   """
   if bound < 0:
     raise errors.UserError(f'The quality bound must be >= 0 pixel levels, got {bound}.')
   num_blocks, steps = model.spec.num_blocks, model.num_tokens - 1
+  tried = candidates(model.num_tokens) if tried is None else tried
   exact, trajectory = sampling.sample(model, variables, noise, labels, guidance=guidance,
                                       decoder=sampling.Sequential(microbatch=None), return_trajectory=True)
   latents = [patchify(x, model.spec.patch_size) for x in trajectory]  # noise, then the input of each block, last first
@@ -138,7 +141,7 @@ def calibrate(model: TarFlow, variables, noise, labels=None, *, guidance: sampli
     z, x = latents[num_blocks - 1 - i], latents[num_blocks - i]  # block i's output and input
     measured = [(sampling.spell(sequential, 1, model.num_tokens), sequential, steps * cost_1, 0.0, steps)]
     convergence = 0.0
-    for decoder in candidates(model.num_tokens):
+    for decoder in tried:
       segment, _ = decoder.for_block(i, model.num_tokens)
       if decoder.slides(i):  # no dearer than sequential decoding: stopped there, it is inexact or exact and as dear
         decoder = dataclasses.replace(decoder, max_iters=max(1, int(steps * cost_1 / step_cost(segment))))
@@ -149,9 +152,9 @@ def calibrate(model: TarFlow, variables, noise, labels=None, *, guidance: sampli
       cost = float(sum(n * step_cost(size) for n, size in zip(iterations, sizes)))
       error = float(jnp.abs(got - x).max())
       measured.append((sampling.spell(decoder, 1, model.num_tokens), decoder, cost, error, int(iterations.sum())))
-      if segment == steps and decoder.tol == min(TOLERANCES) and decoder.init == 'latent':
+      if not decoder.slides(i) and segment == steps and decoder.tol == min(TOLERANCES) and decoder.init == 'latent':
         convergence = int(iterations.sum()) / steps
-    shortest = min(d.segment for d in candidates(model.num_tokens) if not d.window)
+    shortest = min([d.for_block(i, model.num_tokens)[0] for d in tried if not d.slides(i)] or [steps])
     distance = {'latent': float(jnp.abs(z - x).mean()), 'zeros': float(jnp.abs(x).mean())}
     if shortest < steps:
       distance['prev'] = float(jnp.abs(x[:, shortest:] - x[:, :-shortest]).mean())

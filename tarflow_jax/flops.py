@@ -31,21 +31,55 @@ def forward_flops(model: model_lib.TarFlow) -> float:
   return float(total)
 
 
+def _token_flops(spec: model_lib.Spec, i: int) -> tuple[int, int, int]:
+  """(FLOPs of one token through block i's projections and layers, less attention; its layers; its width)."""
+  block = spec.block(i)
+  c, d, layers = block.channels, block.token_dim, _layers(spec, i)
+  per_layer = 2 * (3 * c * c + c * c + 2 * spec.expansion * c * c)
+  return layers * per_layer + 2 * d * c + 2 * c * (2 * d if spec.nvp else d), layers, c
+
+
+def _steps_flops(spec: model_lib.Spec, i: int, steps) -> int:
+  """FLOPs of decoding steps of block i for one row: `steps` is (tokens, cache length, how many times) each."""
+  per_token, layers, c = _token_flops(spec, i)
+  return sum(n * (size * per_token + layers * 2 * 2 * c * size * length) for size, length, n in steps)
+
+
 def block_decode_flops(model: model_lib.TarFlow, i: int, batch: int, chunks: int = 8) -> float:
   """Matmul FLOPs of sequential decoding of block i (every token) for `batch` rows.
 
   Per token and layer the qkv, output, and MLP projections, and attention over the cache as the
   sampler holds it (as long as the end of the token's decoding chunk, masked past the token).
   """
-  spec = model.spec
-  block = spec.block(i)
-  c, d, t, layers = block.channels, block.token_dim, block.num_tokens, _layers(spec, i)
-  per_layer = 2 * (3 * c * c + c * c + 2 * spec.expansion * c * c)
-  per_token = layers * per_layer + 2 * d * c + 2 * c * (2 * d if spec.nvp else d)
-  attention = layers * 2 * 2 * c * sum((stop - start) * stop for start, stop in sampling.decode_chunks(t, chunks))
-  return float(batch * ((t - 1) * per_token + attention))
+  t = model.spec.block(i).num_tokens
+  return float(batch * _steps_flops(model.spec, i, [(1, stop, stop - start)
+                                                     for start, stop in sampling.decode_chunks(t, chunks)]))
 
 
 def decode_flops(model: model_lib.TarFlow, batch: int, chunks: int = 8) -> float:
   """Matmul FLOPs of sequential decoding (every block, every token) for `batch` rows."""
   return sum(block_decode_flops(model, i, batch, chunks) for i in range(model.spec.num_blocks))
+
+
+def plan_decode_flops(model: model_lib.TarFlow, decoder: sampling.Decoder, iterations, batch: int) -> float:
+  """Matmul FLOPs of decoding by `decoder` for `batch` rows, given its iterations per block.
+
+  `iterations` as `sampling.sample(..., return_iterations=True)` returns them (per block: one count
+  per Jacobi segment, or the window's). A segment's iteration runs its tokens over the cache up to
+  its end, a window's its tokens over the whole block's cache.
+  """
+  total = 0.0
+  for i, its in enumerate(iterations):
+    d = sampling.decoder_of_block(decoder, i)
+    if isinstance(d, sampling.Sequential):
+      total += block_decode_flops(model, i, batch, d.chunks)
+      continue
+    steps = model.spec.block(i).num_tokens - 1
+    size, _ = d.for_block(i, steps + 1)
+    if d.slides(i):
+      spans = [(size, steps, int(its[0]))]
+    else:
+      spans = [(min(size, steps - start), min(start + size, steps), int(n))
+               for start, n in zip(range(0, steps, size), its)]
+    total += batch * _steps_flops(model.spec, i, spans)
+  return total

@@ -196,7 +196,8 @@ class Plan:
 Decoder = Union[Sequential, Jacobi, Plan]
 
 
-def _decoder_of_block(decoder: Decoder, i: int) -> Union[Sequential, Jacobi]:
+def decoder_of_block(decoder: Decoder, i: int) -> Union[Sequential, Jacobi]:
+  """The decoder of block i: a plan's entry, or the decoder itself."""
   return decoder.for_block(i) if isinstance(decoder, Plan) else decoder
 
 
@@ -268,7 +269,7 @@ def spell(decoder: Decoder, num_blocks: int, num_tokens: int) -> str:
   """The plan of `decoder`, one entry per block (block 0 first), every setting written out: `parse_plan` reads it back."""
   entries = []
   for i in range(num_blocks):
-    d = _decoder_of_block(decoder, i)
+    d = decoder_of_block(decoder, i)
     if isinstance(d, Sequential):
       entries.append(f'seq:chunks={len(decode_chunks(num_tokens, d.chunks))}')
     elif d.slides(i):
@@ -431,7 +432,7 @@ def _sample(model, variables, noise, labels, weight, attn_temp, *, guided, guide
                        annealed=annealed)
   iterations = [None] * model.spec.num_blocks
   for i in reversed(range(model.spec.num_blocks)):
-    x, iterations[i] = _invert_block(model, variables, i, cond, x, _decoder_of_block(decoder, i))
+    x, iterations[i] = _invert_block(model, variables, i, cond, x, decoder_of_block(decoder, i))
     if trajectory:
       steps.append(image(x))
   return image(x), iterations, steps

@@ -9,7 +9,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from tarflow_jax import benchmark, config_lib, flops
+from tarflow_jax import benchmark, config_lib, flops, sampling
 from tarflow_jax import model as model_lib
 import toy
 
@@ -47,6 +47,30 @@ def test_decode_flops_match_xla_cost_of_one_step_times_the_steps():
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   xla = cost['flops'] * model.spec.num_blocks * (model.num_tokens - 1)
   assert abs(flops.decode_flops(model, batch) - xla) / xla < 0.15  # XLA also counts elementwise work
+
+
+def test_flops_of_a_jacobi_plan_match_xla_cost_of_its_steps():
+  model = toy.tiny_model(channels=128, head_dim=64, num_blocks=2, layers_per_block=2, img_size=8)  # 16 tokens
+  variables = toy.random_variables(model)
+  batch, steps = 4, model.num_tokens - 1
+
+  def xla(size, length):  # one step over `size` tokens with a cache of `length`
+    cache = model_lib.extend_cache(model.apply(variables, batch, 0, method=model_lib.on_block(
+        0, model_lib.FlowBlock.init_cache)), length)
+    x = jnp.zeros((batch, size, model.token_dim))
+    step = jax.jit(lambda v, x, c: model.apply(v, x, 0, None, c,
+                                               method=model_lib.on_block(0, model_lib.FlowBlock.affine_step)))
+    cost = step.lower(variables, x, cache).compile().cost_analysis()
+    return (cost[0] if isinstance(cost, (list, tuple)) else cost)['flops']
+
+  plan = sampling.Plan((sampling.Jacobi(window=4), sampling.Jacobi(segment=8)))
+  iterations = [jnp.array([6]), jnp.array([3, 2])]  # block 1: segments of 8 and 7 tokens
+  want = 6 * xla(4, steps) + 3 * xla(8, 8) + 2 * xla(7, steps)
+  got = flops.plan_decode_flops(model, plan, iterations, batch)
+  assert abs(got - want) / want < 0.15  # XLA also counts elementwise work
+  # Sequential entries count as sequential decoding does.
+  seq = sampling.Plan((sampling.Sequential(), sampling.Sequential()))
+  assert flops.plan_decode_flops(model, seq, iterations, batch) == flops.decode_flops(model, batch)
 
 
 def test_flops_of_a_scanned_model_are_counted_unrolled():
