@@ -103,7 +103,7 @@ def split_fid_statistics(inception_variables, config, mesh, split: str, *, num_e
   inception_variables = jax.device_put(inception_variables, sharding.replicated(mesh))
   pixels = jnp.asarray(inception.REFERENCE_REAL_PIXELS)
   what = dict(dataset=config.data.name, split=split, num_examples=num_examples, batch_size=batch_size,
-              pipeline=pipeline, weights=_fingerprint(inception_variables))
+              pipeline=pipeline, weights=inception.fingerprint(inception_variables))
   stats, done = _resumed_statistics(progress, what)
   saved = time.monotonic()
   for i, (batch, mask) in enumerate(_global_batches(config, mesh, split, batch_size, num_examples)):
@@ -117,12 +117,6 @@ def split_fid_statistics(inception_variables, config, mesh, split: str, *, num_e
         logging.info('FID statistics: %d images so far, saved to %s.', stats.n, progress)
       saved = time.monotonic()
   return *stats.result(), stats.n
-
-
-def _fingerprint(variables) -> float:
-  """A number that tells weights apart: the sum of every weight times its position's sine."""
-  leaves = [np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(variables)]
-  return float(sum(np.dot(x, np.sin(np.arange(len(x)))) for x in leaves))
 
 
 def _resumed_statistics(progress: Optional[str], what: dict) -> tuple[fid.RunningStatistics, int]:
@@ -296,6 +290,7 @@ def training_fid(config, model, mesh) -> Callable:
   """
   inception_variables = inception.load_weights(config.fid.inception)
   reference = fid.load_statistics(config.fid.stats)
+  fid.check_weights(config.fid.stats, inception_variables, config.fid.inception)
   pipeline = fid.statistics_pipeline(config.fid.stats)
   protocol = fid_protocol(config, config.fid.num_samples)
 

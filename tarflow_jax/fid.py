@@ -92,9 +92,37 @@ class RunningStatistics:
     return self.shift + m, (self.sum_sq - self.n * np.outer(m, m)) / (self.n - 1)
 
 
-def save_statistics(path: str, mu: np.ndarray, sigma: np.ndarray, pipeline: str = 'pytorch_fid') -> None:
-  """pytorch-fid's .npz of `mu` and `sigma`, and the input pipeline the features came from."""
-  storage.save_npz(path, mu=mu, sigma=sigma, pipeline=pipeline)
+def save_statistics(path: str, mu: np.ndarray, sigma: np.ndarray, pipeline: str = 'pytorch_fid', *,
+                    about: Optional[dict] = None, covariance_dtype=np.float64) -> None:
+  """pytorch-fid's .npz of `mu` and `sigma`, the input pipeline the features came from, and `about` them.
+
+  `about` (stored as `about/<key>`; `statistics_about` reads it back) says what the statistics are
+  of, e.g. the dataset, split and number of images, and `weights`: the `inception.fingerprint` of
+  the weights, which `check_weights` compares. A float32 covariance halves the file (FID moves by
+  about 1e-6 relative).
+  """
+  extra = {f'about/{k}': v for k, v in (about or {}).items()}
+  storage.save_npz(path, mu=mu, sigma=np.asarray(sigma, covariance_dtype), pipeline=pipeline, **extra)
+
+
+def statistics_about(path: str) -> dict:
+  """What `save_statistics` recorded about a statistics file ({} for pytorch-fid's files and the reference's)."""
+  if path.endswith('.pth'):
+    return {}
+  with np.load(path) as f:
+    return {k.removeprefix('about/'): f[k].item() for k in f.files if k.startswith('about/')}
+
+
+def check_weights(path: str, variables, weights_path: str) -> None:
+  """Raises errors.UserError if the statistics in `path` record weights other than `variables` (`weights_path`)."""
+  recorded = statistics_about(path).get('weights')
+  if recorded is None:
+    return
+  got = inception.fingerprint(variables)
+  if not np.isclose(got, recorded, rtol=1e-6, atol=0):
+    raise errors.UserError(f'The FID statistics {path!r} were made with other Inception weights than {weights_path!r} '
+                           f'(fingerprint {recorded:.6g}, these {got:.6g}): an FID across the two means nothing. Pass '
+                           'the weights they were made with, or make statistics with these (evaluate fid_stats).')
 
 
 def statistics_pipeline(path: str) -> str:

@@ -237,6 +237,25 @@ def test_statistics_running_and_round_trip(tmp_path):
     fid.load_statistics(str(tmp_path / 'bad.npz'))
 
 
+def test_statistics_say_what_they_are_of_and_refuse_other_weights(tmp_path):
+  x = np.random.default_rng(2).normal(size=(50, 16))
+  mu, sigma = fid.statistics(x)
+  weights, other = {'w': np.arange(6.0).reshape(2, 3)}, {'w': np.arange(6.0).reshape(2, 3) + 1e-3}
+  path = str(tmp_path / 'stats.npz')
+  about = dict(dataset='fashion_mnist', split='train', num_images=50, weights=inception.fingerprint(weights))
+  fid.save_statistics(path, mu, sigma, about=about, covariance_dtype=np.float32)
+  assert fid.statistics_about(path) == about
+  got_mu, got_sigma = fid.load_statistics(path)
+  assert np.array_equal(got_mu, mu) and np.array_equal(got_sigma, sigma.astype(np.float32).astype(np.float64))
+  assert fid.frechet_distance(mu, sigma, got_mu, got_sigma) < 1e-9  # the float32 covariance
+  fid.check_weights(path, weights, 'w.npz')
+  with pytest.raises(errors.UserError, match=r"made with other Inception weights than 'o.npz' \(fingerprint"):
+    fid.check_weights(path, other, 'o.npz')
+  fid.save_statistics(path, mu, sigma)  # nothing recorded (as pytorch-fid's files): nothing to check
+  assert fid.statistics_about(path) == {}
+  fid.check_weights(path, other, 'o.npz')
+
+
 def test_split_statistics_go_on_from_a_pass_that_was_interrupted(tmp_path, monkeypatch):
   """A pass over the digits' test split that stops after 3 batches, started again, gives the statistics
   of one uninterrupted pass (numpy's mean and covariance of every image's features); a pass with other
