@@ -51,7 +51,6 @@ How a strategy maps, and where the two differ (read from their GS_Jacobi_samplin
 import argparse
 import ast
 import importlib.util
-import json
 import math
 import os
 import sys
@@ -62,8 +61,7 @@ import numpy as np
 os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')  # torch's threads sleep, not spin, on a shared machine
 import torch  # pylint: disable=g-import-not-at-top
 
-from decoding_models import add_model_args, decode_ours, draw, load, median, pixel_difference, timed_rounds  # pylint: disable=g-import-not-at-top
-import jax  # pylint: disable=g-import-not-at-top
+from decoding_models import add_model_args, decode_ours, draw, load, median, pixel_difference, report, timed_rounds  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 from tarflow_jax import auto_plan, errors, reference, sampling  # pylint: disable=g-import-not-at-top
 from tarflow_jax import model as model_lib  # pylint: disable=g-import-not-at-top
@@ -229,13 +227,7 @@ def main():
     rows = [r for b in args.batches for r in compare_at(b, args, model, variables, theirs, guidance, strategies)]
   except errors.UserError as e:
     sys.exit(str(e))
-  about = dict(model=args.checkpoint or args.layout, tokens=model.num_tokens, token_dim=model.token_dim,
-               num_blocks=n, guidance=str(guidance), ebound=args.ebound, rounds=args.rounds,
-               jax=f'{jax.__version__} {jax.devices()[0].platform}', torch=f'{torch.__version__} cpu')
-  print(f'{about}\n\n{table(rows)}')
-  if args.json:
-    with open(args.json, 'w') as f:
-      json.dump(dict(about=about, rows=rows), f, indent=1)
+  report(args, model, guidance, table(rows), rows, ebound=args.ebound, torch=f'{torch.__version__} cpu')
 
 
 if __name__ == '__main__':

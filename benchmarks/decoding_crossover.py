@@ -6,7 +6,7 @@ r"""The batch size below which the automatic decoding plan beats sequential deco
 Per batch size, on the same noise and labels: exact sequential decoding (`seq`, its default
 micro-batch), `auto` calibrated for that batch as `cli.sample --decoder=auto` calibrates
 (`auto_plan.calibrate`, every candidate), `auto, segments` calibrated on the candidates with fixed
-segments only (the plan as it was before sliding windows), and each `--plan` as spelled. Each is
+segments only (the plan as it was before sliding windows; `auto`'s own where it has no window), and each `--plan` as spelled. Each is
 called once (warm-up, compilation) and then timed over --rounds rounds in rotating order.
 
 Columns: median seconds and speed against seq; iterations per block (block 0 first, summed over
@@ -18,13 +18,11 @@ Jacobi and is faster than seq (an all-sequential plan is seq).
 """
 
 import argparse
-import json
 import sys
 
 import numpy as np
 
-from decoding_models import add_model_args, decode_ours, draw, load, median, pixel_difference, timed_rounds  # pylint: disable=g-import-not-at-top
-import jax  # pylint: disable=g-import-not-at-top
+from decoding_models import add_model_args, decode_ours, draw, load, median, pixel_difference, report, timed_rounds  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 from tarflow_jax import auto_plan, errors, flops, sampling  # pylint: disable=g-import-not-at-top
 
@@ -50,12 +48,12 @@ def rows_at(batch: int, args, model, variables, guidance) -> list:
   n, steps = model.spec.num_blocks, model.num_tokens - 1
   microbatch = sampling.resolve_microbatch(model, sampling.Sequential(), batch, guidance.enabled) or batch
   segments = [d for d in auto_plan.candidates(model.num_tokens) if not d.window]
-  runs = [('seq', sampling.Sequential())]
-  for name, tried in (('auto', None), ('auto, segments', segments)):
-    calibration = auto_plan.calibrate(model, variables, jnp.asarray(calibration_noise),
-                                      None if calibration_labels is None else jnp.asarray(calibration_labels),
-                                      guidance=guidance, bound=args.quality_bound, batch=microbatch, tried=tried)
-    runs.append((name, calibration.plan))
+  calibrate = lambda tried: auto_plan.calibrate(
+      model, variables, jnp.asarray(calibration_noise), None if calibration_labels is None else
+      jnp.asarray(calibration_labels), guidance=guidance, bound=args.quality_bound, batch=microbatch, tried=tried).plan
+  auto = calibrate(None)
+  slides = any(isinstance(d, sampling.Jacobi) and d.slides(i) for i, d in enumerate(auto.blocks))
+  runs = [('seq', sampling.Sequential()), ('auto', auto), ('auto, segments', calibrate(segments) if slides else auto)]
   runs += [(f'plan {i}', sampling.parse_plan(p, n, setting='--plan')) for i, p in enumerate(args.plan)]
   decode = lambda decoder: lambda: decode_ours(model, variables, noise, labels, guidance, decoder)
   results, times = timed_rounds([decode(d) for _, d in runs], args.rounds)
@@ -107,13 +105,7 @@ def main():
     rows = [r for b in args.batches for r in rows_at(b, args, model, variables, guidance)]
   except errors.UserError as e:
     sys.exit(str(e))
-  about = dict(model=args.checkpoint or args.layout, tokens=model.num_tokens, token_dim=model.token_dim,
-               num_blocks=model.spec.num_blocks, guidance=str(guidance), rounds=args.rounds,
-               jax=f'{jax.__version__} {jax.devices()[0].platform}')
-  print(f'{about}\n\n{table(rows, model.spec.num_blocks * (model.num_tokens - 1))}')
-  if args.json:
-    with open(args.json, 'w') as f:
-      json.dump(dict(about=about, rows=rows), f, indent=1)
+  report(args, model, guidance, table(rows, model.spec.num_blocks * (model.num_tokens - 1)), rows)
 
 
 if __name__ == '__main__':

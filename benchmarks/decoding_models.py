@@ -2,6 +2,7 @@
 arguments that choose it, pixel differences to exact decoding, and timing in rotating rounds."""
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -12,6 +13,7 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from compare_sampling_speed import ARCHITECTURE, WORKLOADS  # pylint: disable=g-import-not-at-top
+import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 from tarflow_jax import checkpoint, config_lib, images, sampling  # pylint: disable=g-import-not-at-top
 from tarflow_jax import model as model_lib  # pylint: disable=g-import-not-at-top
@@ -90,3 +92,14 @@ def timed_rounds(calls: list, rounds: int) -> tuple[list, list]:
 
 def median(times: list) -> float:
   return statistics.median(times)
+
+
+def report(args, model, guidance, table: str, rows: list, **about) -> None:
+  """Prints what ran (the model, guidance, rounds, versions; `about`) and the table; writes both to --json if given."""
+  about = dict(model=args.checkpoint or args.layout, tokens=model.num_tokens, token_dim=model.token_dim,
+               num_blocks=model.spec.num_blocks, guidance=str(guidance), rounds=args.rounds,
+               jax=f'{jax.__version__} {jax.devices()[0].platform}', **about)
+  print(f'{about}\n\n{table}')
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump(dict(about=about, rows=rows), f, indent=1)
