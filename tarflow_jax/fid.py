@@ -99,10 +99,25 @@ def save_statistics(path: str, mu: np.ndarray, sigma: np.ndarray, pipeline: str 
   `about` (stored as `about/<key>`; `statistics_about` reads it back) says what the statistics are
   of, e.g. the dataset, split and number of images, and `weights`: the `inception.fingerprint` of
   the weights, which `check_weights` compares. A float32 covariance halves the file (FID moves by
-  about 1e-6 relative).
+  4e-9 relative on Fashion-MNIST's statistics); float16 stores its upper triangle as `sigma_triu`,
+  an eighth of the file (4 MB at 2048 features; FID moves by about 1e-4 relative), which only
+  `load_statistics` reads.
   """
   extra = {f'about/{k}': v for k, v in (about or {}).items()}
-  storage.save_npz(path, mu=mu, sigma=np.asarray(sigma, covariance_dtype), pipeline=pipeline, **extra)
+  sigma = np.asarray(sigma)
+  if np.dtype(covariance_dtype) == np.float16:
+    extra['sigma_triu'] = sigma[np.triu_indices(len(sigma))].astype(np.float16)
+  else:
+    extra['sigma'] = sigma.astype(covariance_dtype)
+  storage.save_npz(path, mu=mu, pipeline=pipeline, **extra)
+
+
+def _unpack_triangle(triangle: np.ndarray) -> np.ndarray:
+  """The symmetric (D, D) float64 matrix whose upper triangle (row by row) is `triangle`."""
+  d = int(round((np.sqrt(8 * len(triangle) + 1) - 1) / 2))
+  out = np.zeros((d, d))
+  out[np.triu_indices(d)] = triangle
+  return out + np.triu(out, 1).T
 
 
 def statistics_about(path: str) -> dict:
@@ -146,6 +161,8 @@ def load_statistics(path: str) -> tuple[np.ndarray, np.ndarray]:
   if path.endswith('.pth'):
     return torchmetrics_statistics(path)
   with np.load(path) as f:
+    if 'mu' in f.files and 'sigma_triu' in f.files:
+      return f['mu'].astype(np.float64), _unpack_triangle(f['sigma_triu'].astype(np.float64))
     if 'mu' not in f.files or 'sigma' not in f.files:
       raise errors.UserError(f'{path!r} is not an FID statistics file: it needs arrays `mu` and `sigma`, '
                              f'it has {f.files}.')

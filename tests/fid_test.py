@@ -251,6 +251,12 @@ def test_statistics_say_what_they_are_of_and_refuse_other_weights(tmp_path):
   fid.check_weights(path, weights, 'w.npz')
   with pytest.raises(errors.UserError, match=r"made with other Inception weights than 'o.npz' \(fingerprint"):
     fid.check_weights(path, other, 'o.npz')
+  fid.save_statistics(path, mu, sigma, covariance_dtype=np.float16)  # the upper triangle in float16
+  _, packed = fid.load_statistics(path)
+  np.testing.assert_array_equal(packed, packed.T)
+  np.testing.assert_allclose(packed, sigma, rtol=1e-3, atol=1e-3 * np.abs(sigma).max())
+  assert np.abs(packed - sigma).max() > 0  # rounded
+  assert 'sigma' not in np.load(path).files and fid.statistics_about(path) == {}
   fid.save_statistics(path, mu, sigma)  # nothing recorded (as pytorch-fid's files): nothing to check
   assert fid.statistics_about(path) == {}
   fid.check_weights(path, other, 'o.npz')
