@@ -4,10 +4,13 @@ r"""The batch size below which the automatic decoding plan beats sequential deco
       [--batches 1 2 4 8 16 32 64] [--rounds=3] [--plan=SPELLING]... [--json=PATH]
 
 Per batch size, on the same noise and labels: exact sequential decoding (`seq`, its default
-micro-batch), `auto` calibrated for that batch as `cli.sample --decoder=auto` calibrates
-(`auto_plan.calibrate`, every candidate), `auto, segments` calibrated on the candidates with fixed
-segments only (the plan as it was before sliding windows; `auto`'s own where it has no window), and each `--plan` as spelled. Each is
-called once (warm-up, compilation) and then timed over --rounds rounds in rotating order.
+micro-batch), `auto` planned for that batch as `cli.sample --decoder=auto` plans (every candidate),
+`auto, segments` planned from the candidates with fixed segments only (the plan as it was before
+sliding windows; `auto`'s own where it has no window), and each `--plan` as spelled. The candidates
+are measured once on the calibration samples (`auto_plan.measure`, windows capped at the smallest
+batch's step costs); each batch's plans are chosen from that at its own step costs
+(`auto_plan.choose`), as calibrating for it alone would choose. Each decoder is called once
+(warm-up, compilation) and then timed over --rounds rounds in rotating order.
 
 Columns: median seconds and speed against seq; iterations per block (block 0 first, summed over
 segments); serial steps, the loop trips run one after another (seq: T - 1 per block; Jacobi: its
@@ -18,6 +21,7 @@ Jacobi and is faster than seq (an all-sequential plan is seq).
 """
 
 import argparse
+import dataclasses
 import sys
 
 import numpy as np
@@ -40,20 +44,31 @@ def parse_args():
   return args
 
 
-def rows_at(batch: int, args, model, variables, guidance) -> list:
+def rows_decoded(model, batch: int, guidance) -> int:
+  """The samples a batch decodes at a time (its sequential micro-batch), at which the step costs are measured."""
+  return sampling.resolve_microbatch(model, sampling.Sequential(), batch, guidance.enabled) or batch
+
+
+def measure(args, model, variables, guidance) -> auto_plan.Measurement:
+  """Every candidate on the calibration samples, once for all batches (windows capped at the smallest batch's costs)."""
+  noise, labels = draw(model, args.calibration_samples, np.random.default_rng(args.seed))
+  costs = auto_plan.step_costs(model, variables, rows_decoded(model, min(args.batches), guidance), guidance)
+  return auto_plan.measure(model, variables, jnp.asarray(noise), None if labels is None else jnp.asarray(labels),
+                           guidance=guidance, costs=costs)
+
+
+def rows_at(batch: int, args, model, variables, guidance, measured: auto_plan.Measurement) -> list:
   """Each decoder's row at one batch size."""
-  rng = np.random.default_rng(args.seed + batch)
-  noise, labels = draw(model, batch, rng)
-  calibration_noise, calibration_labels = draw(model, args.calibration_samples, rng)
+  noise, labels = draw(model, batch, np.random.default_rng(args.seed + batch))
   n, steps = model.spec.num_blocks, model.num_tokens - 1
-  microbatch = sampling.resolve_microbatch(model, sampling.Sequential(), batch, guidance.enabled) or batch
-  segments = [d for d in auto_plan.candidates(model.num_tokens) if not d.window]
-  calibrate = lambda tried: auto_plan.calibrate(
-      model, variables, jnp.asarray(calibration_noise), None if calibration_labels is None else
-      jnp.asarray(calibration_labels), guidance=guidance, bound=args.quality_bound, batch=microbatch, tried=tried).plan
-  auto = calibrate(None)
+  costs = auto_plan.step_costs(model, variables, rows_decoded(model, batch, guidance), guidance)
+  segments = dataclasses.replace(measured, trials=[[t for t in trials if not t.decoder.window]
+                                                   for trials in measured.trials])
+  auto = auto_plan.choose(model, variables, measured, costs, args.quality_bound).plan
   slides = any(isinstance(d, sampling.Jacobi) and d.slides(i) for i, d in enumerate(auto.blocks))
-  runs = [('seq', sampling.Sequential()), ('auto', auto), ('auto, segments', calibrate(segments) if slides else auto)]
+  runs = [('seq', sampling.Sequential()), ('auto', auto),
+          ('auto, segments', auto_plan.choose(model, variables, segments, costs, args.quality_bound).plan
+           if slides else auto)]
   runs += [(f'plan {i}', sampling.parse_plan(p, n, setting='--plan')) for i, p in enumerate(args.plan)]
   decode = lambda decoder: lambda: decode_ours(model, variables, noise, labels, guidance, decoder)
   results, times = timed_rounds([decode(d) for _, d in runs], args.rounds)
@@ -102,7 +117,8 @@ def main():
     model, variables, guidance = load(args)
     for p in args.plan:
       sampling.parse_plan(p, model.spec.num_blocks, setting='--plan')  # refused before any decoding
-    rows = [r for b in args.batches for r in rows_at(b, args, model, variables, guidance)]
+    measured = measure(args, model, variables, guidance)
+    rows = [r for b in args.batches for r in rows_at(b, args, model, variables, guidance, measured)]
   except errors.UserError as e:
     sys.exit(str(e))
   report(args, model, guidance, table(rows, model.spec.num_blocks * (model.num_tokens - 1)), rows)

@@ -9,7 +9,7 @@ measures the same on a small batch of the model's own samples, whose exact decod
 1. the batch decoded exactly (sequentially), keeping each block's output and input;
 2. each block inverted alone from its exact output by each candidate Jacobi setting (`candidates`:
    fixed segments, and windows that slide past settled tokens, each window capped at the iterations
-   that would cost as much as sequential decoding):
+   that would cost as much as sequential decoding at the smallest batch to plan for):
    its iterations and its largest error against the exact input; reported with it, the block's
    convergence (plain Jacobi's iterations per token, CRM-like) and each initial guess's mean
    distance to the answer (IGM-like);
@@ -20,6 +20,9 @@ measures the same on a small batch of the model's own samples, whose exact decod
 4. each block's cheapest candidate whose error is within the bound; then the whole plan decodes the
    batch, and while its largest pixel difference to exact decoding exceeds the bound, the block with
    the largest error takes its cheapest more accurate candidate (at worst sequential decoding).
+
+`measure` does steps 1 and 2, which do not depend on the batch to decode; `choose` steps 3 and 4,
+for one batch's step costs; `calibrate` both.
 """
 
 import dataclasses
@@ -116,59 +119,105 @@ def _invert(model, variables, block, z, labels, guidance, decoder):
                                guide_what=guidance.guide_what, annealed=guidance.annealed, decoder=decoder)
 
 
-def calibrate(model: TarFlow, variables, noise, labels=None, *, guidance: sampling.Guidance = sampling.Guidance(),
-              bound: int = 2, batch: Optional[int] = None, costs: Optional[tuple] = None,
-              tried: Optional[list] = None) -> Calibration:
-  """The cheapest plan whose samples of `noise` (B, T, D) stay within `bound` pixel levels (of 255) of exact decoding.
+def _step_cost(costs: tuple, steps: int):
+  """Seconds of a step over `size` tokens: linear between one token and the whole block (`step_costs`)."""
+  cost_1, cost_all = costs
+  return lambda size: cost_1 + (cost_all - cost_1) * (size - 1) / max(steps - 1, 1)
 
-  `batch`: the batch the plan will decode, for the step costs (default: B); `costs` gives them
-  instead of measuring (`step_costs`); `tried`: the Jacobi settings to try (default: `candidates`).
-  See the module docstring.
+
+def _window_cap(costs: tuple, steps: int, window: int) -> int:
+  """The iterations of a window that cost as much as sequential decoding of the block (at least 1)."""
+  return max(1, int(steps * costs[0] / _step_cost(costs, steps)(window)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Trial:
+  """One candidate's inversion of one block from its exact output, on the calibration batch."""
+  decoder: sampling.Jacobi  # as run: a window with its iteration cap
+  iterations: tuple  # per segment in order (a window: the block's)
+  error: float  # largest difference of the block's input to exact decoding's
+
+
+@dataclasses.dataclass(frozen=True)
+class Measurement:
+  """What `measure` found on a calibration batch; `choose` makes the plan for a batch to decode from it."""
+  noise: jax.Array  # (B, T, D)
+  labels: Optional[jax.Array]  # (B,) or None
+  guidance: sampling.Guidance
+  exact_pixels: np.ndarray  # (B, H, W, C) exact decoding's samples, 0..255
+  trials: list  # per block, a Trial per candidate
+  convergence: list  # per block, plain Jacobi's iterations per token at the tightest tolerance (CRM-like)
+  guess_distance: list  # per block, each initial guess's mean distance to the exact input (IGM-like)
+
+
+def measure(model: TarFlow, variables, noise, labels=None, *, guidance: sampling.Guidance = sampling.Guidance(),
+            costs: tuple, tried: Optional[list] = None) -> Measurement:
+  """Steps 1 and 2 of the module docstring: every candidate of `tried` (default: `candidates`) on every block.
+
+  `costs`: the step costs (`step_costs`) of the smallest batch that plans will be chosen for; they
+  cap the windows' iterations, and a larger batch's cap is no larger.
   """
-  if bound < 0:
-    raise errors.UserError(f'The quality bound must be >= 0 pixel levels, got {bound}.')
   num_blocks, steps = model.spec.num_blocks, model.num_tokens - 1
   tried = candidates(model.num_tokens) if tried is None else tried
   exact, trajectory = sampling.sample(model, variables, noise, labels, guidance=guidance,
                                       decoder=sampling.Sequential(microbatch=None), return_trajectory=True)
   latents = [patchify(x, model.spec.patch_size) for x in trajectory]  # noise, then the input of each block, last first
   latents[0] = latents[0] * jnp.sqrt(variables['prior']['var'])
-  cost_1, cost_all = costs or step_costs(model, variables, batch or noise.shape[0], guidance)
-  step_cost = lambda size: cost_1 + (cost_all - cost_1) * (size - 1) / max(steps - 1, 1)
-  sequential = sampling.Sequential(chunks=8, microbatch=None)
-  options, reports = [], []
+  trials, convergence, guess_distance = [], [], []
   for i in range(num_blocks):
     z, x = latents[num_blocks - 1 - i], latents[num_blocks - i]  # block i's output and input
-    measured = [(sampling.spell(sequential, 1, model.num_tokens), sequential, steps * cost_1, 0.0, steps)]
-    convergence = 0.0
+    mine = []
     for decoder in tried:
-      segment, _ = decoder.for_block(i, model.num_tokens)
       if decoder.slides(i):  # no dearer than sequential decoding: stopped there, it is inexact or exact and as dear
-        decoder = dataclasses.replace(decoder, max_iters=max(1, int(steps * cost_1 / step_cost(segment))))
+        decoder = dataclasses.replace(decoder, max_iters=_window_cap(costs, steps, decoder.for_block(i, steps + 1)[0]))
       got, iterations = _invert(model, variables, i, z, labels, guidance, decoder)
-      iterations = np.asarray(iterations)
-      sizes = ([segment] if decoder.slides(i) else
-               [min(segment, steps - start) for start in range(0, steps, segment)])
-      cost = float(sum(n * step_cost(size) for n, size in zip(iterations, sizes)))
-      error = float(jnp.abs(got - x).max())
-      measured.append((sampling.spell(decoder, 1, model.num_tokens), decoder, cost, error, int(iterations.sum())))
-      if not decoder.slides(i) and segment == steps and decoder.tol == min(TOLERANCES) and decoder.init == 'latent':
-        convergence = int(iterations.sum()) / steps
-    shortest = min([d.for_block(i, model.num_tokens)[0] for d in tried if not d.slides(i)] or [steps])
+      mine.append(Trial(decoder, tuple(int(n) for n in np.asarray(iterations)), float(jnp.abs(got - x).max())))
+    plain = [t for t in mine if not t.decoder.slides(i) and t.decoder.for_block(i, steps + 1)[0] == steps
+             and t.decoder.tol == min(TOLERANCES) and t.decoder.init == 'latent']
+    shortest = min([t.decoder.for_block(i, steps + 1)[0] for t in mine if not t.decoder.slides(i)] or [steps])
     distance = {'latent': float(jnp.abs(z - x).mean()), 'zeros': float(jnp.abs(x).mean())}
     if shortest < steps:
       distance['prev'] = float(jnp.abs(x[:, shortest:] - x[:, :-shortest]).mean())
-    options.append(sorted(measured, key=lambda m: m[2]))
-    reports.append((convergence, distance))
+    trials.append(mine)
+    convergence.append(sum(plain[0].iterations) / steps if plain else 0.0)
+    guess_distance.append(distance)
+  return Measurement(noise, labels, guidance, np.asarray(images.to_uint8(exact), np.int32), trials, convergence,
+                     guess_distance)
+
+
+def choose(model: TarFlow, variables, measured: Measurement, costs: tuple, bound: int = 2) -> Calibration:
+  """Steps 3 and 4 of the module docstring: the cheapest plan within `bound` pixel levels (of 255) at these step costs.
+
+  A window whose iterations on the calibration batch exceed this batch's cap is left out:
+  stopped at the cap, it would be inexact and cost about what sequential decoding does.
+  """
+  if bound < 0:
+    raise errors.UserError(f'The quality bound must be >= 0 pixel levels, got {bound}.')
+  num_blocks, num_tokens, steps = model.spec.num_blocks, model.num_tokens, model.num_tokens - 1
+  step_cost = _step_cost(costs, steps)
+  sequential = sampling.Sequential(chunks=8, microbatch=None)
+  options = []
+  for i, trials in enumerate(measured.trials):
+    opts = [(sampling.spell(sequential, 1, num_tokens), sequential, steps * costs[0], 0.0, steps)]
+    for t in trials:
+      decoder = t.decoder
+      if decoder.slides(i):
+        window, measured_cap = decoder.for_block(i, num_tokens)
+        cap = min(_window_cap(costs, steps, window), measured_cap)
+        if sum(t.iterations) > cap:
+          continue
+        decoder = dataclasses.replace(decoder, max_iters=cap)
+      cost = sum(n * step_cost(size) for n, (size, _) in zip(t.iterations, decoder.spans(i, num_tokens)))
+      opts.append((sampling.spell(decoder, 1, num_tokens), decoder, cost, t.error, sum(t.iterations)))
+    options.append(sorted(opts, key=lambda m: m[2]))
 
   level = 2 / 255  # one pixel level on the [-1, 1] scale
   chosen = [next(m for m in opts if m[3] <= bound * level) for opts in options]
-  exact_pixels = np.asarray(images.to_uint8(exact), np.int32)
   while True:
     plan = sampling.Plan(tuple(m[1] for m in chosen), microbatch='auto')
-    got = sampling.sample(model, variables, noise, labels, guidance=guidance,
+    got = sampling.sample(model, variables, measured.noise, measured.labels, guidance=measured.guidance,
                           decoder=dataclasses.replace(plan, microbatch=None))
-    difference = int(np.abs(np.asarray(images.to_uint8(got), np.int32) - exact_pixels).max())
+    difference = int(np.abs(np.asarray(images.to_uint8(got), np.int32) - measured.exact_pixels).max())
     if difference <= bound:
       break
     worst = max(range(num_blocks), key=lambda i: chosen[i][3])
@@ -176,5 +225,23 @@ def calibrate(model: TarFlow, variables, noise, labels=None, *, guidance: sampli
       chosen = [next(m for m in opts if isinstance(m[1], sampling.Sequential)) for opts in options]
       continue
     chosen[worst] = next(m for m in options[worst] if m[3] < chosen[worst][3])  # sequential (error 0) at worst
-  blocks = [BlockReport(i, m[0], m[4], m[2], m[3], *reports[i]) for i, m in enumerate(chosen)]
-  return Calibration(plan, blocks, (cost_1, cost_all), difference, num_blocks * steps * cost_1)
+  blocks = [BlockReport(i, m[0], m[4], m[2], m[3], measured.convergence[i], measured.guess_distance[i])
+            for i, m in enumerate(chosen)]
+  return Calibration(plan, blocks, tuple(costs), difference, num_blocks * steps * costs[0])
+
+
+def calibrate(model: TarFlow, variables, noise, labels=None, *, guidance: sampling.Guidance = sampling.Guidance(),
+              bound: int = 2, batch: Optional[int] = None, costs: Optional[tuple] = None,
+              tried: Optional[list] = None) -> Calibration:
+  """The cheapest plan whose samples of `noise` (B, T, D) stay within `bound` pixel levels (of 255) of exact decoding.
+
+  `batch`: the batch the plan will decode, for the step costs (default: B); `costs` gives them
+  instead of measuring (`step_costs`); `tried`: the Jacobi settings to try (default: `candidates`).
+  `measure` then `choose`; to plan for several batches, measure once (at the smallest batch's
+  costs) and choose for each. See the module docstring.
+  """
+  if bound < 0:
+    raise errors.UserError(f'The quality bound must be >= 0 pixel levels, got {bound}.')
+  costs = costs or step_costs(model, variables, batch or noise.shape[0], guidance)
+  return choose(model, variables, measure(model, variables, noise, labels, guidance=guidance, costs=costs,
+                                          tried=tried), costs, bound)

@@ -74,12 +74,6 @@ def plan_decode_flops(model: model_lib.TarFlow, decoder: sampling.Decoder, itera
     if isinstance(d, sampling.Sequential):
       total += block_decode_flops(model, i, batch, d.chunks)
       continue
-    steps = model.spec.block(i).num_tokens - 1
-    size, _ = d.for_block(i, steps + 1)
-    if d.slides(i):
-      spans = [(size, steps, int(its[0]))]
-    else:
-      spans = [(min(size, steps - start), min(start + size, steps), int(n))
-               for start, n in zip(range(0, steps, size), its)]
-    total += batch * _steps_flops(model.spec, i, spans)
+    spans = d.spans(i, model.spec.block(i).num_tokens)
+    total += batch * _steps_flops(model.spec, i, [(size, length, int(n)) for (size, length), n in zip(spans, its)])
   return total

@@ -167,6 +167,15 @@ class Jacobi:
     """Whether block i is decoded by a sliding window (else by segments)."""
     return bool(_setting_of_block(self.window, i))
 
+  def spans(self, i: int, num_tokens: int) -> list[tuple[int, int]]:
+    """What one iteration of block i computes: (tokens, key/value cache length) per segment in order; a window's
+    iteration, its tokens over the whole block's cache."""
+    size, _ = self.for_block(i, num_tokens)
+    steps = num_tokens - 1
+    if self.slides(i):
+      return [(size, steps)]
+    return [(min(size, steps - start), min(start + size, steps)) for start in range(0, steps, size)]
+
 
 def _setting_of_block(setting: Union[int, tuple], i: int) -> int:
   """A setting for every block (int) or one per block (tuple): block i's."""

@@ -73,3 +73,15 @@ def test_candidates_cover_segments_tolerances_and_guesses():
   assert {d.init for d in got if d.segment == 64} == set(sampling.INITIAL_GUESSES)
   assert {d.init for d in got if d.segment == 1023} == {'latent', 'zeros'}  # one segment: no segment before
   assert {d.tol for d in got} == set(auto_plan.TOLERANCES)
+
+
+def test_one_measurement_plans_every_batch_as_calibrating_for_each_would(model_and_variables):
+  model, variables = model_and_variables
+  noise = jax.random.normal(jax.random.key(5), (2, model.num_tokens, model.token_dim))
+  cheap, dear = (1.0, 2.0), (1.0, 12.0)  # a small batch's step costs, and a larger one's (a window's cap is lower)
+  measured = auto_plan.measure(model, variables, noise, costs=cheap)
+  for costs in (cheap, dear):
+    chosen = auto_plan.choose(model, variables, measured, costs)
+    direct = auto_plan.calibrate(model, variables, noise, costs=costs)
+    assert sampling.spell(chosen.plan, 3, 16) == sampling.spell(direct.plan, 3, 16)
+    assert chosen.blocks == direct.blocks and chosen.pixel_difference == direct.pixel_difference
