@@ -188,8 +188,8 @@ def measure(model: TarFlow, variables, noise, labels=None, *, guidance: sampling
 def choose(model: TarFlow, variables, measured: Measurement, costs: tuple, bound: int = 2) -> Calibration:
   """Steps 3 and 4 of the module docstring: the cheapest plan within `bound` pixel levels (of 255) at these step costs.
 
-  A window whose iterations on the calibration batch exceed this batch's cap is left out:
-  stopped at the cap, it would be inexact and cost about what sequential decoding does.
+  A window takes this batch's cap (no more than the one it was measured at); one whose iterations on
+  the calibration batch exceed it is priced above sequential decoding, which is exact, so it is never chosen.
   """
   if bound < 0:
     raise errors.UserError(f'The quality bound must be >= 0 pixel levels, got {bound}.')
@@ -203,10 +203,7 @@ def choose(model: TarFlow, variables, measured: Measurement, costs: tuple, bound
       decoder = t.decoder
       if decoder.slides(i):
         window, measured_cap = decoder.for_block(i, num_tokens)
-        cap = min(_window_cap(costs, steps, window), measured_cap)
-        if sum(t.iterations) > cap:
-          continue
-        decoder = dataclasses.replace(decoder, max_iters=cap)
+        decoder = dataclasses.replace(decoder, max_iters=min(_window_cap(costs, steps, window), measured_cap))
       cost = sum(n * step_cost(size) for n, (size, _) in zip(t.iterations, decoder.spans(i, num_tokens)))
       opts.append((sampling.spell(decoder, 1, num_tokens), decoder, cost, t.error, sum(t.iterations)))
     options.append(sorted(opts, key=lambda m: m[2]))

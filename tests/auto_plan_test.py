@@ -80,6 +80,8 @@ def test_one_measurement_plans_every_batch_as_calibrating_for_each_would(model_a
   noise = jax.random.normal(jax.random.key(5), (2, model.num_tokens, model.token_dim))
   cheap, dear = (1.0, 2.0), (1.0, 12.0)  # a small batch's step costs, and a larger one's (a window's cap is lower)
   measured = auto_plan.measure(model, variables, noise, costs=cheap)
+  # Some window ran past the dearer batch's cap (4 iterations of a 4-token window): choose must drop it there.
+  assert any(t.decoder.window and sum(t.iterations) > 4 for trials in measured.trials for t in trials)
   for costs in (cheap, dear):
     chosen = auto_plan.choose(model, variables, measured, costs)
     direct = auto_plan.calibrate(model, variables, noise, costs=costs)
