@@ -149,7 +149,7 @@ def main():
     guidance, n = protocol.guidance, model.spec.num_blocks
     # GS-Jacobi's mapping and sampler import torch: only where a strategy or their sampler is asked for.
     gs_jacobi = importlib.import_module('compare_gs_jacobi') if args.strategy or args.gs_jacobi_dir else None
-    decoders = [('seq', 'ours', sampling.Sequential())]
+    decoders = [('seq', 'ours', sampling.parse_plan('seq', n))]  # as evaluate fid's default --decoder
     decoders += [(plan, 'ours', sampling.parse_plan(plan, n, setting='--plan')) for plan in args.plan]
     for i, s in enumerate(args.strategy):
       decoders.append((f'GS-Jacobi strategy {i}', 'ours', gs_jacobi.our_plan(s, model, args.batch_size, args.ebound)))
