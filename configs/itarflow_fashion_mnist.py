@@ -14,7 +14,7 @@ differ only in what the paper changes.
 
 `benchmarks/compare_recipes.py` trains and scores both recipes alike. At this budget (two seeds,
 docs/benchmarks.md) expect held-out bits/dim of about 4.65 (TarFlow's recipe: 5.72) and a worse FID
-than TarFlow's recipe (about 102 against 71, 1,000 samples against 3,000 training images), with a
+than TarFlow's recipe (about 87 against 57: 10,000 samples against all 60,000 training images), with a
 grain inside the garments of `samples/step_0002400.png`; ml-itarflow's own training loop scores the same.
 `:smoke` shrinks it as it shrinks configs/fashion_mnist.py.
 """
