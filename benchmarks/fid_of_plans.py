@@ -7,7 +7,8 @@ r"""FID of each decoding plan on one trained model: ours, and GS-Jacobi's own sa
 
 Every row draws --num samples as `evaluate fid --checkpoint --seed` does (`evaluation.fid_samples`: the same
 latents and labels from --seed, the config's guidance annealed, its self-denoising, non-finite samples drawn
-again), so the `seq` row is `evaluate fid --decoder=seq`'s score. The rows: our sequential decoding; each
+again), so the `seq` row is the score of `evaluate fid` with the same --batch_size and --seed (the batch
+sets the order the latents and labels are drawn in). The rows: our sequential decoding; each
 --plan (`sampling.PLAN_SPELLING`); each GS-Jacobi --strategy run by us (`compare_gs_jacobi.our_plan`, their
 stopping bound mapped to our tol at --batch_size) and, with --gs_jacobi_dir, by their `Model.reverse` (the model
 exported to their code, our self-denoising after it); and `auto` (`auto_plan.calibrate` on --calibration_samples
