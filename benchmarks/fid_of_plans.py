@@ -72,24 +72,6 @@ def parse_args():
   return args
 
 
-class Sampler:
-  """`draw` of `evaluation.fid_samples` by one decoder, with the protocol's self-denoising; counts decoding steps."""
-
-  def __init__(self, model, variables, mesh, protocol, decode):
-    self.model, self.variables, self.mesh, self.protocol, self.decode = model, variables, mesh, protocol, decode
-    self.steps = []  # per batch drawn: steps per block (block 0 first)
-
-  def __call__(self, noise, labels):
-    x, steps = self.decode(noise, labels)
-    self.steps.append(steps)
-    d = self.protocol.denoising
-    if d.enabled:
-      with jax.set_mesh(self.mesh):
-        x = sampling.denoise(self.model, self.variables, jnp.asarray(x), None if labels is None else jnp.asarray(labels),
-                             sigma=d.sigma, step_scale=d.step_scale)
-    return np.asarray(x)
-
-
 def ours(model, variables, guidance, decoder):
   def decode(noise, labels):
     x, iterations = decode_ours(model, variables, noise, labels, guidance, decoder)
@@ -101,16 +83,26 @@ def theirs(gs_jacobi, their_model, guidance, strategy, ebound):
   return lambda noise, labels: gs_jacobi.decode_theirs(their_model, noise, labels, guidance, strategy, ebound)
 
 
-def draw_all(sampler: Sampler, args, model, pipeline: str) -> tuple[np.ndarray, float]:
-  """--num uint8 samples of `sampler` as evaluate fid draws them, and the seconds they took after a warm-up batch."""
+def draw_all(decode, args, model, variables, mesh, protocol, pipeline: str) -> tuple[np.ndarray, float, np.ndarray]:
+  """--num uint8 samples as evaluate fid draws them, `decode(noise, labels) -> (x, steps per block)` inverting the
+  flow (the protocol's self-denoising after it); the seconds they took after a warm-up batch, and the decoding steps
+  per block (block 0 first) averaged over batches."""
+  steps = []
+
+  def counting(noise, labels):
+    x, s = decode(noise, labels)
+    steps.append(s)
+    return x
+
+  draw = evaluation.model_sampler(model, variables, mesh, protocol, decode=counting)
   shape, num_classes = (model.num_tokens, model.token_dim), model.spec.num_classes
-  evaluation.fid_samples(sampler, args.batch_size, args.batch_size, shape, num_classes,
+  evaluation.fid_samples(draw, args.batch_size, args.batch_size, shape, num_classes,
                          np.random.default_rng(args.seed + 1), pipeline=pipeline)  # compiles
-  sampler.steps.clear()
+  steps.clear()
   start = time.perf_counter()
-  samples, _, _ = evaluation.fid_samples(sampler, args.num, args.batch_size, shape, num_classes,
+  samples, _, _ = evaluation.fid_samples(draw, args.num, args.batch_size, shape, num_classes,
                                          np.random.default_rng(args.seed), pipeline=pipeline)
-  return samples, time.perf_counter() - start
+  return samples, time.perf_counter() - start, np.mean(steps, axis=0)
 
 
 def features_reusing(weights, samples: np.ndarray, known: np.ndarray, known_features: np.ndarray, args,
@@ -181,13 +173,11 @@ def main():
   for name, side, decoder in decoders:
     decode = (ours(model, variables, guidance, decoder) if side == 'ours' else
               theirs(gs_jacobi, their_model, guidance, decoder, args.ebound))
-    sampler = Sampler(model, variables, mesh, protocol, decode)
-    samples, seconds = draw_all(sampler, args, model, pipeline)
+    samples, seconds, steps = draw_all(decode, args, model, variables, mesh, protocol, pipeline)
     if exact is None:
       exact, exact_features = samples, sequential_features(weights, samples, args, pipeline)
     features, identical = features_reusing(weights, samples, exact, exact_features, args, pipeline)
     diff = np.abs(samples.astype(np.int32) - exact.astype(np.int32))
-    steps = np.mean(sampler.steps, axis=0)
     setting = sampling.spell(decoder, n, model.num_tokens) if side == 'ours' else str(decoder)
     rows.append(dict(decoder=name, side=side, setting=setting, seconds=seconds, images_per_s=args.num / seconds,
                      steps_per_block=[round(float(s), 1) for s in steps], max_pixel_difference=int(diff.max()),

@@ -233,29 +233,36 @@ def fid_samples(draw: Callable, num_samples: int, batch_size: int, noise_shape: 
 
 
 def model_sampler(model, variables, mesh, protocol: FidProtocol,
-                  decoder: sampling.Decoder = sampling.Sequential(), seed: int = 0) -> Callable:
+                  decoder: sampling.Decoder = sampling.Sequential(), seed: int = 0,
+                  decode: Callable | None = None) -> Callable:
   """`draw` of `fid_samples`: the model's samples with the protocol's guidance and denoising.
 
   A batch that the mesh's devices divide is split over them. `seed` seeds the fresh noise of the
-  iterative denoiser's SDE rounds (iTARFlow), one key per call.
+  iterative denoiser's SDE rounds (iTARFlow), one key per call. `decode(noise, labels) -> x`, if
+  given, inverts the flow of a TarFlow model in place of `sampling.sample` with `decoder` and the
+  protocol's guidance (another sampler, as benchmarks compare); the protocol's self-denoising
+  follows either.
   """
   variables = jax.device_put(variables, sharding.replicated(mesh))
   d = protocol.denoising
   calls = iter(range(2**31))  # the iterative denoiser's fresh noise, one key per batch
 
   def draw(noise, labels):
-    if len(noise) % mesh.size == 0:
-      noise = jax.device_put(noise, sharding.batch_sharding(mesh))
     y = None if labels is None else jnp.asarray(labels)
-    if protocol.iterative:
-      with jax.set_mesh(mesh):
-        x = iterative_sampling.sample(model, variables, jnp.asarray(noise), y, guidance=protocol.guidance,
-                                      denoising=d, rng=jax.random.fold_in(jax.random.key(seed), next(calls)))
-      return sharding.fetch(x)
-    x = sampling.sample(model, variables, jnp.asarray(noise), y, guidance=protocol.guidance, decoder=decoder)
+    if decode is not None:
+      x = decode(noise, labels)  # on the host's arrays, as another sampler takes them
+    else:
+      if len(noise) % mesh.size == 0:
+        noise = jax.device_put(noise, sharding.batch_sharding(mesh))
+      if protocol.iterative:
+        with jax.set_mesh(mesh):
+          x = iterative_sampling.sample(model, variables, jnp.asarray(noise), y, guidance=protocol.guidance,
+                                        denoising=d, rng=jax.random.fold_in(jax.random.key(seed), next(calls)))
+        return sharding.fetch(x)
+      x = sampling.sample(model, variables, jnp.asarray(noise), y, guidance=protocol.guidance, decoder=decoder)
     if d.enabled:
       with jax.set_mesh(mesh):
-        x = sampling.denoise(model, variables, x, y, sigma=d.sigma, step_scale=d.step_scale)
+        x = sampling.denoise(model, variables, jnp.asarray(x), y, sigma=d.sigma, step_scale=d.step_scale)
     return sharding.fetch(x)
 
   return draw

@@ -453,6 +453,12 @@ def test_protocol_settings_reach_the_sampler(monkeypatch):
   np.testing.assert_array_equal(sampled_labels, labels)
   np.testing.assert_array_equal(denoised_labels, labels)
 
+  calls.clear()  # another sampler in place of sampling.sample: given the host's arrays, denoised the same way
+  x = evaluation.model_sampler(model, {}, MESH2, protocol, decode=lambda noise, y: np.full((4, 4, 4, 3), 0.125))(
+      np.zeros((4, 4, 12), np.float32), labels)
+  np.testing.assert_array_equal(x, np.full((4, 4, 4, 3), 0.25))
+  assert [c[0] for c in calls] == ['denoise']
+
 
 @pytest.fixture(scope='module')
 def model_checkpoint(tmp_path_factory):
