@@ -3,7 +3,7 @@ r"""FID of each decoding plan on one trained model: ours, and GS-Jacobi's own sa
   python benchmarks/fid_of_plans.py --checkpoint=runs/fashion_mnist --stats=fid_stats/fashion_mnist_train.npz \
       --inception=runs/fid/inception.npz [--num=10000] [--batch_size=100] [--plan jacobi:tol=1e-3]... \
       [--strategy NUM_GS_LIST MAX_JACOBI_LIST GUESS_LIST]... [--gs_jacobi_dir=CHECKOUT] [--no-auto] \
-      [--features=CACHE.npz] [--json=PATH]
+      [--auto_costs ONE BLOCK]... [--features=CACHE.npz] [--json=PATH]
 
 Every row draws --num samples as `evaluate fid --checkpoint --seed` does (`evaluation.fid_samples`: the same
 latents and labels from --seed, the config's guidance annealed, its self-denoising, non-finite samples drawn
@@ -12,7 +12,9 @@ sets the order the latents and labels are drawn in). The rows: our sequential de
 --plan (`sampling.PLAN_SPELLING`); each GS-Jacobi --strategy run by us (`compare_gs_jacobi.our_plan`, their
 stopping bound mapped to our tol at --batch_size) and, with --gs_jacobi_dir, by their `Model.reverse` (the model
 exported to their code, our self-denoising after it); and `auto` (`auto_plan.calibrate` on --calibration_samples
-latents of another seed, for the micro-batch that sequential decoding runs at, as `cli.sample --decoder=auto`).
+latents of another seed, for the micro-batch that sequential decoding runs at, as `cli.sample --decoder=auto`);
+and `auto` at each --auto_costs: the plan it would choose where steps cost that (`--auto_costs 1 1`: a step over
+a whole block as dear as a one-token step, as on an accelerator, so the fewest serial steps within the bound).
 
 Per row: the sampling time of all --num samples after a warm-up batch (decoding and self-denoising), the
 decoding steps per block (block 0 first; theirs counted per call, ours returned) averaged over batches, the
@@ -59,6 +61,10 @@ def parse_args():
   parser.add_argument('--ebound', type=float, default=1e-6, help="GS-Jacobi's stopping bound (their default).")
   parser.add_argument('--gs_jacobi_dir', help='Checkout of Minokori/GS-Jacobi_for_TarFlow: also their sampler.')
   parser.add_argument('--auto', action=argparse.BooleanOptionalAction, default=True, help='The `auto` row.')
+  parser.add_argument('--auto_costs', nargs=2, type=float, action='append', default=[], metavar=('ONE', 'BLOCK'),
+                      help='Also an `auto` row chosen at these step costs in place of this machine\'s: a step over one '
+                           'token, over a whole block (any unit; "1 1" as on an accelerator, where a step costs the '
+                           'same at any width) (repeatable).')
   parser.add_argument('--calibration_samples', type=int, default=8, help='auto: as cli.sample\'s.')
   parser.add_argument('--quality_bound', type=int, default=2, help='auto: as cli.sample\'s.')
   parser.add_argument('--features', help='.npz cache of the sequential row\'s images and features.')
@@ -146,12 +152,16 @@ def main():
     decoders += [(plan, 'ours', sampling.parse_plan(plan, n, setting='--plan')) for plan in args.plan]
     for i, s in enumerate(args.strategy):
       decoders.append((f'GS-Jacobi strategy {i}', 'ours', gs_jacobi.our_plan(s, model, args.batch_size, args.ebound)))
-    if args.auto:
+    autos = ([('auto', None)] if args.auto else []) + [
+        (f'auto at step costs {one:g}/{block:g}', (one, block)) for one, block in args.auto_costs]
+    if autos:
       rows = sampling.resolve_microbatch(model, sampling.Sequential(), args.batch_size, guidance.enabled)
-      calibration = draw(model, args.calibration_samples, np.random.default_rng(args.seed + 2))
-      auto = auto_plan.calibrate(model, variables, *(None if a is None else jnp.asarray(a) for a in calibration),
-                                 guidance=guidance, bound=args.quality_bound, batch=rows or args.batch_size)
-      decoders.append(('auto', 'ours', auto.plan))
+      calibration = [None if a is None else jnp.asarray(a)
+                     for a in draw(model, args.calibration_samples, np.random.default_rng(args.seed + 2))]
+      for name, costs in autos:
+        auto = auto_plan.calibrate(model, variables, *calibration, guidance=guidance, bound=args.quality_bound,
+                                   batch=rows or args.batch_size, costs=costs)
+        decoders.append((name, 'ours', auto.plan))
     their_model = None
     if args.gs_jacobi_dir:
       problem = gs_jacobi.unsupported(model.spec)
