@@ -1,11 +1,13 @@
 """FID: the Inception network against a plain-torch one on random weights, both input pipelines, the
 distance against scipy, statistics files (ours and the reference's), weight-file errors, the reference's
-sampling protocol, FID during training and the `fid` command line."""
+sampling protocol, FID during training, the `fid` command line and benchmarks/fid_of_plans.py's reuse of features."""
 
+import argparse
 import copy
 import glob
 import json
 import os
+import sys
 
 from absl import flags
 from absl.testing import flagsaver
@@ -590,3 +592,25 @@ def test_fid_every_writes_the_fid_of_the_checkpointed_weights(torch_weights, fak
   model, variables, _ = checkpoint.load_model(os.path.join(workdir, 'checkpoints'))
   want = evaluation.training_fid(config, model, sharding.make_mesh(config.mesh))(variables)
   assert logged[2] == pytest.approx(want, rel=1e-6)
+
+
+def test_fid_of_plans_reuses_the_features_of_unchanged_images(fake_features, monkeypatch):
+  """benchmarks/fid_of_plans.py passes only the images that differ from sequential decoding's through the network;
+  the spliced features equal a pass over all of them."""
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks'))
+  try:
+    import fid_of_plans  # pylint: disable=g-import-not-at-top
+  finally:
+    sys.path.pop(0)
+  features, pipelines = fake_features
+  known = np.random.default_rng(0).integers(0, 255, (6, 4, 4, 3), dtype=np.uint8)
+  samples = known.copy()
+  samples[[1, 4], 2, 3, 0] += 1
+  known_features = features(None, known, batch_size=8, pipeline='pytorch_fid')
+  args = argparse.Namespace(feature_batch_size=8)
+  calls = []
+  monkeypatch.setattr(fid, 'features', lambda w, images, **kw: calls.append(len(images)) or features(w, images, **kw))
+  got, identical = fid_of_plans.features_reusing(None, samples, known, known_features, args, 'pytorch_fid')
+  assert identical == 4 and calls == [2] and pipelines[-1] == 'pytorch_fid'
+  np.testing.assert_array_equal(got, features(None, samples, batch_size=8, pipeline='pytorch_fid'))
+  assert not np.array_equal(got, known_features)
