@@ -40,7 +40,6 @@ import time
 import numpy as np
 
 from decoding_models import decode_ours, draw  # pylint: disable=g-import-not-at-top  (puts the repository on the path)
-import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 from tarflow_jax import auto_plan, checkpoint, errors, evaluation, fid, inception, sampling, sharding  # pylint: disable=g-import-not-at-top
 
