@@ -248,18 +248,16 @@ def model_sampler(model, variables, mesh, protocol: FidProtocol,
   calls = iter(range(2**31))  # the iterative denoiser's fresh noise, one key per batch
 
   def draw(noise, labels):
+    if decode is None and len(noise) % mesh.size == 0:  # another sampler takes the host's arrays
+      noise = jax.device_put(noise, sharding.batch_sharding(mesh))
     y = None if labels is None else jnp.asarray(labels)
-    if decode is not None:
-      x = decode(noise, labels)  # on the host's arrays, as another sampler takes them
-    else:
-      if len(noise) % mesh.size == 0:
-        noise = jax.device_put(noise, sharding.batch_sharding(mesh))
-      if protocol.iterative:
-        with jax.set_mesh(mesh):
-          x = iterative_sampling.sample(model, variables, jnp.asarray(noise), y, guidance=protocol.guidance,
-                                        denoising=d, rng=jax.random.fold_in(jax.random.key(seed), next(calls)))
-        return sharding.fetch(x)
-      x = sampling.sample(model, variables, jnp.asarray(noise), y, guidance=protocol.guidance, decoder=decoder)
+    if protocol.iterative:
+      with jax.set_mesh(mesh):
+        x = iterative_sampling.sample(model, variables, jnp.asarray(noise), y, guidance=protocol.guidance,
+                                      denoising=d, rng=jax.random.fold_in(jax.random.key(seed), next(calls)))
+      return sharding.fetch(x)
+    x = (decode(noise, labels) if decode else
+         sampling.sample(model, variables, jnp.asarray(noise), y, guidance=protocol.guidance, decoder=decoder))
     if d.enabled:
       with jax.set_mesh(mesh):
         x = sampling.denoise(model, variables, jnp.asarray(x), y, sigma=d.sigma, step_scale=d.step_scale)
