@@ -18,8 +18,10 @@ measures the same on a small batch of the model's own samples, whose exact decod
    linear in S between; sequential decoding costs T - 1 one-token steps, a Jacobi segment its
    iterations times a step over the segment, a window its iterations times a step over the window;
 4. each block's cheapest candidate whose error is within the bound; then the whole plan decodes the
-   batch, and while its largest pixel difference to exact decoding exceeds the bound, the block with
-   the largest error takes its cheapest more accurate candidate (at worst sequential decoding).
+   batch, and while its largest pixel difference to exact decoding is not one level below the bound
+   (`accepted`), the block with the largest error takes its cheapest more accurate candidate (at worst
+   sequential decoding). The margin is there because a few calibration samples understate the largest
+   difference over many: on the Fashion-MNIST model, a plan 2 levels off on 8 samples was 3 off on 10,000.
 
 `measure` does steps 1 and 2, which do not depend on the batch to decode; `choose` steps 3 and 4,
 for one batch's step costs; `calibrate` both.
@@ -73,6 +75,7 @@ class Calibration:
   blocks: list  # BlockReport per block, block 0 first
   step_costs: tuple  # seconds of a step over one token and over a whole block, at the batch to decode
   pixel_difference: int  # the plan's largest pixel difference to exact decoding on the calibration batch (of 255)
+  bound: int  # the largest pixel difference allowed on samples beyond the calibration batch (of 255)
   sequential_cost: float  # estimated seconds of exact sequential decoding, per batch
 
   @property
@@ -81,7 +84,8 @@ class Calibration:
 
   def describe(self, num_tokens: int) -> str:
     lines = [f'Calibrated plan: estimated {self.speedup:.2f}x the speed of sequential decoding, largest pixel '
-             f'difference {self.pixel_difference}/255 on the calibration batch; a step costs {self.step_costs[0]:.2e} s '
+             f'difference {self.pixel_difference}/255 on the calibration batch (bound {self.bound}, kept with '
+             f'a level of margin there); a step costs {self.step_costs[0]:.2e} s '
              f'over one token, {self.step_costs[1]:.2e} s over {num_tokens - 1}.']
     for b in self.blocks:
       guesses = ', '.join(f'{k} {v:.3f}' for k, v in b.guess_distance.items())
@@ -185,6 +189,12 @@ def measure(model: TarFlow, variables, noise, labels=None, *, guidance: sampling
                      guess_distance)
 
 
+def accepted(difference: int, bound: int) -> bool:
+  """Whether a largest pixel difference on the calibration batch keeps a plan within `bound` beyond it: one level
+  below the bound (exact pixels for bounds 0 and 1)."""
+  return difference <= max(bound - 1, 0)
+
+
 def choose(model: TarFlow, variables, measured: Measurement, costs: tuple, bound: int = 2) -> Calibration:
   """Steps 3 and 4 of the module docstring: the cheapest plan within `bound` pixel levels (of 255) at these step costs.
 
@@ -215,7 +225,7 @@ def choose(model: TarFlow, variables, measured: Measurement, costs: tuple, bound
     got = sampling.sample(model, variables, measured.noise, measured.labels, guidance=measured.guidance,
                           decoder=dataclasses.replace(plan, microbatch=None))
     difference = int(np.abs(np.asarray(images.to_uint8(got), np.int32) - measured.exact_pixels).max())
-    if difference <= bound:
+    if accepted(difference, bound):
       break
     worst = max(range(num_blocks), key=lambda i: chosen[i][3])
     if chosen[worst][3] == 0:  # every block as exact as sequential decoding on this batch
@@ -224,7 +234,7 @@ def choose(model: TarFlow, variables, measured: Measurement, costs: tuple, bound
     chosen[worst] = next(m for m in options[worst] if m[3] < chosen[worst][3])  # sequential (error 0) at worst
   blocks = [BlockReport(i, m[0], m[4], m[2], m[3], measured.convergence[i], measured.guess_distance[i])
             for i, m in enumerate(chosen)]
-  return Calibration(plan, blocks, tuple(costs), difference, num_blocks * steps * costs[0])
+  return Calibration(plan, blocks, tuple(costs), difference, bound, num_blocks * steps * costs[0])
 
 
 def calibrate(model: TarFlow, variables, noise, labels=None, *, guidance: sampling.Guidance = sampling.Guidance(),

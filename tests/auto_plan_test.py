@@ -59,6 +59,21 @@ def test_a_bound_of_zero_keeps_the_pixels_of_exact_decoding(model_and_variables)
     auto_plan.calibrate(model, variables, noise, bound=-1, costs=(1.0, 1.0))
 
 
+def test_the_calibration_batch_keeps_one_level_of_margin_below_the_bound(model_and_variables):
+  # A few calibration samples understate the largest difference over many: a plan is kept only when its
+  # largest difference on them is one level below the bound (bound 1: exact pixels on the calibration batch).
+  model, variables = model_and_variables
+  noise = jax.random.normal(jax.random.key(1), (4, model.num_tokens, model.token_dim))
+  measured = auto_plan.measure(model, variables, noise, costs=(1.0, 1.0))
+  loose = auto_plan.choose(model, variables, measured, (1.0, 1.0), bound=2)
+  assert loose.pixel_difference == 1 and loose.speedup > 1, loose.describe(16)  # the margin holds without tightening
+  tight = auto_plan.choose(model, variables, measured, (1.0, 1.0), bound=1)
+  assert tight.pixel_difference == 0, tight.describe(16)
+  assert tight.speedup < loose.speedup
+  np.testing.assert_array_equal(pixels(sampling.sample(model, variables, noise, decoder=tight.plan)),
+                                measured.exact_pixels)
+
+
 def test_step_costs_are_measured(model_and_variables):
   model, variables = model_and_variables
   one, whole = auto_plan.step_costs(model, variables, 2, sampling.Guidance(), repeats=1)

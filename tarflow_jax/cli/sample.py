@@ -60,7 +60,7 @@ flags.DEFINE_string('decoder', 'seq', 'The decoding plan: exact sequential decod
 flags.DEFINE_integer('calibration_samples', 8, '--decoder=auto: samples of the calibration batch (fresh noise, seed '
                      '--seed + 1).')
 flags.DEFINE_integer('quality_bound', 2, '--decoder=auto: the largest pixel difference (of 255) to exact decoding '
-                     'allowed on the calibration batch.')
+                     'allowed; the calibration batch keeps one level below it (auto_plan.accepted).')
 flags.DEFINE_integer('chunks', 8, 'Sequential decoding: chunks per block, each attending over the cache up to its '
                      'end (more chunks read less, and compile longer); the default of seq entries.')
 flags.DEFINE_integer('microbatch', None, 'Samples decoded at a time within a batch (0: the whole batch; default: on a '
