@@ -159,7 +159,7 @@ def main():
                      for a in draw(model, args.calibration_samples, np.random.default_rng(args.seed + 2))]
       for name, costs in autos:
         auto = auto_plan.calibrate(model, variables, *calibration, guidance=guidance, bound=args.quality_bound,
-                                   batch=rows or args.batch_size, costs=costs)
+                                   batch=rows or args.batch_size, costs=costs, samples=args.num)
         decoders.append((name, 'ours', auto.plan))
     their_model = None
     if args.gs_jacobi_dir:

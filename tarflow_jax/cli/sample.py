@@ -60,7 +60,8 @@ flags.DEFINE_string('decoder', 'seq', 'The decoding plan: exact sequential decod
 flags.DEFINE_integer('calibration_samples', 8, '--decoder=auto: samples of the calibration batch (fresh noise, seed '
                      '--seed + 1).')
 flags.DEFINE_integer('quality_bound', 2, '--decoder=auto: the largest pixel difference (of 255) to exact decoding '
-                     'allowed; the calibration batch keeps one level below it (auto_plan.accepted).')
+                     'allowed over the samples decoded (predicted from the calibration batch: '
+                     'auto_plan.largest_difference).')
 flags.DEFINE_integer('chunks', 8, 'Sequential decoding: chunks per block, each attending over the cache up to its '
                      'end (more chunks read less, and compile longer); the default of seq entries.')
 flags.DEFINE_integer('microbatch', None, 'Samples decoded at a time within a batch (0: the whole batch; default: on a '
@@ -131,22 +132,23 @@ def check_family_flags(noise_conditioned: bool) -> None:
                            'leave them out.')
 
 
-def decoder_from_flags(model, variables, guidance, batch_size: int) -> sampling.Decoder:
+def decoder_from_flags(model, variables, guidance, batch_size: int, num: int) -> sampling.Decoder:
   """The decoder of --decoder, with --chunks, --microbatch and --jacobi_* as the settings its entries leave out."""
   microbatch = 'auto' if FLAGS.microbatch is None else (min(FLAGS.microbatch, batch_size) or None)
   if microbatch not in ('auto', None):
     sharding.check_microbatch(batch_size, microbatch, '--microbatch')
   if FLAGS.decoder == 'auto':
     rng = np.random.default_rng(FLAGS.seed + 1)
-    num = FLAGS.calibration_samples
-    noise = rng.standard_normal((num, model.num_tokens, model.token_dim), np.float32)
-    labels = labels_for('random', num, model.spec.num_classes, rng)
+    calibration_num = FLAGS.calibration_samples
+    noise = rng.standard_normal((calibration_num, model.num_tokens, model.token_dim), np.float32)
+    labels = labels_for('random', calibration_num, model.spec.num_classes, rng)
     rows = sampling.resolve_microbatch(model, sampling.Sequential(microbatch=microbatch), batch_size,
                                        guidance.enabled) or batch_size
     start = time.perf_counter()
     calibration = auto_plan.calibrate(model, variables, jnp.asarray(noise), None if labels is None else
-                                      jnp.asarray(labels), guidance=guidance, bound=FLAGS.quality_bound, batch=rows)
-    print(f'Calibrated on {num} samples in {time.perf_counter() - start:.1f} s (with compilation).')
+                                      jnp.asarray(labels), guidance=guidance, bound=FLAGS.quality_bound, batch=rows,
+                                      samples=num)
+    print(f'Calibrated on {calibration_num} samples in {time.perf_counter() - start:.1f} s (with compilation).')
     print(calibration.describe(model.num_tokens))
     return dataclasses.replace(calibration.plan, microbatch=microbatch)
   return sampling.parse_plan(
@@ -193,7 +195,7 @@ def main(argv):
   mesh = sharding.make_mesh(config.mesh)
   variables = jax.device_put(variables, sharding.replicated(mesh))
   batch_size = min(FLAGS.batch_size, num)
-  decoder = decoder_from_flags(model, variables, guidance, batch_size)
+  decoder = decoder_from_flags(model, variables, guidance, batch_size, num)
   out, iterations, seconds = [], [], []
   for start in range(0, num, batch_size):
     # The last batch is padded to the batch size: one compiled shape for every batch.
