@@ -256,13 +256,13 @@ def choose(model: TarFlow, variables, measured: Measurement, costs: tuple, bound
 def calibrate(model: TarFlow, variables, noise, labels=None, *, guidance: sampling.Guidance = sampling.Guidance(),
               bound: int = 2, batch: Optional[int] = None, costs: Optional[tuple] = None,
               tried: Optional[list] = None, samples: int = 10_000) -> Calibration:
-  """The cheapest plan whose samples stay within `bound` pixel levels (of 255) of exact decoding, from `noise` (B, T, D).
+  """The cheapest plan whose samples stay within `bound` pixel levels (of 255) of exact decoding, calibrated on `noise`.
 
-  `samples`: how many samples the plan will decode, which the bound holds over (predicted from the B,
-  `largest_difference`); `batch`: the batch the plan will decode, for the step costs (default: B); `costs` gives them
-  instead of measuring (`step_costs`); `tried`: the Jacobi settings to try (default: `candidates`).
-  `measure` then `choose`; to plan for several batches, measure once (at the smallest batch's
-  costs) and choose for each. See the module docstring.
+  `noise`: (B, T, D); `samples`: how many samples the plan will decode, which the bound holds over
+  (predicted from the B, `largest_difference`); `batch`: the batch the plan will decode, for the step
+  costs (default: B); `costs` gives them instead of measuring (`step_costs`); `tried`: the Jacobi
+  settings to try (default: `candidates`). `measure` then `choose`; to plan for several batches,
+  measure once (at the smallest batch's costs) and choose for each. See the module docstring.
   """
   if bound < 0:
     raise errors.UserError(f'The quality bound must be >= 0 pixel levels, got {bound}.')
