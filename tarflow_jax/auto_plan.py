@@ -23,8 +23,8 @@ measures the same on a small batch of the model's own samples, whose exact decod
    more accurate candidate (at worst sequential decoding). A prediction, because a few calibration
    samples understate the largest difference over many: on the Fashion-MNIST model, plain Jacobi at
    tol 1e-2 was within 1 level on 8 samples and 3 levels off in the worst of 10,000. Each sample's
-   largest difference is about log-normal over samples (there: log-sd 1.0 at tol 1e-2, 1.25 at 1e-3),
-   so the prediction is the 1 - 1/N quantile of the log-normal fitted to the calibration batch's.
+   largest difference being about log-normal over samples (as there), the prediction is the 1 - 1/N
+   quantile of the log-normal fitted to the calibration batch's.
 
 `measure` does steps 1 and 2, which do not depend on the batch to decode; `choose` steps 3 and 4,
 for one batch's step costs; `calibrate` both.
