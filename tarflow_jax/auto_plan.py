@@ -153,8 +153,7 @@ class Measurement:
   noise: jax.Array  # (B, T, D)
   labels: Optional[jax.Array]  # (B,) or None
   guidance: sampling.Guidance
-  exact: np.ndarray  # (B, H, W, C) exact decoding's samples, on [-1, 1]
-  exact_pixels: np.ndarray  # (B, H, W, C) the same, 0..255
+  exact: jax.Array  # (B, H, W, C) exact decoding's samples, on [-1, 1]
   trials: list  # per block, a Trial per candidate
   convergence: list  # per block, plain Jacobi's iterations per token at the tightest tolerance (CRM-like)
   guess_distance: list  # per block, each initial guess's mean distance to the exact input (IGM-like)
@@ -191,8 +190,7 @@ def measure(model: TarFlow, variables, noise, labels=None, *, guidance: sampling
     trials.append(mine)
     convergence.append(sum(plain[0].iterations) / steps if plain else 0.0)
     guess_distance.append(distance)
-  return Measurement(noise, labels, guidance, np.asarray(exact, np.float64),
-                     np.asarray(images.to_uint8(exact), np.int32), trials, convergence, guess_distance)
+  return Measurement(noise, labels, guidance, exact, trials, convergence, guess_distance)
 
 
 def largest_difference(per_sample: np.ndarray, samples: int) -> float:
@@ -238,8 +236,9 @@ def choose(model: TarFlow, variables, measured: Measurement, costs: tuple, bound
     plan = sampling.Plan(tuple(m[1] for m in chosen), microbatch='auto')
     got = sampling.sample(model, variables, measured.noise, measured.labels, guidance=measured.guidance,
                           decoder=dataclasses.replace(plan, microbatch=None))
-    difference = int(np.abs(np.asarray(images.to_uint8(got), np.int32) - measured.exact_pixels).max())
-    levels = np.abs(np.asarray(got, np.float64) - measured.exact) * 127.5  # (B, H, W, C): [-1, 1] is 255 levels
+    pixels = [np.asarray(images.to_uint8(x), np.int32) for x in (got, measured.exact)]
+    difference = int(np.abs(pixels[0] - pixels[1]).max())
+    levels = np.abs(np.asarray(got - measured.exact, np.float64)) * 127.5  # (B, H, W, C): [-1, 1] is 255 levels
     predicted = largest_difference(levels.reshape(len(levels), -1).max(axis=1), samples)
     if (predicted < bound) if bound else (difference == 0):  # below `bound` in floats: within it once rounded
       break
