@@ -268,3 +268,12 @@ def calibrate(model: TarFlow, variables, noise, labels=None, *, guidance: sampli
   costs = costs or step_costs(model, variables, batch or noise.shape[0], guidance)
   return choose(model, variables, measure(model, variables, noise, labels, guidance=guidance, costs=costs,
                                           tried=tried), costs, bound, samples)
+
+
+def calibration_batch(model: TarFlow, num: int, seed: int) -> tuple:
+  """`num` fresh latents (num, T, D) and, for a class-conditional model, labels (num,) drawn uniformly (else
+  None), from numpy seed `seed`: the calibration batch of `cli.sample` and `cli.evaluate fid`'s --decoder=auto."""
+  rng = np.random.default_rng(seed)
+  noise = rng.standard_normal((num, model.num_tokens, model.token_dim), np.float32)
+  labels = rng.integers(0, model.spec.num_classes, num).astype(np.int32) if model.spec.num_classes else None
+  return jnp.asarray(noise), None if labels is None else jnp.asarray(labels)

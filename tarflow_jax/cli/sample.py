@@ -138,17 +138,14 @@ def decoder_from_flags(model, variables, guidance, batch_size: int, num: int) ->
   if microbatch not in ('auto', None):
     sharding.check_microbatch(batch_size, microbatch, '--microbatch')
   if FLAGS.decoder == 'auto':
-    rng = np.random.default_rng(FLAGS.seed + 1)
-    calibration_num = FLAGS.calibration_samples
-    noise = rng.standard_normal((calibration_num, model.num_tokens, model.token_dim), np.float32)
-    labels = labels_for('random', calibration_num, model.spec.num_classes, rng)
     rows = sampling.resolve_microbatch(model, sampling.Sequential(microbatch=microbatch), batch_size,
                                        guidance.enabled) or batch_size
     start = time.perf_counter()
-    calibration = auto_plan.calibrate(model, variables, jnp.asarray(noise), None if labels is None else
-                                      jnp.asarray(labels), guidance=guidance, bound=FLAGS.quality_bound, batch=rows,
-                                      samples=num)
-    print(f'Calibrated on {calibration_num} samples in {time.perf_counter() - start:.1f} s (with compilation).')
+    calibration = auto_plan.calibrate(
+        model, variables, *auto_plan.calibration_batch(model, FLAGS.calibration_samples, FLAGS.seed + 1),
+        guidance=guidance, bound=FLAGS.quality_bound, batch=rows, samples=num)
+    print(f'Calibrated on {FLAGS.calibration_samples} samples in {time.perf_counter() - start:.1f} s (with '
+          'compilation).')
     print(calibration.describe(model.num_tokens))
     return dataclasses.replace(calibration.plan, microbatch=microbatch)
   return sampling.parse_plan(
