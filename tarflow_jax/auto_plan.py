@@ -270,10 +270,15 @@ def calibrate(model: TarFlow, variables, noise, labels=None, *, guidance: sampli
                                           tried=tried), costs, bound, samples)
 
 
-def calibration_batch(model: TarFlow, num: int, seed: int) -> tuple:
-  """`num` fresh latents (num, T, D) and, for a class-conditional model, labels (num,) drawn uniformly (else
-  None), from numpy seed `seed`: the calibration batch of `cli.sample` and `cli.evaluate fid`'s --decoder=auto."""
+def calibrate_fresh(model: TarFlow, variables, *, guidance: sampling.Guidance, batch: int, samples: int,
+                    calibration_samples: int, seed: int, bound: int = 2, microbatch='auto') -> Calibration:
+  """`calibrate` for `samples` samples decoded `batch` at a time (in micro-batches of `microbatch`, as
+  `sampling.Sequential`'s), on `calibration_samples` fresh latents and, for a class-conditional model, labels
+  drawn uniformly, from numpy seed `seed`: `cli.sample`'s and `cli.evaluate fid`'s --decoder=auto."""
   rng = np.random.default_rng(seed)
-  noise = rng.standard_normal((num, model.num_tokens, model.token_dim), np.float32)
-  labels = rng.integers(0, model.spec.num_classes, num).astype(np.int32) if model.spec.num_classes else None
-  return jnp.asarray(noise), None if labels is None else jnp.asarray(labels)
+  noise = rng.standard_normal((calibration_samples, model.num_tokens, model.token_dim), np.float32)
+  labels = (rng.integers(0, model.spec.num_classes, calibration_samples).astype(np.int32)
+            if model.spec.num_classes else None)
+  rows = sampling.resolve_microbatch(model, sampling.Sequential(microbatch=microbatch), batch, guidance.enabled)
+  return calibrate(model, variables, jnp.asarray(noise), None if labels is None else jnp.asarray(labels),
+                   guidance=guidance, bound=bound, batch=rows or batch, samples=samples)

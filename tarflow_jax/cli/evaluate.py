@@ -168,10 +168,9 @@ def fid_decoder(model, variables, protocol: evaluation.FidProtocol, batch: int) 
     raise errors.UserError(f'--decoder={FLAGS.decoder}: a noise-conditioned (iTARFlow) model decodes sequentially.')
   if FLAGS.decoder != 'auto':
     return sampling.parse_plan(FLAGS.decoder, model.spec.num_blocks, setting='--decoder')
-  rows = sampling.resolve_microbatch(model, sampling.Sequential(), batch, protocol.guidance.enabled) or batch
-  calibration = auto_plan.calibrate(
-      model, variables, *auto_plan.calibration_batch(model, FLAGS.calibration_samples, FLAGS.seed + 1),
-      guidance=protocol.guidance, bound=FLAGS.quality_bound, batch=rows, samples=protocol.num_samples)
+  calibration = auto_plan.calibrate_fresh(
+      model, variables, guidance=protocol.guidance, batch=batch, samples=protocol.num_samples,
+      calibration_samples=FLAGS.calibration_samples, seed=FLAGS.seed + 1, bound=FLAGS.quality_bound)
   print(calibration.describe(model.num_tokens))
   return calibration.plan
 

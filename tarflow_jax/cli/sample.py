@@ -138,12 +138,11 @@ def decoder_from_flags(model, variables, guidance, batch_size: int, num: int) ->
   if microbatch not in ('auto', None):
     sharding.check_microbatch(batch_size, microbatch, '--microbatch')
   if FLAGS.decoder == 'auto':
-    rows = sampling.resolve_microbatch(model, sampling.Sequential(microbatch=microbatch), batch_size,
-                                       guidance.enabled) or batch_size
     start = time.perf_counter()
-    calibration = auto_plan.calibrate(
-        model, variables, *auto_plan.calibration_batch(model, FLAGS.calibration_samples, FLAGS.seed + 1),
-        guidance=guidance, bound=FLAGS.quality_bound, batch=rows, samples=num)
+    calibration = auto_plan.calibrate_fresh(
+        model, variables, guidance=guidance, batch=batch_size, samples=num,
+        calibration_samples=FLAGS.calibration_samples, seed=FLAGS.seed + 1, bound=FLAGS.quality_bound,
+        microbatch=microbatch)
     print(f'Calibrated on {FLAGS.calibration_samples} samples in {time.perf_counter() - start:.1f} s (with '
           'compilation).')
     print(calibration.describe(model.num_tokens))
